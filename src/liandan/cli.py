@@ -1,0 +1,200 @@
+"""The ``liandan`` command: parse arguments, call the library, print the result.
+
+    liandan compare --model default --mode chat --mode raw --prompt "Why is the sky blue?"
+    liandan generate --prompts examples/prompts.txt --temperature 0 --out out.jsonl
+
+Bad input ends with one line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .errors import LiandanError
+
+app = typer.Typer(
+    help="liandan (炼丹): look at, fine-tune, measure and serve small language models.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+# Options shared by the commands that generate.
+PromptOpt = Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="A prompt (repeatable).")]
+PromptsOpt = Annotated[Optional[Path], typer.Option("--prompts", help="Prompts file: .txt (one per line) or .jsonl (prompt or messages).")]
+SystemOpt = Annotated[Optional[str], typer.Option(help="System prompt for chat mode.")]
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens to generate per output.")]
+TempOpt = Annotated[float, typer.Option(help="0 = greedy (deterministic); above 0 samples, e.g. 0.7.")]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling threshold (1 = off).")]
+TopKOpt = Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens (0 = off).")]
+RepOpt = Annotated[float, typer.Option("--repetition-penalty", help="Penalty for repeated tokens (1 = off).")]
+SeedOpt = Annotated[int, typer.Option(help="Random seed (reset for every model).")]
+SamplesOpt = Annotated[int, typer.Option("--num-samples", "-n", help="Outputs per prompt (needs sampling).")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Prompts generated together.")]
+DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
+DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
+RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.bin) weights, which can run code when loaded.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write .html, .md or .jsonl (by extension).")]
+
+
+@contextmanager
+def user_errors():
+    """Turn a `LiandanError` into one line on stderr and exit code 2."""
+    try:
+        yield
+    except LiandanError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+
+
+def collect_prompts(prompt: list[str] | None, prompts: Path | None):
+    from .prompts import prompts_from_strings, read_prompts
+
+    collected = prompts_from_strings(prompt or [])
+    if prompts is not None:
+        collected += read_prompts(prompts)
+    if not collected:
+        raise LiandanError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+    return collected
+
+
+def prepare_models(models: list[str]) -> None:
+    """Check every model argument before any work, and fetch the default model if needed (its
+    first-time conversion shows its own progress, which cannot nest inside the generation bar)."""
+    from .models import ensure_default_model, resolve_model
+
+    sources = [resolve_model(spec) for spec in models]
+    if any(source.kind == "default" for source in sources):
+        ensure_default_model()
+
+
+def quiet_libraries() -> None:
+    """transformers' own progress bars and advice would drown the table."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+@app.command()
+def compare(
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Model: default, a directory, a .gguf file or a hub id (repeatable).")] = None,
+    mode: Annotated[Optional[list[str]], typer.Option("--mode", help="chat (apply the chat template) or raw (plain continuation); repeatable.")] = None,
+    prompt: PromptOpt = None,
+    prompts: PromptsOpt = None,
+    system: SystemOpt = None,
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: TempOpt = 0.0,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 0,
+    repetition_penalty: RepOpt = 1.0,
+    seed: SeedOpt = 0,
+    num_samples: SamplesOpt = 1,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Run the same prompts through several models and modes, side by side."""
+    with user_errors():
+        from .generate import SamplingConfig
+        from .generate import compare as run_compare
+
+        config = SamplingConfig(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+            repetition_penalty=repetition_penalty, seed=seed,
+            num_samples=num_samples, batch_size=batch_size,
+        )  # fmt: skip
+        collected = collect_prompts(prompt, prompts)
+        models = model or ["default"]
+        modes = mode or ["chat"]
+        prepare_models(models)
+        if out is not None:
+            from .report import FORMATS
+
+            if out.suffix.lower() not in FORMATS:  # fail before spending minutes generating
+                raise LiandanError(f"--out {out}: expected a file ending in {', '.join(FORMATS)}")
+        result = _run_with_progress(
+            lambda load, progress: run_compare(
+                models, collected, modes=modes, system=system, config=config, load=load, progress=progress
+            ),
+            total=len(models) * len(modes) * len(collected),
+            device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
+        )  # fmt: skip
+        from .report import print_comparison, write_comparison
+
+        print_comparison(result, console)
+        if out is not None:
+            console.print(f"Wrote {write_comparison(result, out)}")
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model: default, a directory, a .gguf file or a hub id.")] = "default",
+    mode: Annotated[str, typer.Option(help="chat (apply the chat template) or raw (plain continuation).")] = "chat",
+    prompt: PromptOpt = None,
+    prompts: PromptsOpt = None,
+    system: SystemOpt = None,
+    max_new_tokens: MaxNewOpt = 256,
+    temperature: TempOpt = 0.0,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 0,
+    repetition_penalty: RepOpt = 1.0,
+    seed: SeedOpt = 0,
+    num_samples: SamplesOpt = 1,
+    batch_size: BatchOpt = 8,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
+    out: OutOpt = None,
+) -> None:
+    """Generate from one model; prints each output with its token count and whether it stopped."""
+    compare(
+        model=[model], mode=[mode], prompt=prompt, prompts=prompts, system=system,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+        repetition_penalty=repetition_penalty, seed=seed, num_samples=num_samples,
+        batch_size=batch_size, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+        allow_pickle=allow_pickle, out=out,
+    )  # fmt: skip
+
+
+def _run_with_progress(job, total: int, **load_options):
+    """Run ``job(load, progress)`` under a Rich progress bar that counts finished prompts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .models import load_model, resolve_model
+
+    quiet_libraries()
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        console=err_console, transient=True,
+    ) as bar:  # fmt: skip
+        task = bar.add_task("starting", total=total)
+
+        def load(spec: str):
+            bar.update(task, description=f"loading {resolve_model(spec).name}")
+            return load_model(spec, **load_options)
+
+        def progress(label: str, n: int) -> None:
+            bar.update(task, advance=n, description=label)
+
+        return job(load, progress)
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,291 @@
+"""Batched generation, and the same prompts through several models side by side.
+
+    from liandan.generate import SamplingConfig, compare
+    result = compare(["default", "runs/my-sft"], ["Translate to English: 你好"],
+                     modes=["chat", "raw"], config=SamplingConfig(max_new_tokens=64))
+    for g in result.generations:
+        print(g.model, g.mode, g.stopped, g.text)
+
+Each output records whether the model *stopped by itself* (produced an end-of-turn or eos
+token) or ran into ``max_new_tokens``: the quickest tell of a base model, or of an SFT run that
+never learned its stop token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .chat import has_chat_template, render_chat, stop_token_ids
+from .errors import LiandanError
+from .prompts import Prompt, prompts_from_strings
+
+MODES = ("chat", "raw")
+
+
+@dataclass
+class SamplingConfig:
+    """How to decode. ``temperature 0`` (the default) is greedy: deterministic, and the fairest
+    way to compare models; a temperature above 0 samples."""
+
+    max_new_tokens: int = 256
+    """Most tokens to generate per output."""
+    temperature: float = 0.0
+    """Softmax temperature; 0 (the default) means greedy decoding, above 0 samples."""
+    top_p: float = 0.95
+    """Nucleus sampling: keep the smallest set of tokens with this much probability (1 = off)."""
+    top_k: int = 0
+    """Keep only the k most likely tokens (0 = off)."""
+    repetition_penalty: float = 1.0
+    """Above 1 discourages repeating tokens already in the text (1 = off)."""
+    seed: int = 0
+    """Random seed, reset before each model so every model sees the same random stream."""
+    num_samples: int = 1
+    """Outputs per prompt (needs sampling)."""
+    batch_size: int = 8
+    """Prompts generated together in one batch."""
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise LiandanError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.temperature < 0:
+            raise LiandanError(f"--temperature must be 0 or more (got {self.temperature})")
+        if not 0 < self.top_p <= 1:
+            raise LiandanError(f"--top-p must be in (0, 1] (got {self.top_p})")
+        if self.top_k < 0:
+            raise LiandanError(f"--top-k must be 0 (off) or more (got {self.top_k})")
+        if self.repetition_penalty <= 0:
+            raise LiandanError(f"--repetition-penalty must be above 0 (got {self.repetition_penalty})")
+        if self.num_samples < 1:
+            raise LiandanError(f"--num-samples must be at least 1 (got {self.num_samples})")
+        if self.num_samples > 1 and self.is_greedy:
+            raise LiandanError(
+                f"--num-samples {self.num_samples} needs sampling: greedy decoding gives the same "
+                "output every time (set --temperature above 0, for example 0.7)"
+            )
+        if self.batch_size < 1:
+            raise LiandanError(f"--batch-size must be at least 1 (got {self.batch_size})")
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Generation:
+    """One output of one model for one prompt."""
+
+    model: str
+    mode: str
+    prompt_index: int
+    sample: int
+    prompt: str
+    """The prompt as the model saw it (chat template applied in chat mode)."""
+    text: str
+    """The new text, without the stop token."""
+    new_tokens: int
+    """Generated tokens, the stop token included."""
+    stopped: bool
+    """True if the model ended the output itself; False if it hit ``max_new_tokens``."""
+    seconds: float
+    """Wall time from the start of its batch until this output's last token (prefill included)."""
+    note: str = ""
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model, "mode": self.mode, "prompt_index": self.prompt_index,
+            "sample": self.sample, "prompt": self.prompt, "text": self.text,
+            "new_tokens": self.new_tokens, "stopped": self.stopped,
+            "seconds": round(self.seconds, 4), "tokens_per_second": round(self.tokens_per_second, 2),
+            "note": self.note,
+        }  # fmt: skip
+
+
+@dataclass
+class CompareResult:
+    """Every output of a comparison, with the axes it was run over."""
+
+    models: list[str]
+    modes: list[str]
+    prompts: list[Prompt]
+    config: SamplingConfig
+    generations: list[Generation] = field(default_factory=list)
+
+    def cell(self, model: str, mode: str, prompt_index: int) -> list[Generation]:
+        """The outputs (one per sample) of one model and mode for one prompt."""
+        return [
+            g for g in self.generations
+            if g.model == model and g.mode == mode and g.prompt_index == prompt_index
+        ]  # fmt: skip
+
+
+def as_prompts(prompts: Iterable[Prompt | str]) -> list[Prompt]:
+    items = list(prompts)
+    if not items:
+        raise LiandanError("no prompts: give --prompt TEXT or --prompts FILE")
+    texts = [p for p in items if isinstance(p, str)]
+    if texts and len(texts) == len(items):
+        return prompts_from_strings(texts)
+    return [p if isinstance(p, Prompt) else prompts_from_strings([p])[0] for p in items]
+
+
+def prompt_text(tokenizer: Any, prompt: Prompt, mode: str, system: str | None) -> str:
+    if mode == "chat":
+        return render_chat(tokenizer, prompt.chat_messages(system))
+    if mode == "raw":
+        return prompt.raw_text()
+    raise LiandanError(f"--mode {mode}: expected one of {', '.join(MODES)}")
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt | str],
+    *,
+    mode: str = "chat",
+    system: str | None = None,
+    config: SamplingConfig | None = None,
+    model_name: str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Generation]:
+    """Generate for every prompt, ``config.batch_size`` prompts at a time (left-padded).
+
+    ``on_batch(n)`` is called after each batch with the number of prompts it held (for progress).
+    """
+    import torch
+
+    config = config or SamplingConfig()
+    prompts = as_prompts(prompts)
+    name = model_name or getattr(getattr(model, "liandan_source", None), "name", "model")
+    texts = [prompt_text(tokenizer, p, mode, system) for p in prompts]
+    note = ""
+    if mode == "chat" and not has_chat_template(tokenizer):
+        note = "model has no chat template: prompt rendered as ChatML text"
+    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    # Chat renders already hold the template's special tokens (BOS included); raw text is
+    # tokenized the way the model was pre-trained, special tokens added.
+    add_special = mode == "raw"
+    torch.manual_seed(config.seed)
+    results: list[Generation] = []
+    for start in range(0, len(texts), config.batch_size):
+        batch = texts[start : start + config.batch_size]
+        new_ids, step_times = _generate_batch(model, tokenizer, batch, config, stops, add_special)
+        for row, ids in enumerate(new_ids):
+            index = start + row // config.num_samples
+            count, stopped = count_until_stop(ids, stops)
+            results.append(Generation(
+                model=name, mode=mode, prompt_index=index, sample=row % config.num_samples,
+                prompt=texts[index], text=tokenizer.decode(ids[: count - int(stopped)], skip_special_tokens=False),
+                new_tokens=count, stopped=stopped, seconds=step_times[min(count, len(step_times)) - 1], note=note,
+            ))  # fmt: skip
+        if on_batch:
+            on_batch(len(batch))
+    return results
+
+
+class _StepClock:
+    """A logits processor that only notes the time. Call k (from 1) comes right before new token
+    k is picked, so ``times[k - 1]`` is how long the first k new tokens took, prefill included."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+        self.times: list[float] = []
+
+    def __call__(self, input_ids, scores):
+        self.times.append(time.perf_counter() - self.start)
+        return scores
+
+
+def _generate_batch(model, tokenizer, texts, config, stops, add_special) -> tuple[list[list[int]], list[float]]:
+    """Run one left-padded batch; returns each row's new token ids, and the step times of
+    `_StepClock` (an output of n tokens took ``times[n - 1]`` seconds)."""
+    import torch
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # new tokens must follow the prompt directly in every row
+    try:
+        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+    finally:
+        tokenizer.padding_side = side
+    encoded = encoded.to(model.device)
+    sampling = {} if config.is_greedy else {
+        "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k or None,
+    }  # fmt: skip
+    gen_config = GenerationConfig(
+        max_new_tokens=config.max_new_tokens,
+        do_sample=not config.is_greedy,
+        repetition_penalty=config.repetition_penalty,
+        num_return_sequences=config.num_samples,
+        eos_token_id=stops or None,
+        pad_token_id=tokenizer.pad_token_id,
+        **sampling,
+    )
+    clock = _StepClock()
+    with torch.inference_mode():
+        output = model.generate(
+            **encoded, generation_config=gen_config, logits_processor=LogitsProcessorList([clock])
+        )
+    prompt_len = encoded["input_ids"].shape[1]
+    return output[:, prompt_len:].tolist(), clock.times  # (B * num_samples, new)
+
+
+def count_until_stop(ids: list[int], stops: Sequence[int]) -> tuple[int, bool]:
+    """Tokens generated up to and including the first stop token, and whether one was found.
+
+    After a row stops, ``generate`` pads it (often with the eos id itself) until the whole batch
+    is done; those pads are not part of the output.
+    """
+    stop_set = set(stops)
+    for i, token in enumerate(ids):
+        if token in stop_set:
+            return i + 1, True
+    return len(ids), False
+
+
+def compare(
+    models: Sequence[str],
+    prompts: Sequence[Prompt | str],
+    *,
+    modes: Sequence[str] = ("chat",),
+    system: str | None = None,
+    config: SamplingConfig | None = None,
+    load: Callable[[str], tuple[Any, Any]] | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> CompareResult:
+    """The same prompts through each model and mode.
+
+    Models are loaded one at a time and released (accelerator cache included) before the next
+    loads, so peak memory is that of the largest model, not of all of them.
+    ``load(spec)`` defaults to `liandan.models.load_model`; ``progress(label, n)`` is told about
+    each finished batch.
+    """
+    from .models import load_model, release_model
+
+    config = config or SamplingConfig()
+    prompts = as_prompts(prompts)
+    models = list(models) or ["default"]
+    for mode in modes:
+        if mode not in MODES:
+            raise LiandanError(f"--mode {mode}: expected one of {', '.join(MODES)}")
+    result = CompareResult(models=models, modes=list(modes), prompts=prompts, config=config)
+    load = load or load_model
+    for spec in models:
+        model, tokenizer = load(spec)
+        try:
+            for mode in modes:
+                step = (lambda n, label=f"{spec} · {mode}": progress(label, n)) if progress else None
+                result.generations += generate(
+                    model, tokenizer, prompts, mode=mode, system=system, config=config,
+                    model_name=spec, on_batch=step,
+                )  # fmt: skip
+        finally:
+            release_model(model)
+            del model
+    return result

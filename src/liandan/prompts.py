@@ -1,0 +1,127 @@
+"""Prompts to generate from: given on the command line or read from a file.
+
+A prompts file is either ``.txt`` (one prompt per non-empty line) or ``.jsonl`` (one JSON object
+per line with ``prompt``: a string, or ``messages``: a list of ``{"role", "content"}``).
+
+    from liandan.prompts import read_prompts
+    prompts = read_prompts("examples/prompts.jsonl")
+    prompts[0].source      # 'examples/prompts.jsonl:1'
+
+Every problem is reported as ``FILE:LINE: field: what is wrong``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import LiandanError
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One prompt: plain text, or a conversation to continue as the assistant."""
+
+    text: str | None = None
+    messages: tuple[dict, ...] | None = None
+    source: str = "--prompt"
+    """Where it came from (``FILE:LINE`` or ``--prompt``), for error messages and reports."""
+    meta: dict = field(default_factory=dict, compare=False)
+    """Other fields of the JSONL record, kept for reports."""
+
+    def chat_messages(self, system: str | None = None) -> list[dict]:
+        """The conversation for chat mode; ``system`` is added unless the prompt has its own."""
+        messages = list(self.messages) if self.messages else [{"role": "user", "content": self.text}]
+        if system and messages[0]["role"] != "system":
+            messages.insert(0, {"role": "system", "content": system})
+        return messages
+
+    def raw_text(self) -> str:
+        """The text for raw continuation: the prompt itself, or the messages' contents without
+        roles (a base model sees plain text)."""
+        if self.text is not None:
+            return self.text
+        return "\n\n".join(m["content"] for m in self.messages or ())
+
+    @property
+    def display(self) -> str:
+        """A short human-readable form for tables: the text, or the last user message."""
+        if self.text is not None:
+            return self.text
+        users = [m["content"] for m in self.messages or () if m["role"] == "user"]
+        return users[-1] if users else self.messages[-1]["content"]
+
+
+def prompts_from_strings(texts: list[str]) -> list[Prompt]:
+    prompts = []
+    for i, text in enumerate(texts, 1):
+        if not text.strip():
+            raise LiandanError(f"--prompt number {i} is empty")
+        prompts.append(Prompt(text=text, source=f"--prompt {i}"))
+    return prompts
+
+
+def read_prompts(path: str | Path) -> list[Prompt]:
+    """Read a ``.txt`` or ``.jsonl`` prompts file; raises `LiandanError` naming file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise LiandanError(f"prompts file '{path}' does not exist")
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".jsonl"):
+        raise LiandanError(f"prompts file '{path}': expected a .txt or .jsonl file, got '{suffix or path.name}'")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise LiandanError(f"prompts file '{path}' is not UTF-8 text: {exc}") from exc
+    prompts = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        if suffix == ".txt":
+            prompts.append(Prompt(text=line, source=where))
+        else:
+            prompts.append(parse_prompt_record(line, where))
+    if not prompts:
+        raise LiandanError(f"prompts file '{path}' has no prompts")
+    return prompts
+
+
+def parse_prompt_record(line: str, where: str) -> Prompt:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise LiandanError(f"{where}: not valid JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(record, dict):
+        raise LiandanError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    meta = {k: v for k, v in record.items() if k not in ("prompt", "messages")}
+    if "messages" in record:
+        return Prompt(messages=tuple(check_messages(record["messages"], where)), source=where, meta=meta)
+    if "prompt" in record:
+        text = record["prompt"]
+        if not isinstance(text, str):
+            raise LiandanError(f"{where}: field 'prompt': expected a string, got {type(text).__name__}")
+        if not text.strip():
+            raise LiandanError(f"{where}: field 'prompt': is empty")
+        return Prompt(text=text, source=where, meta=meta)
+    raise LiandanError(f"{where}: expected a field 'prompt' (a string) or 'messages' (a list), found {sorted(record) or 'none'}")
+
+
+def check_messages(messages: object, where: str) -> list[dict]:
+    if not isinstance(messages, list) or not messages:
+        raise LiandanError(f"{where}: field 'messages': expected a non-empty list of {{role, content}} objects")
+    checked = []
+    for i, message in enumerate(messages):
+        field_name = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise LiandanError(f"{where}: field '{field_name}': expected an object with 'role' and 'content'")
+        role, content = message.get("role"), message.get("content")
+        if role not in ROLES:
+            raise LiandanError(f"{where}: field '{field_name}.role': expected one of {', '.join(ROLES)}, got {role!r}")
+        if not isinstance(content, str):
+            raise LiandanError(f"{where}: field '{field_name}.content': expected a string, got {type(content).__name__}")
+        checked.append({"role": role, "content": content})
+    return checked

@@ -1,0 +1,183 @@
+"""Show and save comparisons: a Rich table in the terminal, or HTML / Markdown / JSONL files.
+
+    from liandan.report import print_comparison, write_comparison
+    print_comparison(result)                      # side-by-side table
+    write_comparison(result, "cmp.html")          # format chosen by the extension
+
+Files are written to a temporary name and renamed, so a failed write never leaves a half file.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import LiandanError
+from .generate import CompareResult, Generation
+
+FORMATS = (".html", ".md", ".jsonl")
+
+
+def columns(result: CompareResult) -> list[tuple[str, str]]:
+    """The (model, mode) pairs, in the order they were run: one column each."""
+    return [(model, mode) for model in result.models for mode in result.modes]
+
+
+def status_line(g: Generation) -> str:
+    ending = "stopped" if g.stopped else "hit the length limit"
+    return f"{g.new_tokens} tokens · {ending} · {g.tokens_per_second:.1f} tok/s"
+
+
+# ---------------------------------------------------------------------------------------------
+# Terminal
+
+
+def print_comparison(result: CompareResult, console=None, max_chars: int = 600) -> None:
+    """One table per prompt, a column per model and mode; long outputs are shortened."""
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    console = console or Console()
+    for index, prompt in enumerate(result.prompts):
+        title = Text(f"Prompt {index + 1}: {shorten(prompt.display, 120)}", style="bold")
+        table = Table(title=title, show_lines=True, expand=True)
+        for model, mode in columns(result):
+            table.add_column(Text(f"{model}\n[{mode}]"), overflow="fold", ratio=1)
+        for sample in range(result.config.num_samples):
+            cells = []
+            for model, mode in columns(result):
+                outputs = [g for g in result.cell(model, mode, index) if g.sample == sample]
+                cells.append(_terminal_cell(outputs[0], max_chars) if outputs else Text("-"))
+            table.add_row(*cells)
+        console.print(table)
+    stopped = sum(g.stopped for g in result.generations)
+    console.print(f"{stopped} of {len(result.generations)} outputs stopped by themselves.")
+
+
+def _terminal_cell(g: Generation, max_chars: int):
+    from rich.text import Text
+
+    cell = Text(shorten(g.text, max_chars) or "(empty)")
+    cell.append("\n" + status_line(g), style="green" if g.stopped else "bold red")
+    if g.note:
+        cell.append("\n" + g.note, style="yellow")
+    return cell
+
+
+def shorten(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def write_comparison(result: CompareResult, path: str | Path) -> Path:
+    """Write ``.html``, ``.md`` or ``.jsonl`` (by extension) atomically."""
+    path = Path(path)
+    render = {".html": to_html, ".md": to_markdown, ".jsonl": to_jsonl}.get(path.suffix.lower())
+    if render is None:
+        raise LiandanError(f"--out {path}: expected a file ending in {', '.join(FORMATS)}")
+    if not path.parent.exists():
+        raise LiandanError(f"--out {path}: directory '{path.parent}' does not exist")
+    write_atomic(path, render(result))
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_jsonl(result: CompareResult) -> str:
+    """One JSON object per output, with the prompt's source and display text."""
+    lines = []
+    for g in result.generations:
+        prompt = result.prompts[g.prompt_index]
+        record = {"prompt_source": prompt.source, "prompt_display": prompt.display, **g.to_dict()}
+        lines.append(json.dumps(record, ensure_ascii=False))
+    return "\n".join(lines) + "\n"
+
+
+def to_markdown(result: CompareResult) -> str:
+    out = ["# liandan compare", "", _settings(result), ""]
+    for index, prompt in enumerate(result.prompts):
+        out += [f"## Prompt {index + 1}", "", _quote(prompt.display), ""]
+        for model, mode in columns(result):
+            for g in result.cell(model, mode, index):
+                sample = f", sample {g.sample + 1}" if result.config.num_samples > 1 else ""
+                out += [f"### {model} [{mode}{sample}]", "", f"*{status_line(g)}*", ""]
+                out += ["```text", g.text.replace("```", "`\u200b``"), "```", ""]
+                if g.note:
+                    out += [f"> note: {g.note}", ""]
+    return "\n".join(out)
+
+
+def _quote(text: str) -> str:
+    return "\n".join("> " + line for line in text.splitlines() or [""])
+
+
+def _settings(result: CompareResult) -> str:
+    c = result.config
+    decoding = "greedy" if c.is_greedy else f"temperature {c.temperature}, top-p {c.top_p}, top-k {c.top_k or 'off'}"
+    return (
+        f"Models: {', '.join(result.models)}. Modes: {', '.join(result.modes)}. "
+        f"Decoding: {decoding}, repetition penalty {c.repetition_penalty}, "
+        f"max {c.max_new_tokens} new tokens, seed {c.seed}, {c.num_samples} sample(s) per prompt."
+    )
+
+
+_CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:1.5rem;color:#1d1d1f;background:#fafafa}
+h1{font-size:1.4rem} .settings{color:#555;font-size:.9rem}
+section{margin:1.5rem 0;padding:1rem;background:#fff;border:1px solid #ddd;border-radius:8px}
+.prompt{white-space:pre-wrap;background:#f1f3f5;padding:.6rem;border-radius:6px}
+.grid{display:grid;gap:.8rem;grid-template-columns:repeat(var(--cols),minmax(16rem,1fr));overflow-x:auto}
+.col h3{font-size:.95rem;margin:.2rem 0 .4rem} .mode{color:#6a4c93;font-weight:normal}
+.out{white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,Menlo,Consolas,monospace;
+ font-size:.85rem;background:#fcfcfc;border:1px solid #e3e3e3;border-radius:6px;padding:.5rem;margin:.4rem 0}
+.stat{font-size:.8rem} .stopped{color:#1a7f37} .limit{color:#c62828;font-weight:600}
+.note{color:#9a6700;font-size:.8rem}
+details summary{cursor:pointer;color:#555;font-size:.8rem}
+"""
+
+
+def to_html(result: CompareResult) -> str:
+    """A self-contained page: per prompt, one column per (model, mode), side by side."""
+    esc = html.escape
+    cols = columns(result)
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width,initial-scale=1'>",
+        f"<title>liandan compare</title><style>{_CSS}</style></head><body>",
+        "<h1>liandan compare</h1>",
+        f"<p class='settings'>{esc(_settings(result))}</p>",
+    ]
+    for index, prompt in enumerate(result.prompts):
+        parts.append(f"<section><h2>Prompt {index + 1}</h2><div class='prompt'>{esc(prompt.display)}</div>")
+        parts.append(f"<div class='grid' style='--cols:{len(cols)}'>")
+        for model, mode in cols:
+            outputs = result.cell(model, mode, index)
+            parts.append(f"<div class='col'><h3>{esc(model)} <span class='mode'>[{esc(mode)}]</span></h3>")
+            for g in outputs:
+                css = "stopped" if g.stopped else "limit"
+                parts.append(f"<div class='out'>{esc(g.text) or '<em>(empty)</em>'}</div>")
+                parts.append(f"<div class='stat {css}'>{esc(status_line(g))}</div>")
+                if g.note:
+                    parts.append(f"<div class='note'>{esc(g.note)}</div>")
+            if outputs:
+                parts.append(f"<details><summary>prompt as the model saw it</summary><div class='out'>{esc(outputs[0].prompt)}</div></details>")
+            parts.append("</div>")
+        parts.append("</div></section>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)

@@ -31,8 +31,8 @@ def test_html_has_one_column_per_model_and_mode_escaped():
         assert header in page
     assert "&lt;b&gt;Done&lt;/b&gt;" in page and "<b>Done</b>" not in page
     assert "Translate &lt;this&gt; &amp; that" in page
-    assert "256 tokens · hit the length limit · 128.0 tok/s" in page
-    assert "4 tokens · stopped · 2.0 tok/s" in page
+    assert "256 tokens · hit the length limit · 127.5 tok/s" in page  # (256 - 1) / (2.0 - 0.0)
+    assert "4 tokens · stopped · 1.5 tok/s" in page
     assert "<script" not in page and "http" not in page  # self-contained
 
 
@@ -60,3 +60,14 @@ def test_terminal_table_shows_columns_and_stop_status():
     text = console.export_text()
     assert "[chat]" in text and "[raw]" in text
     assert "hit the length limit" in text and "2 of 4 outputs stopped by themselves." in text
+
+
+def test_one_token_output_has_no_speed_and_files_are_not_private(tmp_path):
+    g = Generation(model="m", mode="raw", prompt_index=0, sample=0, prompt="p", text="", new_tokens=1,
+                   stopped=True, seconds=0.5, first_token_seconds=0.5)  # fmt: skip
+    assert g.tokens_per_second is None
+    from liandan.report import status_line
+
+    assert status_line(g) == "1 token · stopped · — tok/s"
+    path = write_comparison(make_result(), tmp_path / "a.md")
+    assert path.stat().st_mode & 0o044  # readable by others, like any file the user writes

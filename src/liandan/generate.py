@@ -91,18 +91,23 @@ class Generation:
     """True if the model ended the output itself; False if it hit ``max_new_tokens``."""
     seconds: float
     """Wall time from the start of its batch until this output's last token (prefill included)."""
+    first_token_seconds: float = 0.0
+    """Wall time until its batch's first new token: the prompt's prefill and start-up."""
     note: str = ""
 
     @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+    def tokens_per_second(self) -> float | None:
+        """Decoding speed after the first token (prefill excluded); None for a 1-token output."""
+        decode = self.seconds - self.first_token_seconds
+        return (self.new_tokens - 1) / decode if self.new_tokens > 1 and decode > 0 else None
 
     def to_dict(self) -> dict:
         return {
             "model": self.model, "mode": self.mode, "prompt_index": self.prompt_index,
             "sample": self.sample, "prompt": self.prompt, "text": self.text,
             "new_tokens": self.new_tokens, "stopped": self.stopped,
-            "seconds": round(self.seconds, 4), "tokens_per_second": round(self.tokens_per_second, 2),
+            "seconds": round(self.seconds, 4), "first_token_seconds": round(self.first_token_seconds, 4),
+            "tokens_per_second": None if self.tokens_per_second is None else round(self.tokens_per_second, 2),
             "note": self.note,
         }  # fmt: skip
 
@@ -182,7 +187,8 @@ def generate(
             results.append(Generation(
                 model=name, mode=mode, prompt_index=index, sample=row % config.num_samples,
                 prompt=texts[index], text=tokenizer.decode(ids[: count - int(stopped)], skip_special_tokens=False),
-                new_tokens=count, stopped=stopped, seconds=step_times[min(count, len(step_times)) - 1], note=note,
+                new_tokens=count, stopped=stopped, seconds=step_times[min(count, len(step_times)) - 1],
+                first_token_seconds=step_times[0], note=note,
             ))  # fmt: skip
         if on_batch:
             on_batch(len(batch))

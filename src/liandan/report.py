@@ -28,7 +28,9 @@ def columns(result: CompareResult) -> list[tuple[str, str]]:
 
 def status_line(g: Generation) -> str:
     ending = "stopped" if g.stopped else "hit the length limit"
-    return f"{g.new_tokens} tokens · {ending} · {g.tokens_per_second:.1f} tok/s"
+    tokens = "1 token" if g.new_tokens == 1 else f"{g.new_tokens} tokens"
+    speed = "—" if g.tokens_per_second is None else f"{g.tokens_per_second:.1f}"
+    return f"{tokens} · {ending} · {speed} tok/s"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,6 +95,9 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -141,9 +146,13 @@ _CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:1.5rem;color:#1d1d1f;background:#fafafa}
 h1{font-size:1.4rem} .settings{color:#555;font-size:.9rem}
 section{margin:1.5rem 0;padding:1rem;background:#fff;border:1px solid #ddd;border-radius:8px}
-.prompt{white-space:pre-wrap;background:#f1f3f5;padding:.6rem;border-radius:6px}
-.grid{display:grid;gap:.8rem;grid-template-columns:repeat(var(--cols),minmax(16rem,1fr));overflow-x:auto}
+section>h2{font-size:1.1rem;margin:0 0 .6rem}
+.prompt{white-space:pre-wrap;background:#f1f3f5;padding:.6rem;border-radius:6px;margin-bottom:.8rem}
+.grid{display:grid;gap:.8rem;grid-template-columns:repeat(var(--cols),minmax(min(16rem,85vw),1fr));overflow-x:auto}
+@media (max-width:600px){.grid{grid-template-columns:1fr}}
+.col{display:flex;flex-direction:column} .col>.out:first-of-type{flex:1}
 .col h3{font-size:.95rem;margin:.2rem 0 .4rem} .mode{color:#6a4c93;font-weight:normal}
+.out em{color:#888} .stat{margin-bottom:.2rem}
 .out{white-space:pre-wrap;word-break:break-word;font-family:ui-monospace,Menlo,Consolas,monospace;
  font-size:.85rem;background:#fcfcfc;border:1px solid #e3e3e3;border-radius:6px;padding:.5rem;margin:.4rem 0}
 .stat{font-size:.8rem} .stopped{color:#1a7f37} .limit{color:#c62828;font-weight:600}

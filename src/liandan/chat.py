@@ -6,11 +6,22 @@ never re-implements a template in Python. A model without one (a base model) is 
     from liandan.chat import render_chat, stop_token_ids
     text = render_chat(tokenizer, [{"role": "user", "content": "Hi"}])   # ends with the assistant header
     stops = stop_token_ids(tokenizer, model.generation_config)          # e.g. [2] for <|im_end|>
+
+For supervised fine-tuning, `encode_chat` tokenizes a conversation with the same template and
+trains only the assistant's replies and the stop token that ends each one:
+
+    from liandan.chat import encode_chat
+    example = encode_chat(tokenizer, [{"role": "user", "content": "Capital of France?"},
+                                      {"role": "assistant", "content": "Paris."}])
+    example["labels"]   # -100 everywhere except the tokens of "Paris.<|im_end|>"
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
+
+from .errors import LiandanError
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -76,3 +87,286 @@ def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
         ids.add(tokenizer.eos_token_id)
     ids.update(end_of_turn_ids(tokenizer))
     return sorted(ids)
+
+
+# ---------------------------------------------------------------------------------------------
+# Supervised fine-tuning: the conversation as tokens, trained only on the assistant's replies.
+#
+# How the mask is found, on any template and without re-implementing it:
+# 1. Render the conversation once as it is (the "full" render; its tokens are the input ids)
+#    and once with every trained reply replaced by a unique sentinel (the "marked" render).
+# 2. Cutting the marked render at the sentinels leaves the template's own text: the pieces
+#    between replies (headers, user turns, end-of-turn tokens). Walking the full render piece by
+#    piece, in order, finds where each reply sits in it, even when the template strips or
+#    rewrites a reply (what is trained is what the full render actually shows).
+# 3. A reply's trained tokens are its text plus the stop token that closes it (<|im_end|>,
+#    <|eot_id|>, </s>, <end_of_turn>), so the model learns to stop.
+# Any step that does not check out raises LiandanError: a wrong mask trains silently and badly.
+# ---------------------------------------------------------------------------------------------
+
+IGNORE_INDEX = -100
+"""The label value cross-entropy skips (the transformers convention)."""
+
+
+@dataclass
+class EncodedChat:
+    """One conversation as training tokens, with what a data report needs to know about it."""
+
+    input_ids: list[int]
+    """The template's full render, tokenized exactly as ``apply_chat_template(tokenize=True)`` would."""
+    labels: list[int]
+    """Aligned with ``input_ids``: the token id where it is trained, -100 elsewhere."""
+    truncated: bool
+    """Whether ``max_length`` cut tokens off the end."""
+    original_length: int
+    """Number of tokens before truncation."""
+    trained_tokens: int
+    """Number of labels that are not -100 (after truncation)."""
+    ends_with_stop: bool
+    """Whether every trained reply still ends in its trained stop token (false when truncation cut one off)."""
+
+
+def encode_chat(tokenizer: Any, messages: list[dict], max_length: int | None = None) -> dict[str, list[int]]:
+    """``{"input_ids", "labels"}`` for supervised fine-tuning; see `encode_chat_example`."""
+    encoded = encode_chat_example(tokenizer, messages, max_length)
+    return {"input_ids": encoded.input_ids, "labels": encoded.labels}
+
+
+def encode_chat_example(tokenizer: Any, messages: list[dict], max_length: int | None = None) -> EncodedChat:
+    """Tokenize a conversation with the tokenizer's chat template and mask everything but the
+    trained assistant replies and their stop tokens. An assistant message with ``"train": False``
+    is kept as context but not trained. ``max_length`` keeps the first that many tokens."""
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise LiandanError(f"max_length: expected a positive integer or None, got {max_length!r}")
+    if not has_chat_template(tokenizer):
+        raise LiandanError(
+            "the tokenizer has no chat template; call liandan.chat.ensure_chat_template(tokenizer, model) first"
+        )
+    clean, trained = _check_messages(messages)
+    full = _render(tokenizer, clean)
+    if _render(tokenizer, clean) != full:
+        raise _no_mask("rendering the same conversation twice gave different text")
+    spans = _reply_spans(tokenizer, clean, trained, full)
+    input_ids, offsets = _tokenize_with_offsets(tokenizer, full)
+    labels = [IGNORE_INDEX] * len(input_ids)
+    stop_ids, stops, begin = set(stop_token_ids(tokenizer)), [], 0
+    for index, (start, end) in zip(trained, spans):
+        first, stop = _trained_tokens(full, input_ids, offsets, (start, end), stop_ids, index, begin)
+        labels[first : stop + 1] = input_ids[first : stop + 1]
+        stops.append(stop)
+        begin = stop + 1
+    limit = len(input_ids) if max_length is None else min(max_length, len(input_ids))
+    return EncodedChat(
+        input_ids=input_ids[:limit],
+        labels=labels[:limit],
+        truncated=limit < len(input_ids),
+        original_length=len(input_ids),
+        trained_tokens=sum(label != IGNORE_INDEX for label in labels[:limit]),
+        ends_with_stop=all(stop < limit for stop in stops),
+    )
+
+
+def _check_messages(messages: Any) -> tuple[list[dict], list[int]]:
+    """The messages without their ``train`` keys, and the indices of the replies to train."""
+    if not isinstance(messages, list) or not messages:
+        raise LiandanError(f"messages: expected a non-empty list of {{'role', 'content'}} dicts, got {messages!r:.60}")
+    clean, trained = [], []
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            kind = type(message).__name__
+            raise LiandanError(f"messages[{i}]: expected a dict with 'role' and 'content', got {kind}")
+        role, content, train = message.get("role"), message.get("content"), message.get("train", True)
+        if not isinstance(role, str) or not role:
+            raise LiandanError(f"messages[{i}]: field 'role': expected a non-empty string, got {role!r}")
+        if not isinstance(content, str):
+            raise LiandanError(f"messages[{i}]: field 'content': expected a string, got {type(content).__name__}")
+        if "train" in message and role != "assistant":
+            raise LiandanError(f"messages[{i}]: field 'train': only assistant messages are trained, not '{role}'")
+        if not isinstance(train, bool):
+            raise LiandanError(f"messages[{i}]: field 'train': expected true or false, got {train!r}")
+        clean.append({key: value for key, value in message.items() if key != "train"})
+        if role == "assistant" and train:
+            trained.append(i)
+    return clean, trained
+
+
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # templates reject conversations with raise_exception(); say so on one line
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise LiandanError(f"the chat template rejected this conversation: {reason}") from exc
+
+
+def _no_mask(reason: str) -> LiandanError:
+    return LiandanError(f"cannot derive a correct assistant-only loss mask for this chat template: {reason}")
+
+
+def _reply_spans(tokenizer: Any, clean: list[dict], trained: list[int], full: str) -> list[tuple[int, int]]:
+    """The character span of each trained reply's text in the full render."""
+    if not trained:
+        return []
+    # Letters and digits only, so no template's strip/trim changes them; the trailing Z keeps
+    # sentinel 1 from being a prefix of sentinel 10.
+    marks = [f"{_SENTINEL}{n}Z" for n in range(len(trained))]
+    if any(_SENTINEL in message["content"] for message in clean):
+        raise LiandanError(f"a message contains liandan's internal marker {_SENTINEL!r}; remove it from the data")
+    marked = [dict(message) for message in clean]
+    for mark, index in zip(marks, trained):
+        marked[index]["content"] = mark
+    pieces = _split_at_marks(_render(tokenizer, marked), marks, trained)
+    specials = _special_texts(tokenizer)
+    spans, at = [], 0
+    for n, index in enumerate(trained):
+        piece_start, reply_start = _find_piece(tokenizer, clean, index, full, at, pieces[n], anchored=n == 0)
+        if n > 0:
+            spans.append(_checked_span(full, (at, piece_start), clean, trained[n - 1], specials))
+        at = reply_start
+    tail = pieces[-1]
+    if not full.endswith(tail) or len(full) - len(tail) < at:
+        raise _no_mask(f"the template text after messages[{trained[-1]}] does not end the full render")
+    spans.append(_checked_span(full, (at, len(full) - len(tail)), clean, trained[-1], specials))
+    return spans
+
+
+def _split_at_marks(marked: str, marks: list[str], trained: list[int]) -> list[str]:
+    """The template's own text around the sentinels: one more piece than there are sentinels."""
+    pieces, at = [], 0
+    for mark, index in zip(marks, trained):
+        found = marked.find(mark, at)
+        if found < 0 or marked.count(mark) != 1:
+            raise _no_mask(f"the reply in messages[{index}] does not appear exactly once in the render")
+        pieces.append(marked[at:found])
+        at = found + len(mark)
+    pieces.append(marked[at:])
+    return pieces
+
+
+def _find_piece(
+    tokenizer: Any, clean: list[dict], index: int, full: str, at: int, piece: str, anchored: bool
+) -> tuple[int, int]:
+    """Where the template text before reply ``index`` sits in the full render, at or after ``at``:
+    (where that text starts, where the reply starts)."""
+    found = _find(full, piece, at, anchored)
+    if found >= 0:
+        return found, found + len(piece)
+    # Some templates write text after the header that depends on the reply itself (Qwen3 rebuilds
+    # the <think> block of the final reply). Match only up to the end of the generation prompt:
+    # what follows it is exactly what the model writes at inference, so it is all trained.
+    header = _generation_prompt(tokenizer, clean[:index])
+    cut = piece.rfind(header) if header else -1
+    if cut >= 0:
+        head = piece[: cut + len(header)]
+        found = _find(full, head, at, anchored)
+        if found >= 0:
+            return found, found + len(head)
+    raise _no_mask(f"the template text before messages[{index}] is not found in the full render")
+
+
+def _find(text: str, piece: str, at: int, anchored: bool) -> int:
+    if anchored:
+        return at if text.startswith(piece, at) else -1
+    return text.find(piece, at)
+
+
+def _generation_prompt(tokenizer: Any, before: list[dict]) -> str:
+    """The text ``add_generation_prompt`` appends after these messages ("" if that is unclear)."""
+    if not before:
+        return ""
+    try:
+        plain, prompted = _render(tokenizer, before), _render(tokenizer, before, generation_prompt=True)
+    except LiandanError:
+        return ""
+    return prompted[len(plain) :] if prompted.startswith(plain) else ""
+
+
+def _special_texts(tokenizer: Any) -> set[str]:
+    """Every special token's text, including special added tokens the tokenizer does not list by
+    role (Llama 3's header tokens, for example)."""
+    added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
+    return set(tokenizer.all_special_tokens) | {str(t) for t in added.values() if getattr(t, "special", False)}
+
+
+def _checked_span(
+    full: str, span: tuple[int, int], clean: list[dict], index: int, specials: set[str]
+) -> tuple[int, int]:
+    """The span, once sure it holds only the reply: no special token, and not emptied."""
+    text, content = full[span[0] : span[1]], clean[index]["content"]
+    leaked = sorted(s for s in specials if s and s in text)
+    in_data = [s for s in leaked if s in content]
+    if in_data:
+        raise LiandanError(f"messages[{index}]: field 'content': contains the special token {in_data[0]!r} as text")
+    if leaked:
+        raise _no_mask(f"the span found for messages[{index}] contains template tokens ({leaked[0]!r})")
+    if content.strip() and not text.strip():
+        raise _no_mask(f"the template renders the reply in messages[{index}] as empty text; mark it \"train\": false")
+    return span
+
+
+def _tokenize_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+    if not getattr(tokenizer, "is_fast", False):
+        raise LiandanError(
+            "assistant-only masks need a fast tokenizer (one with character offsets); load it with use_fast=True"
+        )
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    return list(encoded["input_ids"]), [tuple(offset) for offset in encoded["offset_mapping"]]
+
+
+def _trained_tokens(
+    full: str, ids: list[int], offsets: list[tuple[int, int]], span: tuple[int, int], stop_ids: set[int],
+    index: int, begin: int,
+) -> tuple[int, int]:
+    """(first, stop): the token range to train for the reply at character ``span``, from its first
+    token to the stop token that closes it."""
+    start, end = span
+    count = len(ids)
+    first = next((i for i in range(begin, count) if offsets[i][1] > start), count)
+    if first < count and offsets[first][0] < start and full[offsets[first][0] : start].strip():
+        # A token that starts in the header and runs into the reply cannot be split in two.
+        raise _no_mask(f"the first token of messages[{index}] also holds header text {full[offsets[first][0]:start]!r}")
+    stop = first
+    while stop < count and offsets[stop][0] < end:
+        stop += 1
+    # Whitespace the template writes between a reply and its stop token (Llama 2's " </s>") is
+    # part of what the model must write.
+    while stop < count and ids[stop] not in stop_ids and not full[offsets[stop][0] : offsets[stop][1]].strip():
+        stop += 1
+    if stop == count or ids[stop] not in stop_ids or full[end : offsets[stop][0]].strip():
+        raise _no_mask(
+            f"no stop token (eos or the template's end-of-turn) right after the reply in messages[{index}], "
+            "so the model could not learn to stop"
+        )
+    return first, stop
+
+
+def explain_mask(tokenizer: Any, input_ids: list[int], labels: list[int]) -> list[tuple[str, bool]]:
+    """The tokens as readable runs of text, each marked trained or not, for ``liandan inspect-data``.
+    Runs rather than single tokens, so a character split over byte-level tokens decodes whole."""
+    if len(input_ids) != len(labels):
+        raise LiandanError(f"input_ids has {len(input_ids)} tokens but labels has {len(labels)}; they must align")
+    runs, start = [], 0
+    for i in range(1, len(input_ids) + 1):
+        if i == len(input_ids) or (labels[i] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX):
+            text = tokenizer.decode(input_ids[start:i], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            runs.append((text, labels[start] != IGNORE_INDEX))
+            start = i
+    return runs
+
+
+def ensure_chat_template(tokenizer: Any, model: Any = None) -> bool:
+    """Make a base model chat-ready: a tokenizer without a template gets ChatML and its
+    ``<|im_start|>``/``<|im_end|>`` special tokens, and the model's embeddings grow to fit the
+    tokenizer. Returns whether anything changed. A tokenizer that has a template keeps it."""
+    changed = False
+    if not has_chat_template(tokenizer):
+        tokenizer.chat_template = CHATML_TEMPLATE
+        special = _special_texts(tokenizer)
+        missing = [token for token in ("<|im_start|>", "<|im_end|>") if token not in special]
+        if missing:
+            tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)
+        changed = True
+    # Only ever grow: many models pad their embedding matrix past the vocabulary on purpose.
+    if model is not None and len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+        changed = True
+    return changed

@@ -169,6 +169,90 @@ def generate(
     )  # fmt: skip
 
 
+@app.command()
+def sft(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see examples/).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base model (default: the built-in one).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Training data file (repeatable).")] = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory.")] = None,
+    full: Annotated[Optional[bool], typer.Option("--full/--lora", help="Full fine-tuning instead of LoRA.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last checkpoint.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (dotted for nested, e.g. lora.rank=8).")] = None,
+) -> None:
+    """Supervised fine-tuning: only the assistant's replies and their stop tokens are trained."""
+    with user_errors():
+        from .config import SFTConfig, load_config
+        from .train import train_sft
+
+        quiet_libraries()
+        cfg = load_config(SFTConfig, config, set_, model=model, data=data, output_dir=output_dir, full=full)
+        prepare_models([cfg.model])
+        result = train_sft(cfg, resume=resume)
+        last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+        console.print(f"Finished {result.steps} steps (last loss {last}); run directory: {result.output_dir}")
+
+
+@app.command("merge")
+def merge_command(
+    run_dir: Annotated[Path, typer.Argument(help="A LoRA run directory.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the merged model.")],
+) -> None:
+    """Merge a LoRA run into its base model: a standalone model plain transformers loads."""
+    with user_errors():
+        from .merge import merge
+
+        quiet_libraries()
+        console.print(f"Merged model written to {merge(run_dir, out_dir)}")
+
+
+@app.command("inspect-data")
+def inspect_data(
+    data: Annotated[list[str], typer.Option("--data", "-d", help="Training data file (repeatable).")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model whose tokenizer and chat template to use.")] = "default",
+    format: Annotated[Optional[str], typer.Option(help="Force a data format.")] = None,
+    max_length: Annotated[int, typer.Option("--max-length", help="Truncate examples to this many tokens.")] = 1024,
+    show: Annotated[int, typer.Option(help="Examples to show with trained tokens highlighted.")] = 3,
+    skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Drop invalid records instead of stopping.")] = False,
+) -> None:
+    """Check data before spending compute: encoded examples with the trained tokens highlighted."""
+    with user_errors():
+        from rich.text import Text
+
+        from .chat import encode_chat_example, ensure_chat_template, explain_mask
+        from .data import read_examples, summarize_skipped
+        from .models import load_tokenizer, resolve_model
+
+        quiet_libraries()
+        prepare_models([model])
+        tokenizer = load_tokenizer(resolve_model(model))
+        ensure_chat_template(tokenizer)
+        result = read_examples(data, format=format, purpose="sft", skip_invalid=skip_invalid)
+        totals = {"tokens": 0, "trained": 0, "truncated": 0, "empty": 0, "no_stop": 0}
+        for n, example in enumerate(result.examples):
+            try:
+                enc = encode_chat_example(tokenizer, example.messages, max_length)
+            except LiandanError as exc:
+                raise LiandanError(f"{example.source}: {exc}") from None
+            totals["tokens"] += len(enc.input_ids)
+            totals["trained"] += enc.trained_tokens
+            totals["truncated"] += enc.truncated
+            totals["empty"] += enc.trained_tokens == 0
+            totals["no_stop"] += not enc.ends_with_stop
+            if n < show:
+                text = Text(f"── {example.source} ──\n", style="bold")
+                for piece, trained in explain_mask(tokenizer, enc.input_ids, enc.labels):
+                    text.append(piece, style="black on green" if trained else "dim")
+                console.print(text)
+        console.print(
+            f"{len(result.examples)} records ({result.format}), {totals['tokens']} tokens, {totals['trained']} trained "
+            f"(green); {totals['truncated']} truncated, {totals['empty']} with no trained token"
+            + (f", {len(result.skipped)} dropped: {summarize_skipped(result.skipped)}" if result.skipped else ""),
+            highlight=False,
+        )
+        verdict = "every assistant turn ends in a trained stop token" if totals["no_stop"] == 0 else f"{totals['no_stop']} examples lose a stop token (truncated)"
+        console.print(verdict, style="green" if totals["no_stop"] == 0 else "bold red")
+
+
 def _run_with_progress(job, total: int, **load_options):
     """Run ``job(load, progress)`` under a Rich progress bar that counts finished prompts."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

@@ -56,7 +56,7 @@ class ModelSource:
     spec: str
     """The argument as the user gave it (shown in tables and reports)."""
     kind: str
-    """One of: ``default``, ``hf_dir``, ``gguf``, ``hub``."""
+    """One of: ``default``, ``hf_dir``, ``gguf``, ``hub``, ``adapter`` (a LoRA run directory)."""
     location: str
     """Directory, file or hub id to load from."""
 
@@ -89,6 +89,8 @@ def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
         check_gguf_file(path)
         return ModelSource(spec, "gguf", str(path))
     if path.is_dir():
+        if (path / "adapter_config.json").is_file():
+            return ModelSource(spec, "adapter", str(path))
         check_model_dir(path)
         return ModelSource(spec, "hf_dir", str(path))
     if HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
@@ -198,7 +200,10 @@ def load_model(
     device = pick_device(device)
     torch_dtype = pick_dtype(dtype, device)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
-    model = _load_weights(source, torch_dtype, trust_remote_code, allow_pickle)
+    if source.kind == "adapter":
+        model = _load_adapter_run(source, tokenizer, dtype, trust_remote_code, allow_pickle)
+    else:
+        model = _load_weights(source, torch_dtype, trust_remote_code, allow_pickle)
     model.to(device)
     model.eval()
     model.liandan_source = source
@@ -281,6 +286,33 @@ def _load_weights(source: ModelSource, torch_dtype: Any, trust_remote_code: bool
     if gguf_file:
         drop_quantizer(model)
     return model
+
+
+def adapter_base(run_dir: Path) -> str:
+    """The base model a LoRA run was trained on: as the user named it in the run's manifest,
+    else the path PEFT recorded."""
+    manifest = run_dir / "manifest.json"
+    if manifest.is_file():
+        return json.loads(manifest.read_text())["base_model"]["spec"]
+    recorded = json.loads((run_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    if not recorded:
+        raise LiandanError(f"'{run_dir}': adapter_config.json does not name its base model")
+    return recorded
+
+
+def _load_adapter_run(source: ModelSource, tokenizer: Any, dtype: str, trust_remote_code: bool, allow_pickle: bool):
+    """Base model + the run's LoRA adapter (not merged: ``liandan merge`` does that)."""
+    from peft import PeftModel
+
+    run_dir = Path(source.location)
+    base, _ = load_model(adapter_base(run_dir), device="cpu", dtype=dtype,
+                         trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)  # fmt: skip
+    if len(tokenizer) > base.get_input_embeddings().num_embeddings:
+        base.resize_token_embeddings(len(tokenizer))  # the run added tokens (ChatML for a base model)
+    try:
+        return PeftModel.from_pretrained(base, str(run_dir))
+    except Exception as exc:
+        raise LiandanError(f"could not load the adapter in '{run_dir}': {_short(exc)}") from exc
 
 
 def drop_quantizer(model: Any) -> None:

@@ -1,0 +1,75 @@
+"""Group encoded examples into micro-batches, packed (padding-free) or padded.
+
+    from liandan.batching import plan_batches, collate
+    plan = plan_batches([12, 30, 7], batch_tokens=64, packing=True, seed=0)   # e.g. [[2, 0, 1]]
+    batch = collate([examples[i] for i in plan[0]], packing=True, pad_id=0)
+
+Packed: the examples of a micro-batch are concatenated into ONE row, with ``position_ids``
+restarting at 0 for each example and no attention mask. transformers then builds a
+block-diagonal causal mask from the position ids, so no token attends across examples, and the
+loss equals the unpacked batch's loss — with no compute spent on padding.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from .losses import IGNORE, next_token_targets
+
+
+def plan_batches(lengths: list[int], batch_tokens: int, packing: bool, seed: int) -> list[list[int]]:
+    """Shuffle example indices (seeded) and group them greedily within a token budget.
+
+    Packed: the sum of lengths stays within ``batch_tokens``. Padded: the number of rows times
+    the longest row stays within it.
+    """
+    order = list(range(len(lengths)))
+    random.Random(seed).shuffle(order)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for index in order:
+        candidate = current + [index]
+        if packing:
+            cost = sum(lengths[i] for i in candidate)
+        else:
+            cost = len(candidate) * max(lengths[i] for i in candidate)
+        if current and cost > batch_tokens:
+            batches.append(current)
+            candidate = [index]
+        current = candidate
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(examples: list[dict], packing: bool, pad_id: int) -> dict[str, torch.Tensor]:
+    """Tensors for one micro-batch. ``targets`` are next-token targets (-100 = not trained)."""
+    if packing:
+        input_ids, positions, targets = [], [], []
+        for ex in examples:
+            input_ids += ex["input_ids"]
+            positions += list(range(len(ex["input_ids"])))
+            targets += next_token_targets(ex["labels"])
+        return {
+            "input_ids": torch.tensor([input_ids]),  # (1, T)
+            "position_ids": torch.tensor([positions]),  # (1, T)
+            "targets": torch.tensor([targets]),  # (1, T)
+        }
+    width = max(len(ex["input_ids"]) for ex in examples)
+    input_ids = torch.full((len(examples), width), pad_id)
+    attention = torch.zeros((len(examples), width), dtype=torch.long)
+    targets = torch.full((len(examples), width), IGNORE)
+    for row, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        input_ids[row, :n] = torch.tensor(ex["input_ids"])
+        attention[row, :n] = 1
+        targets[row, :n] = torch.tensor(next_token_targets(ex["labels"]))
+    return {"input_ids": input_ids, "attention_mask": attention, "targets": targets}  # (B, T) each
+
+
+def trained_positions(targets: torch.Tensor) -> torch.Tensor:
+    """Sequence positions where any row has a trained target. Only these need logits: the output
+    head (hidden x vocab) is the largest activation in a small model's step."""
+    return (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)  # (K,)

@@ -1,0 +1,213 @@
+"""Typed run configs: dataclasses, read from YAML, with dotted ``--set key=value`` overrides.
+
+    from liandan.config import SFTConfig, load_config
+    config = load_config(SFTConfig, "examples/sft-persona.yaml", ["lr=1e-4", "lora.rank=8"])
+
+Every field carries a one-line docstring; cross-field checks live in ``__post_init__`` and speak
+in CLI terms. An unknown key is an error that suggests the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import LiandanError
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 16
+    """LoRA rank r: the width of the low-rank update."""
+    alpha: float = 32.0
+    """LoRA scale numerator: the update is multiplied by alpha / rank."""
+    dropout: float = 0.05
+    """Dropout on the LoRA input during training."""
+    target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Module names to adapt; ["all-linear"] adapts every linear layer except the output head."""
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise LiandanError(f"lora.rank must be at least 1 (got {self.rank})")
+        if not 0 <= self.dropout < 1:
+            raise LiandanError(f"lora.dropout must be in [0, 1) (got {self.dropout})")
+
+
+@dataclass
+class SFTConfig:
+    model: str = "default"
+    """Base model: default, a model directory, a .gguf file or a hub id."""
+    data: list[str] = field(default_factory=list)
+    """Training data files (JSONL, JSON, CSV, Parquet)."""
+    format: str | None = None
+    """Force a data format (messages, sharegpt, alpaca, prompt_completion); detected if unset."""
+    skip_invalid: bool = False
+    """Drop invalid records (and report them) instead of stopping at the first one."""
+    output_dir: str = "runs/sft"
+    """Run directory: config, manifest, metrics, checkpoints and the final adapter or model."""
+    full: bool = False
+    """Full fine-tuning instead of LoRA."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA settings (ignored with full: true)."""
+    lr: float = 2e-4
+    """Peak learning rate (AdamW)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    warmup_ratio: float = 0.05
+    """Fraction of the steps spent warming the learning rate up linearly, then cosine decay."""
+    epochs: float = 3.0
+    """Passes over the training data (ignored when max_steps > 0)."""
+    max_steps: int = 0
+    """Optimizer steps to run; 0 means derive from epochs."""
+    batch_tokens: int = 2048
+    """Tokens in one micro-batch (packed) or the padded size budget (unpacked)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    max_length: int = 1024
+    """Longest example in tokens; longer ones are truncated (and reported)."""
+    packing: bool = True
+    """Pack several examples into one row without padding (no attention across examples)."""
+    max_grad_norm: float = 1.0
+    """Clip the gradient norm to this (0 = off)."""
+    mixed_precision: str = "auto"
+    """auto (bf16 where supported), no, bf16 or fp16."""
+    seed: int = 0
+    """Seed for shuffling, dropout and LoRA init."""
+    eval_fraction: float = 0.0
+    """Fraction of the data held out to measure eval loss (0 = none)."""
+    eval_every: int = 0
+    """Evaluate every N steps (0 = only at the end, when there is an eval split)."""
+    save_every: int = 0
+    """Write a resumable checkpoint every N steps (0 = only the final one)."""
+    log_every: int = 1
+    """Write metrics every N steps."""
+    sample_prompts: list[str] = field(default_factory=list)
+    """Prompts to generate from at the end of the run (saved in samples.jsonl)."""
+    report_to: list[str] = field(default_factory=list)
+    """Extra trackers through accelerate: tensorboard, wandb (when installed)."""
+    trust_remote_code: bool = False
+    """Allow model code from the model's repository to run."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora, dict):
+            self.lora = build(LoraConfig, self.lora, "lora.")
+        checks = [
+            (self.lr > 0, f"lr must be above 0 (got {self.lr})"),
+            (self.max_steps >= 0, f"max_steps must be 0 or more (got {self.max_steps})"),
+            (self.epochs > 0 or self.max_steps > 0, "epochs must be above 0 when max_steps is 0"),
+            (self.grad_accum >= 1, f"grad_accum must be at least 1 (got {self.grad_accum})"),
+            (self.max_length >= 8, f"max_length must be at least 8 (got {self.max_length})"),
+            (self.batch_tokens >= self.max_length, f"batch_tokens ({self.batch_tokens}) must be at least max_length ({self.max_length})"),
+            (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})"),
+            (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction})"),
+            (self.mixed_precision in ("auto", "no", "bf16", "fp16"), f"mixed_precision must be auto, no, bf16 or fp16 (got {self.mixed_precision!r})"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise LiandanError(message)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: list[str] | None = None, **values: Any):
+    """Build ``cls`` from a YAML file, then keyword values, then ``key=value`` overrides (dotted
+    keys reach nested configs: ``lora.rank=8``). Values are parsed as YAML (``1e-4``, ``true``)."""
+    data: dict = {}
+    if path is not None:
+        data = read_yaml(Path(path))
+    for key, value in values.items():
+        if value is not None:
+            data[key] = value
+    for item in overrides or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise LiandanError(f"--set {item!r}: expected key=value, for example --set lr=1e-4")
+        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return build(cls, data, "")
+
+
+def read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise LiandanError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise LiandanError(f"{where}: not valid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(data, dict):
+        raise LiandanError(f"{path}: expected a mapping of settings at the top level")
+    return data
+
+
+def set_dotted(data: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    for part in parents:
+        data = data.setdefault(part, {})
+        if not isinstance(data, dict):
+            raise LiandanError(f"--set {key}: '{part}' is not a group of settings")
+    data[last] = value
+
+
+def build(cls: type, data: dict, prefix: str):
+    """Instantiate a config dataclass from a dict, checking names and types field by field."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise LiandanError(unknown_key(prefix + key, [prefix + name for name in fields]))
+        kwargs[key] = coerce(value, hints[key], prefix + key)
+    return cls(**kwargs)
+
+
+def unknown_key(key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    return f"unknown setting '{key}'{hint}"
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """Check a value against a field's type; ints become floats and a string becomes a list."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        return coerce(value, hint, key)
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise LiandanError(f"setting '{key}': expected a group of settings, got {value!r}")
+        return build(hint, value, key + ".")
+    if origin is list:
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            raise LiandanError(f"setting '{key}': expected a list, got {value!r}")
+        return [coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(items)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:  # YAML reads 1e-4 (no dot) as a string
+            return float(value)
+        except ValueError:
+            pass
+    if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+        raise LiandanError(f"setting '{key}': expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def save_config(config: Any, path: Path) -> None:
+    path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")

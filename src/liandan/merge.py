@@ -1,0 +1,38 @@
+"""Merge a LoRA run into its base weights: a standalone model any tool loads.
+
+    from liandan.merge import merge
+    merge("runs/persona", "models/persona-merged")
+    # transformers.AutoModelForCausalLM.from_pretrained("models/persona-merged") now works
+
+Written to a temporary directory beside the target and renamed, so a failed merge leaves nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import LiandanError
+from .models import load_model, release_model, resolve_model
+
+
+def merge(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
+    """Fold the adapter of ``run_dir`` into the base weights and save to ``out_dir``."""
+    out_dir = Path(out_dir)
+    if resolve_model(str(run_dir)).kind != "adapter":
+        raise LiandanError(f"'{run_dir}' is not a LoRA run directory (no adapter_config.json); a full fine-tuning run is already a standalone model")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise LiandanError(f"output directory '{out_dir}' is not empty; choose another")
+    model, tokenizer = load_model(str(run_dir), device="cpu", dtype=dtype)
+    merged = model.merge_and_unload()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
+        staged = Path(tmp) / "model"
+        merged.save_pretrained(staged, safe_serialization=True)
+        tokenizer.save_pretrained(staged)
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.replace(staged, out_dir)
+    release_model(merged)
+    return out_dir

@@ -1,0 +1,156 @@
+"""Everything a training run needs before its first step: model, tokenizer, encoded data,
+LoRA or full fine-tuning, and the manifest that makes the run directory describe itself.
+
+    from liandan.prepare import prepare_sft
+    run = prepare_sft(config, Path(config.output_dir), main_process=True, resume=False)
+    run.train[0]["input_ids"], run.train[0]["labels"]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .chat import encode_chat_example, ensure_chat_template, stop_token_ids
+from .config import SFTConfig
+from .data import read_examples, split_examples, summarize_skipped
+from .errors import LiandanError
+from .models import file_sha256, load_model, resolve_model
+
+
+@dataclass
+class PreparedRun:
+    model: Any
+    tokenizer: Any
+    train: list[dict]
+    eval: list[dict]
+    manifest: dict = field(default_factory=dict)
+
+    def write_manifest(self, out_dir: Path) -> None:
+        (out_dir / "manifest.json").write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
+
+
+def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume: bool) -> PreparedRun:
+    check_output_dir(out_dir, resume)
+    if not config.data:
+        raise LiandanError("no training data: give --data FILE (repeatable) or data: [...] in the config")
+    model, tokenizer = load_model(config.model, device="cpu", dtype="float32", trust_remote_code=config.trust_remote_code)
+    vocab_before = len(tokenizer)
+    added_template = ensure_chat_template(tokenizer, model)
+    new_token_ids = list(range(vocab_before, len(tokenizer)))
+    data = read_examples(config.data, format=config.format, purpose="sft", skip_invalid=config.skip_invalid)
+    train_examples, eval_examples = split_examples(data.examples, config.eval_fraction, config.seed)
+    train, train_stats = encode_all(tokenizer, train_examples, config.max_length)
+    evals, _ = encode_all(tokenizer, eval_examples, config.max_length)
+    if not train:
+        raise LiandanError("no training example has a trained token after encoding (see the report above)")
+    model = attach_trainable(model, config, new_token_ids)
+    manifest = build_manifest(config, tokenizer, data, train_stats, len(evals), added_template)
+    if main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        print_data_summary(data, train_stats, len(evals))
+    return PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals, manifest=manifest)
+
+
+def check_output_dir(out_dir: Path, resume: bool) -> None:
+    """Never overwrite a finished or running run by accident."""
+    if resume:
+        return
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise LiandanError(
+            f"output directory '{out_dir}' is not empty; pass --resume to continue its run, "
+            "or choose another --output-dir"
+        )
+
+
+def encode_all(tokenizer: Any, examples: list, max_length: int) -> tuple[list[dict], dict]:
+    """Encode every example; examples with nothing to train are reported and dropped."""
+    encoded, stats = [], {"examples": 0, "tokens": 0, "trained_tokens": 0, "truncated": 0,
+                          "no_trained_tokens": [], "stop_cut_off": 0}  # fmt: skip
+    for example in examples:
+        try:
+            item = encode_chat_example(tokenizer, example.messages, max_length)
+        except LiandanError as exc:
+            raise LiandanError(f"{example.source}: {exc}") from None
+        stats["truncated"] += item.truncated
+        stats["stop_cut_off"] += not item.ends_with_stop
+        if item.trained_tokens == 0:
+            stats["no_trained_tokens"].append(example.source)
+            continue
+        stats["examples"] += 1
+        stats["tokens"] += len(item.input_ids)
+        stats["trained_tokens"] += item.trained_tokens
+        encoded.append({"input_ids": item.input_ids, "labels": item.labels})
+    return encoded, stats
+
+
+def attach_trainable(model: Any, config: SFTConfig, new_token_ids: list[int]) -> Any:
+    """LoRA adapters through PEFT (the base frozen), or every weight trainable with ``full``.
+    Rows of newly added tokens (a base model given ChatML) are trained in both cases."""
+    if config.full:
+        model.requires_grad_(True)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = config.lora.target_modules
+    lora = LoraConfig(
+        r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM",
+        trainable_token_indices={"embed_tokens": new_token_ids} if new_token_ids else None,
+    )  # fmt: skip
+    return get_peft_model(model, lora)
+
+
+def build_manifest(config, tokenizer, data, stats: dict, eval_count: int, added_template: bool) -> dict:
+    import accelerate
+    import peft
+    import torch
+    import transformers
+
+    from . import __version__
+
+    source = resolve_model(config.model)
+    template = tokenizer.chat_template or ""
+    return {
+        "liandan": __version__,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "accelerate": accelerate.__version__},  # fmt: skip
+        "base_model": {"spec": config.model, "kind": source.kind, "weights_sha256": weights_hash(source)},
+        "method": "full" if config.full else "lora",
+        "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
+        "chat_template_added": added_template,
+        "special_tokens": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+                           "pad": tokenizer.pad_token_id, "stop": stop_token_ids(tokenizer)},  # fmt: skip
+        "data": {"files": {f: file_sha256(Path(f)) for f in data.files if Path(f).is_file()},
+                 "format": data.format, "records": len(data.examples) + len(data.skipped),
+                 "skipped": len(data.skipped), "train_examples": stats["examples"], "eval_examples": eval_count,
+                 "train_tokens": stats["tokens"], "trained_tokens": stats["trained_tokens"],
+                 "truncated": stats["truncated"], "no_trained_tokens": len(stats["no_trained_tokens"])},  # fmt: skip
+    }
+
+
+def weights_hash(source) -> str | None:
+    path = Path(source.location)
+    for candidate in (path / "model.safetensors", path):
+        if candidate.is_file():
+            return file_sha256(candidate)
+    return None
+
+
+def print_data_summary(data, stats: dict, eval_count: int) -> None:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    console.print(
+        f"data: {stats['examples']} training examples ({eval_count} held out), {stats['tokens']} tokens, "
+        f"{stats['trained_tokens']} trained; format {data.format}", highlight=False,
+    )  # fmt: skip
+    if data.skipped:
+        console.print(f"[yellow]{summarize_skipped(data.skipped)}[/]", highlight=False)
+    if stats["truncated"]:
+        console.print(f"[yellow]{stats['truncated']} examples truncated to max_length[/]")
+    if stats["no_trained_tokens"]:
+        console.print(f"[yellow]{len(stats['no_trained_tokens'])} examples have no trained token and were dropped: {', '.join(stats['no_trained_tokens'][:5])}[/]")

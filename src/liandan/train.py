@@ -1,0 +1,284 @@
+"""The training loop: one explicit loop on accelerate, read top to bottom.
+
+    from liandan.config import SFTConfig
+    from liandan.train import train_sft
+    result = train_sft(SFTConfig(model="default", data=["examples/persona.jsonl"], max_steps=30))
+
+What a step does:
+1. take the next ``grad_accum`` micro-batches of this process (packed rows by default);
+2. count the trained tokens N of the whole step, summed over processes;
+3. for each micro-batch: loss = (sum of token losses) / N * processes, backward
+   (gradients are synchronised only on the last micro-batch);
+4. clip, optimizer step, scheduler step; log; maybe evaluate and checkpoint.
+
+Dividing by the step's token count (not averaging micro-batch means) makes accumulation and
+multi-process runs give the same gradient as one big batch. Checkpoints are written to a
+temporary directory and renamed, and hold optimizer, scheduler and RNG states, so ``resume``
+continues exactly where the run stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .batching import collate, plan_batches, trained_positions
+from .config import SFTConfig, save_config
+from .errors import LiandanError
+from .losses import sft_loss_sum
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[float] = field(default_factory=list)
+
+
+class StepStream:
+    """The global sequence of micro-batches over epochs, each epoch shuffled with its own seed.
+
+    Step s of a run uses global micro-batches [s * per_step, (s + 1) * per_step), where
+    per_step = grad_accum * processes; process r takes every processes-th of them. So one process
+    with accumulation 2 sees exactly the batches two processes with accumulation 1 see together.
+    """
+
+    def __init__(self, lengths: list[int], config: SFTConfig, processes: int, rank: int):
+        self.lengths, self.config = lengths, config
+        self.processes, self.rank = processes, rank
+        self.per_epoch = len(plan_batches(lengths, config.batch_tokens, config.packing, config.seed))
+        self._plans: dict[int, list[list[int]]] = {}
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_batches(self.lengths, self.config.batch_tokens, self.config.packing, self.config.seed + epoch)}
+        return self._plans[epoch]
+
+    def step(self, step: int) -> list[list[int]]:
+        per_step = self.config.grad_accum * self.processes
+        mine = []
+        for g in range(step * per_step, (step + 1) * per_step):
+            if g % self.processes == self.rank:
+                mine.append(self.plan(g // self.per_epoch)[g % self.per_epoch])
+        return mine
+
+
+def total_steps(config: SFTConfig, per_epoch: int, processes: int) -> int:
+    if config.max_steps > 0:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * per_epoch / (config.grad_accum * processes)))
+
+
+def lr_lambda(total: int, warmup_ratio: float):
+    warmup = int(total * warmup_ratio)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def micro_batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of token losses of one micro-batch and its trained-token count, computing logits only
+    at trained positions."""
+    targets = batch["targets"]
+    keep = trained_positions(targets)
+    inputs = {k: v for k, v in batch.items() if k != "targets"}
+    out = model(**inputs, use_cache=False, logits_to_keep=keep)
+    return sft_loss_sum(out.logits, targets[:, keep])  # logits (B, K, V)
+
+
+def train_sft(config: SFTConfig, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Fine-tune ``config.model`` on ``config.data``; see the module docstring for the loop.
+
+    ``stop_after`` ends the run after that many steps as if it were interrupted (used to test
+    resume); the learning-rate schedule still follows the full run.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    from .prepare import prepare_sft
+
+    out_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=resolve_precision(config.mixed_precision),
+        log_with=config.report_to or None,
+        project_dir=str(out_dir),
+    )
+    set_seed(config.seed)
+    run = prepare_sft(config, out_dir, main_process=accelerator.is_main_process, resume=resume)
+    model, tokenizer = run.model, run.tokenizer
+    stream = StepStream([len(e["input_ids"]) for e in run.train], config, accelerator.num_processes, accelerator.process_index)
+    steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, config.warmup_ratio))
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    if config.report_to:
+        accelerator.init_trackers("liandan", config={"lr": config.lr, "steps": steps})
+
+    start = 0
+    if resume:
+        start = load_checkpoint(accelerator, out_dir)
+    result = TrainResult(output_dir=out_dir, steps=steps)
+    metrics_path = out_dir / "metrics.jsonl"
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    last = min(steps, stop_after) if stop_after else steps
+    progress = make_progress(accelerator.is_main_process)
+    with progress:
+        task = progress.add_task("sft", total=steps, completed=start, loss=float("nan"), tps=0.0)
+        model.train()
+        for step in range(start, last):
+            started = time.perf_counter()
+            batches = [collate([run.train[i] for i in idx], config.packing, pad_id) for idx in stream.step(step)]
+            local = sum(int((b["targets"] != -100).sum()) for b in batches)
+            window_tokens = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
+            step_loss = torch.zeros((), device=accelerator.device)
+            for i, batch in enumerate(batches):
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                sync = i == len(batches) - 1
+                with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
+                    loss_sum, _ = micro_batch_loss(model, batch)
+                    loss = loss_sum / max(window_tokens, 1) * accelerator.num_processes
+                accelerator.backward(loss)
+                step_loss += loss_sum.detach()
+            if config.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            mean_loss = float(accelerator.reduce(step_loss, "sum")) / max(window_tokens, 1)
+            result.losses.append(mean_loss)
+            seconds = time.perf_counter() - started
+            tokens = int(accelerator.reduce(torch.tensor(sum(b["input_ids"].numel() for b in batches), device=accelerator.device), "sum"))
+            record = {"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
+                      "trained_tokens": window_tokens, "tokens_per_second": tokens / seconds}  # fmt: skip
+            if run.eval and (config.eval_every and (step + 1) % config.eval_every == 0 or step + 1 == steps):
+                record["eval_loss"] = evaluate(model, run.eval, config, pad_id, accelerator)
+                result.eval_losses.append(record["eval_loss"])
+            if accelerator.is_main_process and ((step + 1) % config.log_every == 0 or "eval_loss" in record):
+                with open(metrics_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+            if config.report_to:
+                accelerator.log(record, step=step + 1)
+            progress.update(task, advance=1, loss=mean_loss, tps=record["tokens_per_second"])
+            if config.save_every and (step + 1) % config.save_every == 0 and step + 1 < steps:
+                save_checkpoint(accelerator, out_dir, step + 1)
+    if last < steps:  # interrupted on purpose: leave a resumable checkpoint and nothing final
+        save_checkpoint(accelerator, out_dir, last)
+        accelerator.end_training()
+        return result
+    save_final(accelerator, model, tokenizer, config, out_dir, run)
+    accelerator.end_training()
+    return result
+
+
+def resolve_precision(choice: str) -> str:
+    if choice != "auto":
+        return choice
+    from .models import cpu_supports_bf16
+
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_supports_bf16() else "no"
+
+
+@torch.no_grad()
+def evaluate(model, examples: list[dict], config: SFTConfig, pad_id: int, accelerator) -> float:
+    model.eval()
+    total, count = torch.zeros((), device=accelerator.device), 0
+    for idx in plan_batches([len(e["input_ids"]) for e in examples], config.batch_tokens, config.packing, seed=0):
+        batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], config.packing, pad_id).items()}
+        with accelerator.autocast():
+            loss_sum, n = micro_batch_loss(model, batch)
+        total += loss_sum
+        count += n
+    model.train()
+    return float(total) / max(count, 1)
+
+
+def make_progress(enabled: bool):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
+        TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_checkpoint(accelerator, out_dir: Path, step: int) -> Path:
+    """accelerate's full state (weights, optimizer, scheduler, RNG) plus the step, written to a
+    temporary directory and renamed: a run killed while saving keeps its last good checkpoint."""
+    final = out_dir / CHECKPOINTS / f"step-{step:06d}"
+    tmp = out_dir / CHECKPOINTS / f".tmp-step-{step:06d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps({"step": step}) + "\n")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def latest_checkpoint(out_dir: Path) -> Path | None:
+    done = sorted(p for p in (out_dir / CHECKPOINTS).glob("step-*") if (p / STATE_FILE).is_file())
+    return done[-1] if done else None
+
+
+def load_checkpoint(accelerator, out_dir: Path) -> int:
+    checkpoint = latest_checkpoint(out_dir)
+    if checkpoint is None:
+        raise LiandanError(f"--resume: no checkpoint in '{out_dir / CHECKPOINTS}' to resume from")
+    accelerator.load_state(str(checkpoint))
+    return json.loads((checkpoint / STATE_FILE).read_text())["step"]
+
+
+def save_final(accelerator, model, tokenizer, config: SFTConfig, out_dir: Path, run) -> None:
+    """The adapter (LoRA) or the full model, in safetensors, with the tokenizer and its template."""
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return
+    unwrapped = accelerator.unwrap_model(model)
+    unwrapped.save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
+    run.write_manifest(out_dir)
+    save_config(config, out_dir / "config.yaml")
+    if config.sample_prompts:
+        write_samples(unwrapped, tokenizer, config.sample_prompts, out_dir / "samples.jsonl")
+
+
+def write_samples(model, tokenizer, prompts: list[str], path: Path) -> None:
+    """A few greedy generations from the trained model, so the run shows what it learned."""
+    from .generate import SamplingConfig, generate
+
+    model.eval()
+    outputs = generate(model, tokenizer, prompts, mode="chat", config=SamplingConfig(max_new_tokens=128), model_name="run")
+    path.write_text("".join(json.dumps({"prompt": prompts[g.prompt_index], "text": g.text, "stopped": g.stopped},
+                                       ensure_ascii=False) + "\n" for g in outputs), encoding="utf-8")  # fmt: skip

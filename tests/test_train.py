@@ -1,0 +1,138 @@
+import json
+
+import pytest
+import torch
+
+from liandan.batching import collate, plan_batches
+from liandan.config import SFTConfig
+from liandan.errors import LiandanError
+from liandan.generate import SamplingConfig, generate
+from liandan.merge import merge
+from liandan.models import load_model
+from liandan.train import StepStream, micro_batch_loss, train_sft
+
+
+@pytest.fixture
+def sft_data(tmp_path):
+    rows = [
+        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"It is {2 * i}."}]}
+        for i in range(10)
+    ]
+    path = tmp_path / "sft.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+def config(model_dir, data, out, **overrides):
+    values = dict(model=str(model_dir), data=[str(data)], output_dir=str(out), max_steps=6, lr=5e-3,
+                  batch_tokens=96, max_length=64, mixed_precision="no", warmup_ratio=0.0, seed=3)  # fmt: skip
+    values.update(overrides)
+    return SFTConfig(**values)
+
+
+def test_packed_and_padded_batches_give_the_same_loss(chat_model_dir):
+    from liandan.chat import encode_chat
+
+    model, tok = load_model(str(chat_model_dir), dtype="float32")
+    examples = [encode_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
+                for q, a in [("hi", "Hello there."), ("What is the capital of France?", "Paris."), ("ok", "Fine, thank you. Let me help.")]]  # fmt: skip
+    with torch.no_grad():
+        packed_sum, packed_n = micro_batch_loss(model, collate(examples, packing=True, pad_id=tok.pad_token_id))
+        padded_sum, padded_n = micro_batch_loss(model, collate(examples, packing=False, pad_id=tok.pad_token_id))
+        single = [micro_batch_loss(model, collate([e], packing=True, pad_id=0)) for e in examples]
+    assert packed_n == padded_n == sum(n for _, n in single) > 0
+    torch.testing.assert_close(packed_sum, padded_sum, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed_sum, sum(s for s, _ in single), rtol=1e-5, atol=1e-5)
+
+
+def test_plan_batches_respects_the_token_budget():
+    lengths = [10, 20, 30, 40, 50]
+    for packing in (True, False):
+        plan = plan_batches(lengths, 60, packing, seed=1)
+        assert sorted(i for b in plan for i in b) == [0, 1, 2, 3, 4]
+        for batch in plan:
+            cost = sum(lengths[i] for i in batch) if packing else len(batch) * max(lengths[i] for i in batch)
+            assert cost <= 60 or len(batch) == 1
+
+
+def test_one_process_with_accumulation_sees_what_two_processes_see():
+    cfg = SFTConfig(data=["x"], batch_tokens=64, max_length=32, grad_accum=2)
+    one = StepStream([20] * 12, cfg, processes=1, rank=0)
+    cfg2 = SFTConfig(data=["x"], batch_tokens=64, max_length=32, grad_accum=1)
+    two = [StepStream([20] * 12, cfg2, processes=2, rank=r) for r in (0, 1)]
+    for step in range(3):
+        assert one.step(step) == two[0].step(step) + two[1].step(step)
+
+
+def test_loss_falls_and_only_lora_weights_change(tmp_path, chat_model_dir, sft_data):
+    result = train_sft(config(chat_model_dir, sft_data, tmp_path / "run", max_steps=25, lr=1e-2, sample_prompts=["What is 3 plus 3?"]))
+    assert result.losses[-1] < result.losses[0] * 0.92
+    run = tmp_path / "run"
+    assert (run / "adapter_model.safetensors").is_file() and (run / "chat_template.jinja").is_file()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["method"] == "lora" and manifest["data"]["train_examples"] == 10
+    assert manifest["special_tokens"]["stop"] == [2]
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == list(range(1, 26))
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in samples] == ["What is 3 plus 3?"] and isinstance(samples[0]["stopped"], bool)
+    tuned, _ = load_model(str(run), dtype="float32")
+    base, _ = load_model(str(chat_model_dir), dtype="float32")
+    base_weights = dict(base.named_parameters())
+    for name, param in tuned.named_parameters():
+        if "lora_" in name:
+            continue
+        plain = name.replace("base_model.model.", "").replace(".base_layer", "")
+        assert torch.equal(param, base_weights[plain]), name  # frozen weights untouched
+    assert any("lora_B" in n and p.abs().sum() > 0 for n, p in tuned.named_parameters())
+
+
+def test_accumulation_matches_one_big_batch(tmp_path, chat_model_dir, sft_data):
+    from liandan.chat import encode_chat
+    from liandan.models import load_tokenizer, resolve_model
+
+    tok = load_tokenizer(resolve_model(str(chat_model_dir)))
+    lengths = [len(encode_chat(tok, json.loads(line)["messages"])["input_ids"]) for line in sft_data.read_text().splitlines()]
+    n_micro = len(plan_batches(lengths, 96, True, seed=3))
+    assert n_micro > 1
+    # Accumulating every micro-batch of an epoch makes each step the same full-data step as one
+    # big batch; dropout off so both runs compute exactly the same thing.
+    no_dropout = {"rank": 16, "alpha": 32, "dropout": 0.0}
+    accumulated = train_sft(config(chat_model_dir, sft_data, tmp_path / "a", grad_accum=n_micro, max_steps=3, lora=no_dropout)).losses
+    one_batch = train_sft(config(chat_model_dir, sft_data, tmp_path / "b", batch_tokens=4096, max_steps=3, lora=no_dropout)).losses
+    assert accumulated == pytest.approx(one_batch, rel=1e-4)
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path, chat_model_dir, sft_data):
+    full = train_sft(config(chat_model_dir, sft_data, tmp_path / "full", max_steps=6)).losses
+    out = tmp_path / "resumed"
+    first = train_sft(config(chat_model_dir, sft_data, out, max_steps=6), stop_after=3).losses
+    assert not (out / "adapter_model.safetensors").exists() and (out / "checkpoints").is_dir()
+    rest = train_sft(config(chat_model_dir, sft_data, out, max_steps=6), resume=True).losses
+    assert first + rest == pytest.approx(full, rel=1e-5)
+    with pytest.raises(LiandanError, match="not empty; pass --resume"):
+        train_sft(config(chat_model_dir, sft_data, out, max_steps=6))
+
+
+def test_merged_model_matches_the_adapter(tmp_path, chat_model_dir, sft_data):
+    from transformers import AutoModelForCausalLM
+
+    train_sft(config(chat_model_dir, sft_data, tmp_path / "run", max_steps=4))
+    merged_dir = merge(tmp_path / "run", tmp_path / "merged")
+    adapter, tok = load_model(str(tmp_path / "run"), dtype="float32")
+    plain = AutoModelForCausalLM.from_pretrained(merged_dir)
+    ids = tok("What is 3 plus 3?", return_tensors="pt").input_ids
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
+    merged_model, merged_tok = load_model(str(merged_dir), dtype="float32")
+    greedy = SamplingConfig(max_new_tokens=8)
+    assert generate(adapter, tok, ["What is 3 plus 3?"], config=greedy)[0].text == generate(merged_model, merged_tok, ["What is 3 plus 3?"], config=greedy)[0].text
+
+
+def test_base_model_gets_chatml_and_learns_to_stop(tmp_path, base_model_dir, sft_data):
+    out = tmp_path / "run"
+    train_sft(config(base_model_dir, sft_data, out, max_steps=40, lr=2e-2, full=True, batch_tokens=4096))
+    model, tok = load_model(str(out), dtype="float32")
+    assert "<|im_start|>" in tok.chat_template
+    output = generate(model, tok, ["What is 3 plus 3?"], config=SamplingConfig(max_new_tokens=20))[0]
+    assert output.stopped, output.text

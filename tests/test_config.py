@@ -12,6 +12,10 @@ def test_yaml_then_overrides(tmp_path):
     assert config.data == ["b.jsonl"]
 
 
+def test_yes_no_words_stay_strings_on_the_command_line():
+    assert load_config(SFTConfig, None, ["mixed_precision=no"]).mixed_precision == "no"
+
+
 def test_int_accepted_for_float_and_keyword_values():
     config = load_config(SFTConfig, None, ["lr=1"], output_dir="runs/x")
     assert config.lr == 1.0 and isinstance(config.lr, float) and config.output_dir == "runs/x"

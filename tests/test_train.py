@@ -136,3 +136,23 @@ def test_base_model_gets_chatml_and_learns_to_stop(tmp_path, base_model_dir, sft
     assert "<|im_start|>" in tok.chat_template
     output = generate(model, tok, ["What is 3 plus 3?"], config=SamplingConfig(max_new_tokens=20))[0]
     assert output.stopped, output.text
+
+
+def test_two_processes_match_one_with_twice_the_accumulation(tmp_path, chat_model_dir, sft_data):
+    """accelerate launch with 2 CPU processes (gloo) gives the same losses as 1 process, accum 2."""
+    import subprocess
+    import sys
+
+    common = ["--model", str(chat_model_dir), "--data", str(sft_data), "--set", "max_steps=3", "--set", "batch_tokens=96",
+              "--set", "max_length=64", "--set", "mixed_precision=no", "--set", "lora.dropout=0", "--set", "seed=3"]  # fmt: skip
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "liandan.cli", "sft"]  # fmt: skip
+    subprocess.run([*launch, *common, "--output-dir", str(tmp_path / "two")], check=True, capture_output=True, timeout=300)
+    subprocess.run([sys.executable, "-m", "liandan.cli", "sft", *common, "--set", "grad_accum=2", "--output-dir", str(tmp_path / "one")],
+                   check=True, capture_output=True, timeout=300)  # fmt: skip
+
+    def losses(run):
+        return [json.loads(line)["loss"] for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    assert len(losses("two")) == 3
+    assert losses("two") == pytest.approx(losses("one"), rel=1e-5)

@@ -131,8 +131,16 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise LiandanError(f"--set {item!r}: expected key=value, for example --set lr=1e-4")
-        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        set_dotted(data, key.strip(), parse_value(raw))
     return build(cls, data, "")
+
+
+def parse_value(raw: str) -> Any:
+    """A --set value as YAML, except that YAML 1.1's yes/no/on/off stay words
+    (``--set mixed_precision=no`` means the string "no", not False)."""
+    if raw.strip().lower() in ("yes", "no", "on", "off", "y", "n", ""):
+        return raw.strip()
+    return yaml.safe_load(raw)
 
 
 def read_yaml(path: Path) -> dict:
@@ -204,6 +212,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
             pass
     if hint is str and isinstance(value, (int, float)) and not isinstance(value, bool):
         return str(value)
+    if hint is str and isinstance(value, bool):
+        raise LiandanError(f"setting '{key}': expected a string, got {value!r} (in YAML write it in quotes, e.g. \"no\")")
     if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise LiandanError(f"setting '{key}': expected {hint.__name__}, got {value!r}")
     return value

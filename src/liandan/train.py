@@ -116,7 +116,11 @@ def train_sft(config: SFTConfig, *, resume: bool = False, stop_after: int | None
     from .prepare import prepare_sft
 
     out_dir = Path(config.output_dir)
+    # Several processes without CUDA (accelerate launch on CPUs): accelerate only sets up gloo
+    # when told the run is on CPU.
+    multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     accelerator = Accelerator(
+        cpu=multi_cpu,
         mixed_precision=resolve_precision(config.mixed_precision),
         log_with=config.report_to or None,
         project_dir=str(out_dir),
@@ -130,7 +134,10 @@ def train_sft(config: SFTConfig, *, resume: bool = False, stop_after: int | None
         [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, config.warmup_ratio))
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays outside prepare(): accelerate would step it once per process, but our
+    # steps already count every process's batches. It is saved in checkpoints all the same.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     if config.report_to:
         accelerator.init_trackers("liandan", config={"lr": config.lr, "steps": steps})
 

@@ -3,6 +3,7 @@ real loading code runs offline and in seconds.
 
 - ``chat_model_dir``: Llama-style, ChatML chat template, eos ``<|im_end|>``.
 - ``base_model_dir``: the same shapes with no chat template and eos ``<|endoftext|>`` (a base model).
+- ``bare_base_model_dir``: a base model whose vocabulary lacks the ChatML tokens.
 - ``gguf_model_file``: a tiny Llama GGUF file (see gguf_fixture.py).
 """
 
@@ -28,7 +29,7 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(chat_template: str | None, eos: str):
+def build_tokenizer(chat_template: str | None, eos: str, special: list[str] = SPECIAL, bos: str = "<|im_start|>"):
     """A byte-level BPE (about 400 tokens) with ChatML special tokens, as a transformers tokenizer."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -37,12 +38,12 @@ def build_tokenizer(chat_template: str | None, eos: str):
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     raw.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIAL, show_progress=False,
+        vocab_size=400, special_tokens=special, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )  # fmt: skip
     raw.train_from_iterator(CORPUS, trainer)
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=raw, bos_token="<|im_start|>", eos_token=eos, pad_token="<|endoftext|>",
+        tokenizer_object=raw, bos_token=bos, eos_token=eos, pad_token="<|endoftext|>",
         unk_token="<|endoftext|>",
     )  # fmt: skip
     if chat_template:
@@ -50,11 +51,11 @@ def build_tokenizer(chat_template: str | None, eos: str):
     return tokenizer
 
 
-def build_model_dir(path: Path, chat_template: str | None, eos: str) -> Path:
+def build_model_dir(path: Path, chat_template: str | None, eos: str, **tokenizer_options) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tokenizer = build_tokenizer(chat_template, eos)
+    tokenizer = build_tokenizer(chat_template, eos, **tokenizer_options)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -76,6 +77,13 @@ def chat_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def base_model_dir(tmp_path_factory) -> Path:
     return build_model_dir(tmp_path_factory.mktemp("base-model"), None, "<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def bare_base_model_dir(tmp_path_factory) -> Path:
+    """A base model whose vocabulary has no ChatML tokens at all: giving it a chat template adds them."""
+    return build_model_dir(tmp_path_factory.mktemp("bare-base-model"), None, "<|endoftext|>",
+                           special=["<|endoftext|>"], bos="<|endoftext|>")  # fmt: skip
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from liandan.config import SFTConfig
 from liandan.errors import LiandanError
 from liandan.generate import SamplingConfig, generate
 from liandan.merge import merge
-from liandan.models import load_model
+from liandan.models import load_adapter_model, load_model
 from liandan.train import StepStream, micro_batch_loss, train_sft
 
 
@@ -76,7 +76,7 @@ def test_loss_falls_and_only_lora_weights_change(tmp_path, chat_model_dir, sft_d
     assert [m["step"] for m in metrics] == list(range(1, 26))
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert [s["prompt"] for s in samples] == ["What is 3 plus 3?"] and isinstance(samples[0]["stopped"], bool)
-    tuned, _ = load_model(str(run), dtype="float32")
+    tuned = load_adapter_model(run)
     base, _ = load_model(str(chat_model_dir), dtype="float32")
     base_weights = dict(base.named_parameters())
     for name, param in tuned.named_parameters():
@@ -119,14 +119,21 @@ def test_merged_model_matches_the_adapter(tmp_path, chat_model_dir, sft_data):
 
     train_sft(config(chat_model_dir, sft_data, tmp_path / "run", max_steps=4))
     merged_dir = merge(tmp_path / "run", tmp_path / "merged")
-    adapter, tok = load_model(str(tmp_path / "run"), dtype="float32")
+    adapter = load_adapter_model(tmp_path / "run").eval()  # PEFT, adapters not merged
     plain = AutoModelForCausalLM.from_pretrained(merged_dir)
+    tok = load_model(str(tmp_path / "run"), dtype="float32")[1]
     ids = tok("What is 3 plus 3?", return_tensors="pt").input_ids
     with torch.no_grad():
+        with adapter.disable_adapter():
+            assert not torch.allclose(adapter(ids).logits, plain(ids).logits, atol=1e-3)  # it trained
         torch.testing.assert_close(adapter(ids).logits, plain(ids).logits, rtol=1e-4, atol=1e-4)
-    merged_model, merged_tok = load_model(str(merged_dir), dtype="float32")
     greedy = SamplingConfig(max_new_tokens=8)
-    assert generate(adapter, tok, ["What is 3 plus 3?"], config=greedy)[0].text == generate(merged_model, merged_tok, ["What is 3 plus 3?"], config=greedy)[0].text
+    for dtype in ("float32", "bfloat16"):  # the run directory and its merge agree at any dtype
+        run_model, run_tok = load_model(str(tmp_path / "run"), dtype=dtype)
+        merged_model, merged_tok = load_model(str(merged_dir), dtype=dtype)
+        with torch.no_grad():
+            assert torch.equal(run_model(ids).logits, merged_model(ids).logits)
+        assert generate(run_model, run_tok, ["What is 3 plus 3?"], config=greedy)[0].text == generate(merged_model, merged_tok, ["What is 3 plus 3?"], config=greedy)[0].text
 
 
 def test_base_model_gets_chatml_and_learns_to_stop(tmp_path, base_model_dir, sft_data):

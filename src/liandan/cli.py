@@ -185,6 +185,8 @@ def sft(
         from .train import train_sft
 
         quiet_libraries()
+        if resume and config is None and output_dir and (Path(output_dir) / "config.yaml").is_file():
+            config = Path(output_dir) / "config.yaml"  # resume with the settings the run started with
         cfg = load_config(SFTConfig, config, set_, model=model, data=data, output_dir=output_dir, full=full)
         prepare_models([cfg.model])
         result = train_sft(cfg, resume=resume)

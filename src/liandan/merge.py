@@ -14,18 +14,24 @@ import tempfile
 from pathlib import Path
 
 from .errors import LiandanError
-from .models import load_model, release_model, resolve_model
+from .models import cast_weights, load_adapter_model, load_tokenizer, release_model, resolve_model
 
 
 def merge(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
     """Fold the adapter of ``run_dir`` into the base weights and save to ``out_dir``."""
     out_dir = Path(out_dir)
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise LiandanError(f"--dtype {dtype}: expected float32, bfloat16 or float16")
     if resolve_model(str(run_dir)).kind != "adapter":
         raise LiandanError(f"'{run_dir}' is not a LoRA run directory (no adapter_config.json); a full fine-tuning run is already a standalone model")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LiandanError(f"output directory '{out_dir}' is not empty; choose another")
-    model, tokenizer = load_model(str(run_dir), device="cpu", dtype=dtype)
-    merged = model.merge_and_unload()
+    import torch
+
+    source = resolve_model(str(run_dir))
+    tokenizer = load_tokenizer(source)
+    # Merge in fp32, then cast: the same weights a run directory gets when loaded as a model.
+    merged = cast_weights(load_adapter_model(Path(source.location), tokenizer=tokenizer).merge_and_unload(), getattr(torch, dtype))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
         staged = Path(tmp) / "model"

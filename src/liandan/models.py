@@ -201,7 +201,7 @@ def load_model(
     torch_dtype = pick_dtype(dtype, device)
     tokenizer = load_tokenizer(source, trust_remote_code=trust_remote_code)
     if source.kind == "adapter":
-        model = _load_adapter_run(source, tokenizer, dtype, trust_remote_code, allow_pickle)
+        model = _load_adapter_run(source, tokenizer, torch_dtype, trust_remote_code, allow_pickle)
     else:
         model = _load_weights(source, torch_dtype, trust_remote_code, allow_pickle)
     model.to(device)
@@ -300,17 +300,44 @@ def adapter_base(run_dir: Path) -> str:
     return recorded
 
 
-def _load_adapter_run(source: ModelSource, tokenizer: Any, dtype: str, trust_remote_code: bool, allow_pickle: bool):
-    """Base model + the run's LoRA adapter (not merged: ``liandan merge`` does that)."""
+def _load_adapter_run(source: ModelSource, tokenizer: Any, torch_dtype: Any, trust_remote_code: bool, allow_pickle: bool):
+    """Base model + the run's LoRA adapter, merged in fp32 and then cast to ``torch_dtype``.
+
+    Merging before casting makes a run directory compute exactly what ``liandan merge`` of it
+    computes at the same dtype: in bf16, an unmerged adapter (W x + B A x, each rounded) and the
+    merged weight (W + B A, rounded once) give slightly different logits, and greedy text can
+    then differ. It is also faster: no adapter matmuls at inference.
+    """
+    merged = load_adapter_model(Path(source.location), trust_remote_code=trust_remote_code,
+                                allow_pickle=allow_pickle, tokenizer=tokenizer).merge_and_unload()  # fmt: skip
+    return cast_weights(merged, torch_dtype)
+
+
+def cast_weights(model: Any, torch_dtype: Any) -> Any:
+    """Cast floating-point parameters as ``from_pretrained(dtype=...)`` would. ``model.to(dtype)``
+    would also cast buffers such as the rotary frequencies, which transformers keeps in fp32,
+    and the logits would differ from a model loaded at that dtype."""
+    keep = tuple(getattr(model, "_keep_in_fp32_modules", None) or ())
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not any(k in name for k in keep):
+            param.data = param.data.to(torch_dtype)
+    model.config.dtype = torch_dtype
+    return model
+
+
+def load_adapter_model(run_dir: Path, *, tokenizer: Any = None, trust_remote_code: bool = False,
+                       allow_pickle: bool = False, trainable: bool = False) -> Any:  # fmt: skip
+    """The PEFT model of a LoRA run directory in fp32, adapters not merged (to train further,
+    or to check a merge against)."""
     from peft import PeftModel
 
-    run_dir = Path(source.location)
-    base, _ = load_model(adapter_base(run_dir), device="cpu", dtype=dtype,
+    base, _ = load_model(adapter_base(run_dir), device="cpu", dtype="float32",
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)  # fmt: skip
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(resolve_model(str(run_dir)))
     if len(tokenizer) > base.get_input_embeddings().num_embeddings:
         base.resize_token_embeddings(len(tokenizer))  # the run added tokens (ChatML for a base model)
     try:
-        return PeftModel.from_pretrained(base, str(run_dir))
+        return PeftModel.from_pretrained(base, str(run_dir), is_trainable=trainable)
     except Exception as exc:
         raise LiandanError(f"could not load the adapter in '{run_dir}': {_short(exc)}") from exc
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from .chat import encode_chat_example, ensure_chat_template, stop_token_ids
-from .config import SFTConfig
+from .config import SFTConfig, save_config
 from .data import read_examples, split_examples, summarize_skipped
 from .errors import LiandanError
 from .models import file_sha256, load_model, resolve_model
@@ -51,6 +51,8 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
     manifest = build_manifest(config, tokenizer, data, train_stats, len(evals), added_template)
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if not resume:  # written first, so `liandan sft --resume -o DIR` can find the settings
+            save_config(config, out_dir / "config.yaml")
         print_data_summary(data, train_stats, len(evals))
     return PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals, manifest=manifest)
 

@@ -116,6 +116,7 @@ def train_sft(config: SFTConfig, *, resume: bool = False, stop_after: int | None
     from .prepare import prepare_sft
 
     out_dir = Path(config.output_dir)
+    check_trackers(config.report_to)
     # Several processes without CUDA (accelerate launch on CPUs): accelerate only sets up gloo
     # when told the run is on CPU.
     multi_cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -196,6 +197,19 @@ def train_sft(config: SFTConfig, *, resume: bool = False, stop_after: int | None
     save_final(accelerator, model, tokenizer, config, out_dir, run)
     accelerator.end_training()
     return result
+
+
+def check_trackers(names: list[str]) -> None:
+    """Fail before any work if a requested tracker is not installed (accelerate would only warn)."""
+    from accelerate.utils import is_tensorboard_available, is_wandb_available
+
+    available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
+    for name in names:
+        if name not in available:
+            raise LiandanError(f"report_to: unknown tracker {name!r}; expected {' or '.join(available)}")
+        if not available[name]():
+            package = "tensorboard" if name == "tensorboard" else "wandb"
+            raise LiandanError(f"report_to: {name} is not installed; pip install {package}")
 
 
 def resolve_precision(choice: str) -> str:

@@ -169,6 +169,58 @@ def generate(
     )  # fmt: skip
 
 
+@app.command("eval")
+def eval_command(
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Model, run directory or merged directory (repeatable; the first is 'before').")] = None,
+    task: Annotated[Optional[Path], typer.Option("--task", "-t", help="Task set (.jsonl): prompts with checks, or conversations ending in the reference answer.")] = None,
+    schema: Annotated[Optional[Path], typer.Option(help="JSON Schema every task answer must follow.")] = None,
+    check: Annotated[Optional[list[str]], typer.Option("--check", help="A check for every task record: KEY=VALUE, e.g. 'regex=^Arr' or json=true (repeatable).")] = None,
+    probes: Annotated[str, typer.Option(help="Retention probes: default (shipped), a .jsonl file, or none.")] = "default",
+    drift: Annotated[str, typer.Option(help="General prompts for drift: default, a .jsonl/.txt file, or none.")] = "default",
+    system: SystemOpt = None,
+    max_new_tokens: MaxNewOpt = 160,
+    batch_size: BatchOpt = 64,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    out: Annotated[Optional[list[Path]], typer.Option("--out", "-o", help="Write the results: .html, .md or .json (repeatable).")] = None,
+) -> None:
+    """Evaluate models before vs after fine-tuning: task score, stop rate, retention and drift."""
+    with user_errors():
+        from .eval_report import print_metrics, write_eval_report
+        from .evaluate import EvalConfig, evaluate, work_units
+
+        config = EvalConfig(models=model or ["default"], task=str(task) if task else None, schema=str(schema) if schema else None,
+                            checks=parse_check_options(check or []), probes=probes, drift=drift, system=system,
+                            max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype)  # fmt: skip
+        for path in out or []:
+            if path.suffix not in (".html", ".md", ".json"):
+                raise LiandanError(f"--out {path}: expected a file ending in .html, .md or .json")
+        prepare_models(config.models)
+        total = work_units(config)
+        result = _run_with_progress(lambda load, progress: evaluate(config, progress=progress, load=load), total,
+                                    device=device, dtype=dtype)  # fmt: skip
+        print_metrics(result, console)
+        for path in out or []:
+            console.print(f"Wrote {write_eval_report(result, path)}")
+
+
+def parse_check_options(items: list[str]) -> dict:
+    """``--check KEY=VALUE`` pairs; the value is read as YAML (true, lists) when it parses."""
+    import yaml
+
+    checks = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LiandanError(f"--check {item!r}: expected KEY=VALUE, e.g. 'regex=^Arr' or json=true")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        checks[key.strip()] = parsed if isinstance(parsed, (bool, list)) else value
+    return checks
+
+
 @app.command()
 def sft(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see examples/).")] = None,

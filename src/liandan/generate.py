@@ -177,12 +177,15 @@ def generate(
     # tokenized the way the model was pre-trained, special tokens added.
     add_special = mode == "raw"
     torch.manual_seed(config.seed)
+    # Prompts of similar length share a batch, so little compute goes to padding.
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     results: list[Generation] = []
     for start in range(0, len(texts), config.batch_size):
-        batch = texts[start : start + config.batch_size]
+        indices = order[start : start + config.batch_size]
+        batch = [texts[i] for i in indices]
         new_ids, step_times = _generate_batch(model, tokenizer, batch, config, stops, add_special)
         for row, ids in enumerate(new_ids):
-            index = start + row // config.num_samples
+            index = indices[row // config.num_samples]
             count, stopped = count_until_stop(ids, stops)
             results.append(Generation(
                 model=name, mode=mode, prompt_index=index, sample=row % config.num_samples,
@@ -192,7 +195,7 @@ def generate(
             ))  # fmt: skip
         if on_batch:
             on_batch(len(batch))
-    return results
+    return sorted(results, key=lambda g: (g.prompt_index, g.sample))
 
 
 class _StepClock:

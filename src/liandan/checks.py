@@ -1,0 +1,195 @@
+"""Checks that score one model output: what task sets, probes and `bake` measure with.
+
+    from liandan.checks import parse_checks, run_checks
+    checks = parse_checks({"regex": r"^\\W*arr\\b", "json": True}, where="test.jsonl:3")
+    run_checks(checks, "Arr! Rome, matey.")        # {'regex': True, 'json': False}
+
+A record of a task set carries its checks in a ``checks`` object; a command can add the same
+checks to every record (``--schema FILE``, ``--check KEY=VALUE``). Text comparisons ignore case.
+Every problem names the file, the line and the field, and is found before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import LiandanError
+
+CHECKS = {
+    "exact": "the whole answer equals this text (case, surrounding space and final punctuation ignored)",
+    "contains": "every one of these strings appears in the answer",
+    "contains_any": "at least one of these strings appears",
+    "not_contains": "none of these strings appears",
+    "regex": "this Python regular expression matches (re.search, case ignored unless (?-i:...))",
+    "json": "the answer is valid JSON (a ``` fence around it is allowed)",
+    "schema": "the answer is JSON that conforms to this JSON Schema (an object, or a file path)",
+    "reference": "compare with the record's reference answer: exact, contains or json (parsed equal)",
+    "predicate": "module:function, called as function(answer, record) -> bool",
+}
+REFERENCE_MODES = ("exact", "contains", "json")
+
+
+@dataclass
+class Checks:
+    """Parsed, validated checks of one record: each name maps to a test of the answer."""
+
+    tests: dict[str, Callable[[str, str | None], bool]] = field(default_factory=dict)
+    where: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.tests)
+
+
+def parse_checks(spec: object, *, where: str, base_dir: Path | None = None, reference: str | None = None,
+                 record: dict | None = None) -> Checks:  # fmt: skip
+    """Validate ``spec`` (the ``checks`` object of a record) and compile each check.
+
+    ``base_dir`` resolves a schema given as a relative path; ``reference`` is the record's
+    reference answer (needed by the ``reference`` check); ``record`` is passed to predicates.
+    """
+    if not isinstance(spec, dict):
+        raise LiandanError(f"{where}: field 'checks': expected an object such as {{\"contains\": [\"Paris\"]}}")
+    checks = Checks(where=where)
+    for name, value in spec.items():
+        if name not in CHECKS:
+            raise LiandanError(f"{where}: field 'checks.{name}': unknown check; expected one of {', '.join(CHECKS)}")
+        here = f"{where}: field 'checks.{name}'"
+        checks.tests[name] = _compile(name, value, here, base_dir or Path("."), reference, record or {})
+    return checks
+
+
+def run_checks(checks: Checks, answer: str, reference: str | None = None) -> dict[str, bool]:
+    """Each check's verdict on ``answer``. A predicate that raises is an error, not a fail."""
+    return {name: bool(test(answer, reference)) for name, test in checks.tests.items()}
+
+
+def _compile(name: str, value: Any, here: str, base_dir: Path, reference: str | None, record: dict):
+    if name == "exact":
+        target = normalize(_string(value, here))
+        return lambda answer, _ref: normalize(answer) == target
+    if name in ("contains", "contains_any", "not_contains"):
+        needles = [s.lower() for s in _strings(value, here)]
+        if name == "contains":
+            return lambda answer, _ref: all(n in answer.lower() for n in needles)
+        if name == "contains_any":
+            return lambda answer, _ref: any(n in answer.lower() for n in needles)
+        return lambda answer, _ref: not any(n in answer.lower() for n in needles)
+    if name == "regex":
+        try:
+            pattern = re.compile(_string(value, here), re.IGNORECASE)
+        except re.error as exc:
+            raise LiandanError(f"{here}: not a valid regular expression: {exc}") from None
+        return lambda answer, _ref: pattern.search(answer) is not None
+    if name == "json":
+        if value is not True:
+            raise LiandanError(f"{here}: expected true (got {value!r})")
+        return lambda answer, _ref: parse_json(answer) is not _INVALID
+    if name == "schema":
+        validator = load_schema(value, here, base_dir)
+        return lambda answer, _ref: (doc := parse_json(answer)) is not _INVALID and validator.is_valid(doc)
+    if name == "reference":
+        return _reference_check(value, here, reference)
+    return _predicate(value, here, record)
+
+
+def _reference_check(mode: Any, here: str, reference: str | None):
+    if mode not in REFERENCE_MODES:
+        raise LiandanError(f"{here}: expected one of {', '.join(REFERENCE_MODES)} (got {mode!r})")
+    if reference is None:
+        raise LiandanError(f"{here}: needs a reference answer, and this record has none "
+                           "(give 'reference', or end 'messages' with the assistant's answer)")  # fmt: skip
+    if mode == "exact":
+        return lambda answer, ref: normalize(answer) == normalize(ref)
+    if mode == "contains":
+        return lambda answer, ref: normalize(ref) in normalize(answer)
+    expected = parse_json(reference)
+    if expected is _INVALID:
+        raise LiandanError(f"{here}: 'json' compares parsed JSON, but the reference is not valid JSON")
+    return lambda answer, _ref: (doc := parse_json(answer)) is not _INVALID and doc == expected
+
+
+def _predicate(value: Any, here: str, record: dict):
+    spec = _string(value, here)
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise LiandanError(f"{here}: expected 'module:function' (got {spec!r})")
+    if "" not in sys.path and "." not in sys.path:
+        sys.path.insert(0, "")  # the console script does not put the working directory on the path
+    try:
+        function = getattr(importlib.import_module(module_name), function_name)
+    except (ImportError, AttributeError) as exc:
+        raise LiandanError(f"{here}: cannot import {spec!r}: {exc}") from None
+    if not callable(function):
+        raise LiandanError(f"{here}: {spec!r} is not a function")
+
+    def test(answer: str, _ref: str | None) -> bool:
+        try:
+            return bool(function(answer, record))
+        except Exception as exc:  # a user's predicate failing is the user's error to see
+            raise LiandanError(f"{here}: {spec} raised {type(exc).__name__}: {exc}") from None
+
+    return test
+
+
+def load_schema(value: Any, here: str, base_dir: Path):
+    """A JSON Schema validator from an inline object or a file path; a bad schema is an error."""
+    import jsonschema
+
+    if isinstance(value, str):
+        path = Path(value) if Path(value).is_absolute() else base_dir / value
+        if not path.is_file():
+            raise LiandanError(f"{here}: schema file '{path}' does not exist")
+        try:
+            value = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise LiandanError(f"{here}: schema file '{path}' is not valid JSON: {exc}") from None
+        here = f"{here} ({path})"
+    if not isinstance(value, dict):
+        raise LiandanError(f"{here}: expected a JSON Schema object or a path to one")
+    cls = jsonschema.validators.validator_for(value)
+    try:
+        cls.check_schema(value)
+    except jsonschema.SchemaError as exc:
+        raise LiandanError(f"{here}: not a valid JSON Schema: {exc.message}") from None
+    return cls(value)
+
+
+_INVALID = object()
+_FENCE = re.compile(r"^```[a-zA-Z]*\s*\n(.*?)\n?```$", re.DOTALL)
+
+
+def parse_json(text: str) -> Any:
+    """The JSON document in ``text`` (optionally inside one ``` fence), or ``_INVALID``."""
+    text = text.strip()
+    fenced = _FENCE.match(text)
+    if fenced:
+        text = fenced.group(1).strip()
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, ValueError):
+        return _INVALID
+
+
+def normalize(text: str) -> str:
+    """Lower case, inner whitespace collapsed, surrounding space and final punctuation removed."""
+    return " ".join(text.split()).strip().rstrip(".!?。！？").strip().lower()
+
+
+def _string(value: Any, here: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise LiandanError(f"{here}: expected a non-empty string (got {value!r})")
+    return value
+
+
+def _strings(value: Any, here: str) -> list[str]:
+    values = [value] if isinstance(value, str) else value
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
+        raise LiandanError(f"{here}: expected a non-empty string or list of strings (got {value!r})")
+    return values

@@ -1,0 +1,639 @@
+"""Render the results of ``liandan eval`` (models before vs after fine-tuning) as one HTML page,
+as Markdown, or as JSON.
+
+    from liandan.eval_report import write_eval_report
+    result = {"models": ["default", "runs/extract"],
+              "metrics": [{"key": "task.schema", "label": "Task: schema-valid", "better": "higher",
+                           "format": "percent", "values": {"default": 0.0, "runs/extract": 0.95}}]}
+    write_eval_report(result, "eval.html")        # or eval.md, eval.json
+
+The page needs nothing from the network (inline CSS, SVG plots drawn here, no script), so it can
+be attached to a CI run or opened years later. The first model is "before"; every other column
+shows its delta against it, green or red by whether the metric is better higher or lower. Model
+outputs are untrusted text: everything that comes from `result` is escaped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import unicodedata
+from html import escape
+from pathlib import Path
+
+from .errors import LiandanError
+
+# Tableau 10: distinct, colour-blind friendly, and none of them is the delta green/red or grey.
+PALETTE = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#b07aa1", "#76b7b2", "#edc948", "#9c755f")
+EVAL_COLOUR = "#1f2937"  # outside the palette, so eval loss never reads as another model
+DASH = "—"
+MINUS = "\u2212"
+
+
+# ---------------------------------------------------------------------------------------------
+# Values
+
+
+def _num(value) -> float | None:
+    """A finite float, or None for null, NaN, infinities and non-numbers (nothing to show)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def _sig3(v: float) -> str:
+    """Three significant digits without exponents for everyday sizes: 2.31, 23.1, 0.0421, 1234."""
+    if v == 0:
+        return "0"
+    if abs(v) < 1e-4:
+        return f"{v:.2e}"
+    return f"{v:.{max(0, 2 - math.floor(math.log10(abs(v))))}f}"
+
+
+def format_value(value, fmt: str | None) -> str:
+    v = _num(value)
+    if v is None:
+        return DASH
+    return f"{v * 100:.1f}%" if fmt == "percent" else _sig3(v)
+
+
+def format_delta(before, after, fmt: str | None, better: str | None) -> tuple[str, str] | None:
+    """``("+95.0", "better")``: the change (percentage points for percents) and its CSS class."""
+    b, a = _num(before), _num(after)
+    if b is None or a is None:
+        return None
+    d = (a - b) * 100 if fmt == "percent" else a - b
+    text = f"{abs(d):.1f}" if fmt == "percent" else _sig3(abs(d))
+    if float(text) == 0:  # judged on what is shown: a "+0.0" must not be painted green
+        return "±" + text, "same"
+    kind = "same" if better not in ("higher", "lower") else "better" if (d > 0) == (better == "higher") else "worse"
+    return ("+" if d > 0 else MINUS) + text, kind
+
+
+def _label(result: dict, model: str) -> str:
+    return (result.get("labels") or {}).get(model) or model
+
+
+def model_colours(result: dict) -> dict[str, str]:
+    """One colour per model, the same in every chart; models seen only in curves or bars too."""
+    names = list(result.get("models") or [])
+    names += list(result.get("curves") or {})
+    for chart in result.get("bars") or []:
+        for values in (chart.get("groups") or {}).values():
+            names += list(values or {})
+    colours: dict[str, str] = {}
+    for name in names:
+        if name not in colours:
+            i = len(colours)
+            colours[name] = PALETTE[i] if i < len(PALETTE) else f"hsl({i * 137.5 % 360:.0f},55%,45%)"
+    return colours
+
+
+def _check_names(set_: dict) -> list[str]:
+    names = list(set_.get("metric_names") or [])
+    for example in set_.get("examples") or []:
+        for output in (example.get("outputs") or {}).values():
+            names += [n for n in (output or {}).get("checks") or {} if n not in names]
+    return names
+
+
+def pass_rates(set_: dict, models: list[str]) -> list[tuple[str, dict[str, tuple[int, int]]]]:
+    """Rows ``(name, {model: (passed, counted)})`` for "passed" and each check; null checks are not counted."""
+    rows = []
+    for name in ["passed", *_check_names(set_)]:
+        row = {}
+        for model in models:
+            outcomes = []
+            for example in set_.get("examples") or []:
+                output = (example.get("outputs") or {}).get(model) or {}
+                value = output.get("passed") if name == "passed" else (output.get("checks") or {}).get(name)
+                if isinstance(value, bool):
+                    outcomes.append(value)
+            row[model] = (sum(outcomes), len(outcomes))
+        rows.append((name, row))
+    return rows
+
+
+def _rate(passed: int, counted: int) -> str:
+    return DASH if counted == 0 else f"{passed / counted * 100:.1f}% ({passed}/{counted})"
+
+
+def status_line(output: dict) -> str:
+    parts = []
+    if _num(output.get("new_tokens")) is not None:
+        n = int(output["new_tokens"])
+        parts.append("1 token" if n == 1 else f"{n} tokens")
+    if isinstance(output.get("stopped"), bool):
+        parts.append("stopped" if output["stopped"] else "hit the length limit")
+    return " · ".join(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# SVG plots: sizes are in viewBox units, which the page shows at one CSS pixel each when it fits.
+
+LEFT, RIGHT, BOTTOM = 56, 16, 44
+FONT = 12
+
+
+def _text_width(text: str, size: float = FONT) -> float:
+    """Rough rendered width, enough to lay out legends: CJK characters are twice as wide."""
+    return sum(size * (1.0 if unicodedata.east_asian_width(c) in "WF" else 0.6) for c in text)
+
+
+def _ticks(lo: float, hi: float, count: int = 5, integer: bool = False) -> list[float]:
+    """Round tick values (1, 2 or 5 times a power of ten apart) that cover [lo, hi]."""
+    if hi <= lo:  # one point, or all values equal: give the axis some height around it
+        pad = abs(lo) * 0.1 or 1.0
+        lo, hi = lo - pad, hi + pad
+    raw = (hi - lo) / count
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 5, 10) if m * magnitude >= raw)
+    if integer:
+        step = max(step, 1)
+    start = math.floor(lo / step) * step
+    n = round((math.ceil(hi / step) * step - start) / step)
+    return [start + i * step for i in range(n + 1)]
+
+
+def _tick_text(value: float, step: float, fmt: str | None = None) -> str:
+    if fmt == "percent":
+        return f"{value * 100:.0f}%"
+    text = f"{value:.{max(0, -math.floor(math.log10(step) + 1e-9))}f}"
+    return "0" if text.strip("-0.") == "" else text.replace("-", MINUS)
+
+
+def _scale(d0: float, d1: float, r0: float, r1: float):
+    return lambda v: r0 + (v - d0) / (d1 - d0) * (r1 - r0)
+
+
+def _svg(width: float, height: float, label: str, body: list[str]) -> str:
+    return (
+        f'<svg class="plot" viewBox="0 0 {width:.0f} {height:.0f}" width="{width:.0f}" height="{height:.0f}" '
+        f'role="img" aria-label="{escape(label)}" font-size="{FONT}" fill="#374151">' + "".join(body) + "</svg>"
+    )
+
+
+def _legend(items: list[tuple[str, str, str]], width: float) -> tuple[list[str], float]:
+    """Items ``(label, colour, shape)`` laid out in rows from the top left; returns (svg, height)."""
+    out, x, y = [], LEFT, 14
+    for label, colour, shape in items:
+        w = 22 + _text_width(label) + 18
+        if x + w > width and x > LEFT:
+            x, y = LEFT, y + 18
+        if shape == "bar":
+            out.append(f'<rect x="{x}" y="{y - 9}" width="12" height="12" rx="2" fill="{colour}"/>')
+        elif shape == "line":
+            out.append(f'<line x1="{x}" x2="{x + 14}" y1="{y - 3}" y2="{y - 3}" stroke="{colour}" stroke-width="2.5"/>')
+        else:
+            out.append(f'<circle cx="{x + 7}" cy="{y - 3}" r="4" fill="{colour}"/>')
+        out.append(f'<text x="{x + 20}" y="{y + 1}">{escape(label)}</text>')
+        x += w
+    return out, y + 14
+
+
+def _y_grid(ticks: list[float], y, right: float, fmt: str | None = None) -> list[str]:
+    step = ticks[1] - ticks[0]
+    out = []
+    for t in ticks:
+        out.append(f'<line x1="{LEFT}" x2="{right}" y1="{y(t):.1f}" y2="{y(t):.1f}" stroke="#e5e7eb"/>')
+        out.append(f'<text x="{LEFT - 6}" y="{y(t) + 4:.1f}" text-anchor="end">{_tick_text(t, step, fmt)}</text>')
+    return out
+
+
+def _wrap(text: str, max_width: float, lines: int = 3) -> list[str]:
+    """Split a label into at most `lines` lines that fit `max_width`; the last one ends in … if cut."""
+    out, current = [], ""
+    for word in text.split():
+        if current and _text_width(current + " " + word) > max_width:
+            out.append(current)
+            current = word
+        else:
+            current = f"{current} {word}".strip()
+    out.append(current)
+    if len(out) > lines:
+        out = out[: lines - 1] + [" ".join(out[lines - 1 :])]
+    last = out[-1]
+    while _text_width(last) > max_width and len(last) > 1:
+        last = last[:-2] + "…"
+    return out[:-1] + [last]
+
+
+def bar_chart(title: str, groups: dict, fmt: str | None, result: dict, colours: dict[str, str]) -> str:
+    """Grouped bars, one group per category or metric and one bar per model; "" if nothing to draw."""
+    groups = {str(g): {m: _num(v) for m, v in (values or {}).items()} for g, values in groups.items()}
+    models = [m for m in colours if any(values.get(m) is not None for values in groups.values())]
+    groups = {g: values for g, values in groups.items() if any(values.get(m) is not None for m in models)}
+    if not groups:
+        return ""
+    values = [v for vals in groups.values() for v in vals.values() if v is not None]
+    if fmt == "percent" and 0 <= min(values) and max(values) <= 1:
+        ticks = [0, 0.25, 0.5, 0.75, 1.0]  # shares always on the full scale, so charts compare at a glance
+    else:
+        ticks = _ticks(min(0.0, *values), max(0.0, *values))
+    width = LEFT + max(488, len(groups) * (len(models) * 14 + 28)) + RIGHT
+    slot = (width - RIGHT - LEFT) / len(groups)
+    bar = min(36.0, slot * 0.6 / len(models))
+    legend, top = _legend([(_label(result, m), colours[m], "bar") for m in models], width)
+    top += 14  # room for the value printed above the tallest bar
+    names = {group: _wrap(group, slot - 6) for group in groups}
+    bottom = 20 + 13 * max(len(lines) for lines in names.values())
+    height = top + 180 + bottom
+    y = _scale(ticks[0], ticks[-1], height - bottom, top)
+    body = legend + _y_grid(ticks, y, width - RIGHT, fmt)
+    for i, (group, vals) in enumerate(groups.items()):
+        x0 = LEFT + i * slot + (slot - len(models) * bar) / 2
+        for j, model in enumerate(models):
+            if vals.get(model) is None:
+                continue
+            v = vals[model]
+            # A measured zero still gets a 2-unit stub, so it is not mistaken for "not measured".
+            y_top, y_bottom = min(y(v), y(0) - 2), max(y(v), y(0))
+            tip = escape(f"{_label(result, model)}, {group}: {format_value(v, fmt)}")
+            body.append(f'<rect x="{x0 + j * bar + 1:.1f}" y="{y_top:.1f}" width="{bar - 2:.1f}" '
+                        f'height="{y_bottom - y_top:.1f}" fill="{colours[model]}"><title>{tip}</title></rect>')  # fmt: skip
+            if bar >= 24:  # narrower bars keep the value in their tooltip only
+                short = f"{v * 100:.0f}%" if fmt == "percent" else _sig3(v)
+                body.append(f'<text x="{x0 + (j + 0.5) * bar:.1f}" y="{y_top - 4:.1f}" text-anchor="middle" '
+                            f'font-size="10">{short}</text>')  # fmt: skip
+        for k, line in enumerate(names[group]):
+            body.append(f'<text x="{LEFT + (i + 0.5) * slot:.1f}" y="{height - bottom + 16 + k * 13}" '
+                        f'text-anchor="middle">{escape(line)}</text>')  # fmt: skip
+    body.append(f'<line x1="{LEFT}" x2="{width - RIGHT}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#6b7280"/>')
+    return _svg(width, height, title, body)
+
+
+def _x_axis(ticks: list[float], x, bottom: float, width: float) -> list[str]:
+    out = [f'<line x1="{LEFT}" x2="{width - RIGHT}" y1="{bottom}" y2="{bottom}" stroke="#6b7280"/>',
+           f'<text x="{(LEFT + width - RIGHT) / 2}" y="{bottom + 36}" text-anchor="middle">step</text>']  # fmt: skip
+    for t in ticks:
+        out.append(f'<line x1="{x(t):.1f}" x2="{x(t):.1f}" y1="{bottom}" y2="{bottom + 4}" stroke="#6b7280"/>')
+        label = _tick_text(t, ticks[1] - ticks[0])
+        out.append(f'<text x="{x(t):.1f}" y="{bottom + 17}" text-anchor="middle">{label}</text>')
+    return out
+
+
+def loss_chart(run: str, points: list, result: dict, colour: str) -> str:
+    """Training loss against step in the run's colour, eval loss as dots on a dashed line; "" if no data."""
+    series = {}
+    for key in ("loss", "eval_loss"):
+        pairs = [(_num(p.get("step")), _num(p.get(key))) for p in points if isinstance(p, dict)]
+        series[key] = sorted((s, v) for s, v in pairs if s is not None and v is not None)
+    pairs = series["loss"] + series["eval_loss"]
+    if not pairs:
+        return ""
+    steps, losses = [s for s, _ in pairs], [v for _, v in pairs]
+    width, height = 560, 280
+    items = [("loss", colour, "line")] + ([("eval loss", EVAL_COLOUR, "dot")] if series["eval_loss"] else [])
+    legend, top = _legend(items, width)
+    xt = _ticks(min(steps), max(steps), 6, integer=all(s.is_integer() for s in steps))
+    yt = _ticks(min(losses), max(losses))
+    x = _scale(xt[0], xt[-1], LEFT, width - RIGHT)
+    y = _scale(yt[0], yt[-1], height - BOTTOM, top + 6)
+    body = legend + _y_grid(yt, y, width - RIGHT) + _x_axis(xt, x, height - BOTTOM, width)
+    middle = (top + height - BOTTOM) / 2
+    body.append(f'<text transform="translate(14 {middle:.0f}) rotate(-90)" text-anchor="middle">loss</text>')
+    for key, paint, dash in (("loss", colour, ""), ("eval_loss", EVAL_COLOUR, ' stroke-dasharray="5 4"')):
+        coords = " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in series[key])
+        if coords:
+            body.append(f'<polyline class="{key}" points="{coords}" fill="none" stroke="{paint}" stroke-width="2" '
+                        f'stroke-linejoin="round"{dash}/>')  # fmt: skip
+        # Dots mark eval points (few, irregular) and a lone training point a line cannot show.
+        if key == "eval_loss" or len(series[key]) == 1:
+            body += [f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="3.5" fill="{paint}"/>' for s, v in series[key]]
+    return _svg(width, height, f"Training loss of {_label(result, run)}", body)
+
+
+# ---------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """
+*{box-sizing:border-box}
+body{margin:0;padding:1.5rem;background:#f6f8fa;color:#1f2328;
+ font:15px/1.5 system-ui,-apple-system,"Segoe UI",Roboto,"Noto Sans","Noto Sans CJK SC",sans-serif}
+main{max-width:1200px;margin:0 auto}
+h1{font-size:1.6rem;margin:0 0 .4rem} h2{font-size:1.15rem;margin:0}
+.card{background:#fff;border:1px solid #d8dee4;border-radius:10px;padding:1rem 1.25rem;margin:1rem 0}
+.card>h2{margin-bottom:.75rem}
+.muted,.key,.dir{color:#656d76} .key,.dir{font-size:.8rem} .hint{font-size:.85rem;color:#656d76;margin:.6rem 0 0}
+.notes{margin:.2rem 0 .6rem;padding-left:1.2rem;color:#424a53}
+.legend{display:flex;flex-wrap:wrap;gap:.3rem 1.2rem;margin:.4rem 0}
+.swatch{display:inline-block;width:.8em;height:.8em;border-radius:2px;margin-right:.35em;vertical-align:-.05em}
+.scroll{overflow-x:auto}
+table{border-collapse:collapse}
+th,td{padding:.45rem .7rem;border-bottom:1px solid #e5e7eb;text-align:left;vertical-align:top}
+thead th{font-size:.85rem;background:#f6f8fa;border-bottom:1px solid #d8dee4}
+.num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
+table.metrics td:first-child{min-width:14rem} table.metrics .num{min-width:9rem}
+.delta{font-size:.85em;margin-left:.2em} .delta.better{color:#1a7f37;font-weight:600}
+.delta.worse{color:#cf222e;font-weight:600} .delta.same{color:#8c959f}
+table.settings{display:block;font-size:.85rem;margin-top:.3rem}
+table.settings tbody{display:grid;grid-template-columns:repeat(auto-fill,minmax(15rem,1fr));column-gap:1.5rem}
+table.settings tr{display:flex;gap:.6rem;border-bottom:1px solid #eef1f4}
+table.settings th,table.settings td{border:0;padding:.15rem 0;overflow-wrap:anywhere}
+table.settings th{font-weight:600;color:#424a53}
+.plots{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(100%,440px),1fr));gap:1.25rem}
+figure{margin:0;min-width:0} figcaption{font-weight:600;font-size:.9rem;margin-bottom:.2rem}
+svg.plot{display:block;max-width:100%;height:auto;font-family:inherit}
+details>summary{cursor:pointer;list-style-position:outside;margin-left:1rem}
+details>summary h2{display:inline}
+details[open]>summary{margin-bottom:.75rem}
+table.rates{margin-bottom:1rem;font-size:.9rem}
+table.examples{width:100%;table-layout:fixed;min-width:calc(var(--cols) * 15rem)}
+table.examples td{border-bottom:1px solid #d8dee4}
+.text{white-space:pre-wrap;overflow-wrap:anywhere;margin:0;max-height:24rem;overflow:auto;
+ font:13px/1.45 ui-monospace,"SFMono-Regular",Menlo,Consolas,"Noto Sans Mono CJK SC",monospace;
+ background:#f6f8fa;border:1px solid #eaeef2;border-radius:6px;padding:.4rem .55rem}
+.ref{background:#f0f6ff;border-color:#d4e4fa}
+.small{font-size:.78rem;color:#656d76;margin:.35rem 0 .15rem}
+.status{font-size:.8rem;color:#1a7f37;margin-top:.3rem} .status.limit{color:#cf222e}
+.badges{display:flex;flex-wrap:wrap;gap:.25rem;margin-top:.3rem}
+.badge{font-size:.75rem;padding:.05rem .45rem;border-radius:999px;white-space:nowrap}
+.badge.pass{background:#dafbe1;color:#116329} .badge.fail{background:#ffebe9;color:#a40e26}
+.badge.na{background:#eaeef2;color:#57606a} .badge.total{font-weight:700}
+.cat{font-size:.72rem;background:#eaeef2;border-radius:4px;padding:0 .35rem;margin-left:.3rem}
+@media (max-width:640px){body{padding:.5rem}.card{padding:.75rem;border-radius:8px}h1{font-size:1.3rem}
+ table.metrics td:first-child{min-width:8rem} table.metrics .num{min-width:0} table.metrics .delta{display:block}
+ th,td{padding:.4rem .45rem} table.examples{min-width:calc(var(--cols) * 11rem)}}
+"""
+
+
+def _swatch(colour: str) -> str:
+    return f'<span class="swatch" style="background:{colour}"></span>'
+
+
+def _model_head(result: dict, model: str, colours: dict[str, str], cls: str = "") -> str:
+    label = _label(result, model)
+    key = f'<br><span class="key">{escape(model)}</span>' if label != model else ""
+    return f"<th{cls}>{_swatch(colours[model])}{escape(label)}{key}</th>"
+
+
+def _setting_text(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value, ensure_ascii=False)
+
+
+def _header(result: dict, colours: dict[str, str]) -> str:
+    parts = [f"<h1>{escape(result.get('title') or 'liandan eval')}</h1>"]
+    if result.get("notes"):
+        parts.append('<ul class="notes">' + "".join(f"<li>{escape(str(n))}</li>" for n in result["notes"]) + "</ul>")
+    if result.get("models"):
+        chips = [f"<span>{_swatch(colours[m])}{escape(_label(result, m))} <span class='key'>{escape(m)}</span></span>"
+                 for m in result["models"]]  # fmt: skip
+        parts.append('<div class="legend">' + "".join(chips) + "</div>")
+    if result.get("settings"):
+        rows = [f"<tr><th>{escape(str(k))}</th><td>{escape(_setting_text(v))}</td></tr>"
+                for k, v in result["settings"].items()]  # fmt: skip
+        parts.append('<table class="settings"><tbody>' + "".join(rows) + "</tbody></table>")
+    return '<header class="card">' + "".join(parts) + "</header>"
+
+
+def _metric_row(metric: dict, models: list[str]) -> str:
+    values, fmt, better = metric.get("values") or {}, metric.get("format"), metric.get("better")
+    key = escape(str(metric.get("key") or ""))
+    direction = {"higher": "↑ higher is better", "lower": "↓ lower is better"}.get(better, "")
+    hint = " · ".join(h for h in (direction, key) if h)
+    name = escape(str(metric.get("label") or metric.get("key") or "?"))
+    cells = [f"<td>{name}<br><span class='dir'>{hint}</span></td>"]
+    for i, model in enumerate(models):
+        text = escape(format_value(values.get(model), fmt))
+        delta = format_delta(values.get(models[0]), values.get(model), fmt, better) if i else None
+        if delta:
+            text += f' <span class="delta {delta[1]}">({delta[0]})</span>'
+        cells.append(f'<td class="num">{text}</td>')
+    return "<tr>" + "".join(cells) + "</tr>"
+
+
+def _metrics_section(result: dict, colours: dict[str, str]) -> str:
+    models = list(result.get("models") or [])
+    if not result.get("metrics"):
+        return ""
+    head = "<th>Metric</th>" + "".join(_model_head(result, m, colours, ' class="num"') for m in models)
+    rows = "".join(_metric_row(metric, models) for metric in result["metrics"])
+    hint = ""
+    if len(models) > 1:
+        hint = (f'<p class="hint">Changes in brackets are against {escape(_label(result, models[0]))}; '
+                "for percentages they are in percentage points.</p>")  # fmt: skip
+    return (f'<section class="card"><h2>Metrics</h2><div class="scroll"><table class="metrics"><thead><tr>{head}'
+            f"</tr></thead><tbody>{rows}</tbody></table></div>{hint}</section>")  # fmt: skip
+
+
+def _plots_section(result: dict, colours: dict[str, str]) -> str:
+    charts = []  # (caption, svg)
+    headline = {str(m.get("label") or m.get("key")): m.get("values") or {}
+                for m in result.get("metrics") or [] if m.get("format") == "percent"}  # fmt: skip
+    charts.append(("Metrics (percent)", bar_chart("Metrics (percent)", headline, "percent", result, colours)))
+    for chart in result.get("bars") or []:
+        title = str(chart.get("title") or "")
+        charts.append((title, bar_chart(title, chart.get("groups") or {}, chart.get("format"), result, colours)))
+    for run, points in (result.get("curves") or {}).items():
+        caption = f"Training loss: {_label(result, run)}"
+        charts.append((caption, loss_chart(run, points or [], result, colours[run])))
+    figures = "".join(f"<figure><figcaption>{escape(c)}</figcaption>{svg}</figure>" for c, svg in charts if svg)
+    return f'<section class="card"><h2>Plots</h2><div class="plots">{figures}</div></section>' if figures else ""
+
+
+def _badges(output: dict, check_names: list[str]) -> str:
+    badges = []
+    if isinstance(output.get("passed"), bool):
+        ok = output["passed"]
+        badges.append(f'<span class="badge total {"pass" if ok else "fail"}">{"passed" if ok else "failed"}</span>')
+    checks = output.get("checks") or {}
+    for name in (n for n in check_names if n in checks):
+        kind, mark = {True: ("pass", "✓"), False: ("fail", "✗")}.get(checks[name], ("na", "n/a"))
+        badges.append(f'<span class="badge {kind}">{mark} {escape(str(name))}</span>')
+    return '<div class="badges">' + "".join(badges) + "</div>" if badges else ""
+
+
+def _output_cell(output: dict | None, check_names: list[str]) -> str:
+    if not output:
+        return f'<td class="muted">{DASH}</td>'
+    cell = f'<td><div class="text">{escape(str(output.get("text") or ""))}</div>'
+    if status := status_line(output):
+        limit = " limit" if output.get("stopped") is False else ""
+        cell += f'<div class="status{limit}">{escape(status)}</div>'
+    return cell + _badges(output, check_names) + "</td>"
+
+
+def _example_row(example: dict, models: list[str], check_names: list[str]) -> str:
+    category = f'<span class="cat">{escape(str(example["category"]))}</span>' if example.get("category") else ""
+    first = (f'<div class="small">{escape(str(example.get("id") or ""))}{category}</div>'
+             f'<div class="text">{escape(str(example.get("prompt") or ""))}</div>')  # fmt: skip
+    if example.get("reference") is not None:
+        first += f'<div class="small">reference</div><div class="text ref">{escape(str(example["reference"]))}</div>'
+    outputs = example.get("outputs") or {}
+    return f"<tr><td>{first}</td>" + "".join(_output_cell(outputs.get(m), check_names) for m in models) + "</tr>"
+
+
+def _set_section(set_: dict, index: int, result: dict, colours: dict[str, str]) -> str:
+    """A set in a <details> (only the first open, so long sets stay out of the way): pass rates, then examples."""
+    models, examples = list(result.get("models") or []), set_.get("examples") or []
+    rates = [(name, row) for name, row in pass_rates(set_, models) if any(row[m][1] for m in models)]
+    summary = f"{len(examples)} example{'s' * (len(examples) != 1)}"
+    passed = dict(rates).get("passed", {})
+    summary += "".join(f" · {escape(_label(result, m))}: {p}/{n} passed" for m, (p, n) in passed.items() if n)
+    rate_table = ""
+    if rates:
+        head = "<th>pass rate</th>" + "".join(_model_head(result, m, colours, ' class="num"') for m in models)
+        rows = "".join(f"<tr><td>{escape(name)}</td>" + "".join(f'<td class="num">{_rate(*row[m])}</td>' for m in models)
+                       + "</tr>" for name, row in rates)  # fmt: skip
+        rate_table = (f'<div class="scroll"><table class="rates"><thead><tr>{head}</tr></thead>'
+                      f"<tbody>{rows}</tbody></table></div>")  # fmt: skip
+    check_names = _check_names(set_)
+    head = "<th>Prompt</th>" + "".join(_model_head(result, m, colours) for m in models)
+    rows = "".join(_example_row(example, models, check_names) for example in examples)
+    title = escape(str(set_.get("title") or set_.get("name") or f"Set {index + 1}"))
+    return (f'<section class="card set"><details{" open" * (index == 0)}><summary><h2>{title}</h2> '
+            f'<span class="muted">{summary}</span></summary>{rate_table}<div class="scroll">'
+            f'<table class="examples" style="--cols:{len(models) + 1}"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{rows}</tbody></table></div></details></section>")  # fmt: skip
+
+
+def render_html(result: dict) -> str:
+    """One self-contained page: header, metrics table, SVG plots, then every example per set."""
+    colours = model_colours(result)
+    body = [_header(result, colours), _metrics_section(result, colours), _plots_section(result, colours)]
+    body += [_set_section(s, i, result, colours) for i, s in enumerate(result.get("sets") or [])]
+    return ('<!doctype html><html lang="en"><head><meta charset="utf-8">'
+            '<meta name="viewport" content="width=device-width,initial-scale=1">'
+            f"<title>{escape(result.get('title') or 'liandan eval')}</title><style>{_CSS}</style></head>"
+            f'<body><main>{"".join(body)}</main></body></html>\n')  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Markdown
+
+MD_EXAMPLES = 10  # per set; the HTML and JSON reports hold them all
+MD_CHARS = 160  # per prompt or output cell
+
+
+def _md(text, limit: int = 0) -> str:
+    """One table cell: HTML-escaped (outputs are untrusted), pipes escaped, newlines as <br>."""
+    text = str(text)
+    if limit and len(text) > limit:
+        text = text[: limit - 1] + "…"
+    return escape(text, quote=False).replace("|", "\\|").replace("\r", "").replace("\n", "<br>")
+
+
+def _md_table(head: list[str], rows: list[list[str]], numbers: bool = True) -> list[str]:
+    rule = ["---"] + ["---:" if numbers else "---"] * (len(head) - 1)
+    return ["| " + " | ".join(row) + " |" for row in [head, rule, *rows]] + [""]
+
+
+def _md_model(result: dict, model: str) -> str:
+    label = _label(result, model)
+    return _md(label if label == model else f"{label} ({model})")
+
+
+def _md_metric(metric: dict, models: list[str]) -> list[str]:
+    values, fmt, better = metric.get("values") or {}, metric.get("format"), metric.get("better")
+    cells = [_md(metric.get("label") or metric.get("key") or "?") + {"higher": " ↑", "lower": " ↓"}.get(better, "")]
+    for i, model in enumerate(models):
+        delta = format_delta(values.get(models[0]), values.get(model), fmt, better) if i else None
+        cells.append(format_value(values.get(model), fmt) + (f" ({delta[0]})" if delta else ""))
+    return cells
+
+
+def _md_output(output: dict | None) -> str:
+    if not output:
+        return DASH
+    mark = {True: "✓ ", False: "✗ "}.get(output.get("passed"), "")
+    return mark + _md(output.get("text") or "", MD_CHARS)
+
+
+def _md_set(set_: dict, models: list[str], result: dict) -> list[str]:
+    out = [f"## {_md(set_.get('title') or set_.get('name') or 'Set')}", ""]
+    names = [_md_model(result, m) for m in models]
+    rates = [[_md(name), *(_rate(*row[m]) for m in models)]
+             for name, row in pass_rates(set_, models) if any(row[m][1] for m in models)]  # fmt: skip
+    if rates:
+        out += _md_table(["pass rate", *names], rates)
+    examples = set_.get("examples") or []
+    if len(examples) > MD_EXAMPLES:
+        out += [f"The first {MD_EXAMPLES} of {len(examples)} examples (the HTML and JSON reports have them all):", ""]
+    rows = [[_md(ex.get("id") or ""), _md(ex.get("prompt") or "", MD_CHARS),
+             *(_md_output((ex.get("outputs") or {}).get(m)) for m in models)]
+            for ex in examples[:MD_EXAMPLES]]  # fmt: skip
+    if rows:
+        out += _md_table(["id", "prompt", *names], rows, numbers=False)
+    return out
+
+
+def render_markdown(result: dict) -> str:
+    """The metrics table with deltas, and per set its pass rates and its first few examples."""
+    models = list(result.get("models") or [])
+    out = [f"# {_md(result.get('title') or 'liandan eval')}", ""]
+    if result.get("notes"):
+        out += [f"- {_md(n)}" for n in result["notes"]] + [""]
+    if result.get("settings"):
+        out += _md_table(["setting", "value"], [[_md(k), _md(_setting_text(v))] for k, v in result["settings"].items()],
+                         numbers=False)  # fmt: skip
+    if result.get("metrics"):
+        out += ["## Metrics", ""]
+        if len(models) > 1:
+            out += [f"Changes in brackets are against {_md_model(result, models[0])}, for percentages in "
+                    "percentage points. ↑ higher is better, ↓ lower is better. Outputs: ✓ passed, ✗ failed.",
+                    ""]  # fmt: skip
+        head = ["metric", *(_md_model(result, m) for m in models)]
+        out += _md_table(head, [_md_metric(metric, models) for metric in result["metrics"]])
+    for set_ in result.get("sets") or []:
+        out += _md_set(set_, models, result)
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# Files
+
+
+def _render_json(result: dict) -> str:
+    return json.dumps(result, indent=2, ensure_ascii=False)
+
+
+def write_eval_report(result: dict, path: str | Path) -> Path:
+    """Write ``.html``, ``.md`` or ``.json`` (by suffix) atomically, creating parent directories."""
+    path = Path(path)
+    render = {".html": render_html, ".md": render_markdown, ".json": _render_json}.get(path.suffix.lower())
+    if render is None:
+        raise LiandanError(f"--out {path}: expected a file ending in .html, .md or .json")
+    text = render(result)  # before touching the disk: a rendering bug leaves nothing behind
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LiandanError(f"--out {path}: cannot create directory '{path.parent}': {exc.strerror}") from exc
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def print_metrics(result: dict, console=None) -> None:
+    """The headline table in the terminal: each metric, each model, the change against the first."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    models = result["models"]
+    table = Table(title=result.get("title"), title_justify="left")
+    table.add_column("metric")
+    for model in models:
+        table.add_column(_label(result, model) + ("" if _label(result, model) == model else f"\n{model}"), justify="right")
+    styles = {"better": "green", "worse": "red", "same": "dim"}
+    for metric in result["metrics"]:
+        values = metric["values"]
+        cells = [format_value(values.get(models[0]), metric.get("format"))]
+        for model in models[1:]:
+            cell = format_value(values.get(model), metric.get("format"))
+            delta = format_delta(values.get(models[0]), values.get(model), metric.get("format"), metric.get("better"))
+            if delta:
+                cell += f" [{styles[delta[1]]}]({delta[0]})[/]"
+            cells.append(cell)
+        table.add_row(metric["label"], *cells)
+    console.print(table)

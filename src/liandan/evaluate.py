@@ -1,0 +1,351 @@
+"""Evaluate models before vs after fine-tuning: task score, generation health, retention, drift.
+
+    from liandan.evaluate import EvalConfig, evaluate
+    result = evaluate(EvalConfig(models=["default", "runs/extract"],
+                                 task="examples/extract/test.jsonl", schema="examples/extract/schema.json"))
+    result["metrics"][0]   # {'key': 'task.score', 'values': {'default': 0.0, 'runs/extract': 0.93}, ...}
+
+The first model is "before"; every other model is compared with it.
+
+- **task**: held-out prompts with checks (see `liandan.checks`) or reference answers;
+- **health**: the share of outputs that stop by themselves, their mean length, repetition;
+- **retention**: a general probe set shipped with liandan (facts, arithmetic, reasoning,
+  instruction following, translation), scored the same way: what fine-tuning made it forget;
+- **drift**: the first model answers general prompts; each model's perplexity on those answers
+  says how far it moved from the original on everything the task did not cover.
+
+The result is a plain dict (JSON-ready) that `liandan.eval_report` renders.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from .checks import parse_checks, run_checks
+from .errors import LiandanError
+from .prompts import Prompt, read_prompts
+
+BUILTIN = {"probes": "probes.jsonl", "drift": "drift_prompts.jsonl", "general": "general_prompts.jsonl"}
+
+
+@dataclass
+class EvalItem:
+    """One prompt of an evaluation set, with what its answer is checked against."""
+
+    id: str
+    prompt: Prompt
+    checks: Any
+    reference: str | None = None
+    category: str | None = None
+
+
+@dataclass
+class EvalSet:
+    name: str
+    path: str
+    items: list[EvalItem]
+
+
+@dataclass
+class EvalConfig:
+    """What `evaluate` runs. Sets given as ``"none"`` are skipped."""
+
+    models: list[str] = field(default_factory=lambda: ["default"])
+    """Models to evaluate; the first is the baseline ("before")."""
+    task: str | None = None
+    """A task set: JSONL of prompts (or conversations ending with the reference answer) with checks."""
+    schema: str | None = None
+    """A JSON Schema every task answer must follow (adds the json and schema checks)."""
+    checks: dict = field(default_factory=dict)
+    """Checks added to every task record, e.g. {"regex": "^Arr"}."""
+    probes: str = "default"
+    """Retention probe set: "default" (shipped with liandan), a file, or "none"."""
+    drift: str = "default"
+    """General prompts for drift: "default", a file, or "none"."""
+    system: str | None = None
+    """A system prompt for the task set's chat rendering (probes and drift never get one)."""
+    max_new_tokens: int = 160
+    probe_max_new_tokens: int = 48
+    drift_max_new_tokens: int = 96
+    batch_size: int = 64
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+# ---------------------------------------------------------------------------------------------
+# Sets
+
+
+def builtin_path(name: str) -> Path:
+    """The path of a set shipped with liandan (probes, drift or general prompts)."""
+    return Path(str(resources.files("liandan.resources") / BUILTIN[name]))
+
+
+def read_eval_set(path: str | Path, *, name: str, extra_checks: dict | None = None, schema: str | None = None) -> EvalSet:
+    """Read a JSONL set of ``prompt``/``messages`` records with ``checks``, ``reference``, ``id``,
+    ``category``. A conversation that ends with an assistant turn has that turn as its reference.
+    A record with a reference is also scored against it (exact, or parsed JSON when the reference
+    is JSON); a record with neither checks nor reference is an error."""
+    path = Path(path)
+    prompts = read_prompts(path) if path.suffix == ".jsonl" else _wrong_suffix(path)
+    items = []
+    for n, prompt in enumerate(prompts, 1):
+        where = prompt.source
+        reference, prompt = _split_reference(prompt, where)
+        spec = dict(prompt.meta.get("checks") or {})
+        if "checks" in prompt.meta and not isinstance(prompt.meta["checks"], dict):
+            raise LiandanError(f"{where}: field 'checks': expected an object such as {{\"contains\": [\"Paris\"]}}")
+        spec.update(extra_checks or {})
+        if schema:
+            spec.update({"json": True, "schema": str(Path(schema).resolve())})
+        if reference is not None and "reference" not in spec:
+            spec["reference"] = "json" if _is_json(reference) else "exact"
+        if not spec:
+            raise LiandanError(f"{where}: field 'checks': this record has no checks and no reference answer to score against")
+        checks = parse_checks(spec, where=where, base_dir=path.parent, reference=reference, record=prompt.meta)
+        category = prompt.meta.get("category")
+        items.append(EvalItem(id=str(prompt.meta.get("id") or f"{path.stem}:{n}"), prompt=prompt, checks=checks,
+                              reference=reference, category=str(category) if category else None))  # fmt: skip
+    return EvalSet(name=name, path=str(path), items=items)
+
+
+def _wrong_suffix(path: Path):
+    raise LiandanError(f"evaluation set '{path}': expected a .jsonl file")
+
+
+def _split_reference(prompt: Prompt, where: str) -> tuple[str | None, Prompt]:
+    reference = prompt.meta.get("reference")
+    if reference is not None and not isinstance(reference, str):
+        raise LiandanError(f"{where}: field 'reference': expected a string, got {type(reference).__name__}")
+    if prompt.messages and prompt.messages[-1]["role"] == "assistant":
+        if reference is not None:
+            raise LiandanError(f"{where}: field 'reference': given twice (also as the last assistant message)")
+        if len(prompt.messages) < 2:
+            raise LiandanError(f"{where}: field 'messages': has only the assistant's answer, no prompt")
+        reference = prompt.messages[-1]["content"]
+        prompt = Prompt(messages=prompt.messages[:-1], source=prompt.source, meta=prompt.meta)
+    return reference, prompt
+
+
+def _is_json(text: str) -> bool:
+    from .checks import _INVALID, parse_json
+
+    return text.strip()[:1] in "{[" and parse_json(text) is not _INVALID
+
+
+def read_set_spec(spec: str, *, name: str) -> EvalSet | None:
+    """``"none"`` -> None; ``"default"`` -> the shipped set; else a file."""
+    if spec == "none":
+        return None
+    path = builtin_path(name) if spec == "default" else Path(spec)
+    result = read_eval_set(path, name=name)
+    if not result.items:
+        raise LiandanError(f"{name} set '{path}' is empty")
+    return result
+
+
+def read_general_prompts(spec: str, name: str = "drift") -> list[Prompt] | None:
+    if spec == "none":
+        return None
+    return read_prompts(builtin_path(name) if spec == "default" else spec)
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+
+
+def score_set(eval_set: EvalSet, generations: list) -> tuple[list[dict], dict]:
+    """Per-example outcomes and the set's aggregates: the share passing all checks and each check."""
+    outcomes, per_check = [], {}
+    for item, gen in zip(eval_set.items, generations, strict=True):
+        verdicts = run_checks(item.checks, gen.text, item.reference)
+        for name, ok in verdicts.items():
+            per_check.setdefault(name, []).append(ok)
+        outcomes.append({"text": gen.text, "stopped": gen.stopped, "new_tokens": gen.new_tokens,
+                         "passed": all(verdicts.values()), "checks": verdicts})  # fmt: skip
+    aggregate = {"score": _mean(o["passed"] for o in outcomes)}
+    aggregate.update({name: _mean(v) for name, v in per_check.items()})
+    categories = sorted({i.category for i in eval_set.items if i.category})
+    if categories:
+        aggregate["by_category"] = {
+            c: _mean(o["passed"] for o, i in zip(outcomes, eval_set.items) if i.category == c) for c in categories
+        }
+    return outcomes, aggregate
+
+
+def health(generations: list) -> dict:
+    """Generation health: stop rate, mean new tokens, and the share of repeated word 4-grams."""
+    return {
+        "stop_rate": _mean(g.stopped for g in generations),
+        "mean_tokens": _mean(g.new_tokens for g in generations),
+        "repetition": _mean(repetition(g.text) for g in generations),
+    }
+
+
+def repetition(text: str, n: int = 4) -> float:
+    """1 - distinct/total word n-grams: 0 for text that never repeats itself, near 1 for a loop."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return 1 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def answer_nll(model: Any, tokenizer: Any, prompts: list[Prompt], answers: list[str], batch_size: int = 8) -> float:
+    """Mean negative log-likelihood per token of ``answers`` (stop token included) given their
+    prompts, under ``model``. exp() of it is the perplexity the drift metric reports."""
+    import torch
+
+    from .batching import collate
+    from .chat import encode_chat_example
+    from .train import micro_batch_loss
+
+    encoded = []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        item = encode_chat_example(tokenizer, [*prompt.chat_messages(), {"role": "assistant", "content": answer}])
+        encoded.append({"input_ids": item.input_ids, "labels": item.labels})
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start : start + batch_size], packing=False, pad_id=pad)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            loss_sum, n = micro_batch_loss(model, batch)
+            total, count = total + float(loss_sum), count + n
+    return total / max(count, 1)
+
+
+def _mean(values) -> float | None:
+    values = [float(v) for v in values]
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation
+
+
+Progress = Callable[[str, int], None]
+
+
+def evaluate(config: EvalConfig, *, progress: Progress | None = None, load=None) -> dict:
+    """Run every set through every model (one model in memory at a time); see the module doc."""
+    from .generate import SamplingConfig, generate
+    from .models import load_model, release_model
+
+    task = read_eval_set(config.task, name="task", extra_checks=config.checks, schema=config.schema) if config.task else None
+    probes = read_set_spec(config.probes, name="probes")
+    drift_prompts = read_general_prompts(config.drift)
+    if not (task or probes or drift_prompts):
+        raise LiandanError("nothing to evaluate: give --task FILE, or keep the probe or drift sets")
+    load = load or (lambda spec: load_model(spec, device=config.device, dtype=config.dtype))
+    step = progress or (lambda label, n: None)
+    per_model: dict[str, dict] = {}
+    outputs: dict[str, dict[str, list]] = {"task": {}, "probes": {}}
+    drift_answers: list[str] | None = None
+    for spec in config.models:
+        model, tokenizer = load(spec)
+        try:
+            scores, gens = {}, []
+            for eval_set, limit, system in ((task, config.max_new_tokens, config.system), (probes, config.probe_max_new_tokens, None)):
+                if eval_set is None:
+                    continue
+                sampling = SamplingConfig(max_new_tokens=limit, batch_size=config.batch_size)
+                generated = generate(model, tokenizer, [i.prompt for i in eval_set.items], system=system, config=sampling,
+                                     model_name=spec, on_batch=lambda n, s=eval_set.name: step(f"{spec} · {s}", n))  # fmt: skip
+                outputs[eval_set.name][spec], scores[eval_set.name] = score_set(eval_set, generated)
+                gens += generated
+            scores["health"] = health(gens) if gens else {}
+            if drift_prompts:
+                if drift_answers is None:  # the baseline's own answers are the yardstick
+                    sampling = SamplingConfig(max_new_tokens=config.drift_max_new_tokens, batch_size=config.batch_size)
+                    drift_answers = [g.text for g in generate(model, tokenizer, drift_prompts, config=sampling, model_name=spec,
+                                                              on_batch=lambda n: step(f"{spec} · drift answers", n))]  # fmt: skip
+                nll = answer_nll(model, tokenizer, drift_prompts, drift_answers)
+                step(f"{spec} · drift", len(drift_prompts))
+                scores["drift"] = {"nll": nll, "perplexity": math.exp(nll)}
+            per_model[spec] = scores
+        finally:
+            release_model(model)
+            del model
+    return build_result(config, per_model, outputs, task, probes)
+
+
+def work_units(config: EvalConfig) -> int:
+    """How many prompts `evaluate` will report through ``progress`` (for a progress bar)."""
+    task = len(read_prompts(config.task)) if config.task else 0
+    probes = len(read_set_spec(config.probes, name="probes").items) if config.probes != "none" else 0
+    drift = len(read_general_prompts(config.drift) or [])
+    return len(config.models) * (task + probes + drift) + drift
+
+
+METRICS = [  # key, label, better, format
+    ("task.score", "Task: all checks pass", "higher", "percent"),
+    ("health.stop_rate", "Stops by itself", "higher", "percent"),
+    ("health.mean_tokens", "Mean output tokens", "neutral", "number"),
+    ("health.repetition", "Repeated 4-grams", "lower", "percent"),
+    ("probes.score", "Retention: probes passed", "higher", "percent"),
+    ("drift.perplexity", "Drift: perplexity of the original's answers", "lower", "number"),
+]
+
+
+def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalSet | None, probes: EvalSet | None) -> dict:
+    models = list(per_model)
+    check_names = sorted({k for s in per_model.values() for k in s.get("task", {}) if k not in ("score", "by_category")})
+    metrics = []
+    for key, label, better, fmt in METRICS[:1] + [(f"task.{c}", f"Task: {c}", "higher", "percent") for c in check_names] + METRICS[1:]:
+        group, name = key.split(".")
+        values = {m: per_model[m].get(group, {}).get(name) for m in models}
+        if any(v is not None for v in values.values()):
+            metrics.append({"key": key, "label": label, "better": better, "format": fmt, "values": values})
+    sets = [set_section(s, outputs[s.name], models, title) for s, title in
+            ((task, f"Task set: {config.task}"), (probes, "Retention probes")) if s is not None]  # fmt: skip
+    bars = []
+    if probes is not None and any("by_category" in per_model[m].get("probes", {}) for m in models):
+        groups = {c: {m: per_model[m]["probes"]["by_category"].get(c) for m in models}
+                  for c in per_model[models[0]]["probes"].get("by_category", {})}  # fmt: skip
+        bars.append({"title": "Retention by probe category", "format": "percent", "groups": groups})
+    return {
+        "title": "liandan eval",
+        "models": models,
+        "labels": {m: ("before" if i == 0 else "after") for i, m in enumerate(models)} if len(models) > 1 else {},
+        "metrics": metrics,
+        "scores": per_model,
+        "sets": sets,
+        "bars": bars,
+        "curves": {m: c for m in models if (c := read_curve(m))},
+        "settings": {"max_new_tokens": config.max_new_tokens, "probe_max_new_tokens": config.probe_max_new_tokens,
+                     "drift_max_new_tokens": config.drift_max_new_tokens, "decoding": "greedy",
+                     "probes": config.probes, "drift": config.drift},  # fmt: skip
+    }
+
+
+def set_section(eval_set: EvalSet, outputs: dict, models: list[str], title: str) -> dict:
+    names = sorted({n for outs in outputs.values() for o in outs for n in o["checks"]})
+    return {
+        "name": eval_set.name, "title": title, "metric_names": names,
+        "examples": [
+            {"id": item.id, "prompt": item.prompt.display, "reference": item.reference, "category": item.category,
+             "outputs": {m: outputs[m][i] for m in models if m in outputs}}
+            for i, item in enumerate(eval_set.items)
+        ],
+    }  # fmt: skip
+
+
+def read_curve(spec: str) -> list[dict]:
+    """The loss curve of a run directory (metrics.jsonl), or [] for anything else."""
+    path = Path(spec) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    keep = ("step", "loss", "eval_loss")
+    return [{k: r[k] for k in keep if k in r} for r in map(json.loads, path.read_text().splitlines()) if "step" in r]
+
+
+def metric_value(result: dict, key: str, model: str) -> float | None:
+    for metric in result["metrics"]:
+        if metric["key"] == key:
+            return metric["values"].get(model)
+    return None

@@ -1,0 +1,151 @@
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from liandan.cli import app
+from liandan.errors import LiandanError
+from liandan.evaluate import EvalConfig, answer_nll, evaluate, read_eval_set, read_general_prompts, read_set_spec, repetition
+
+runner = CliRunner()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def sets(tmp_path):
+    task = write_jsonl(tmp_path / "task.jsonl", [
+        {"id": "a", "prompt": "What is the capital of France?", "checks": {"contains": "Paris"}},
+        {"messages": [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "hi"}]},
+        {"messages": [{"role": "user", "content": "Give JSON"}, {"role": "assistant", "content": '{"a": 1}'}]},
+    ])  # fmt: skip
+    probes = write_jsonl(tmp_path / "probes.jsonl", [
+        {"id": "p1", "category": "facts", "prompt": "Capital of France?", "checks": {"contains_any": ["Paris"]}},
+        {"id": "p2", "category": "arithmetic", "prompt": "What is 2 + 2?", "checks": {"regex": r"\b(4|four)\b"}},
+    ])  # fmt: skip
+    drift = write_jsonl(tmp_path / "drift.jsonl", [{"prompt": "Tell me about the sea."}, {"prompt": "How are you?"}])
+    return task, probes, drift
+
+
+def test_task_set_references_and_default_checks(sets):
+    task = read_eval_set(sets[0], name="task")
+    assert [i.id for i in task.items] == ["a", "task:2", "task:3"]
+    assert [i.reference for i in task.items] == [None, "hi", '{"a": 1}']
+    assert [list(i.checks.tests) for i in task.items] == [["contains"], ["reference"], ["reference"]]
+    # the JSON reference is compared as parsed JSON, the text one as normalised text
+    assert task.items[2].checks.tests["reference"]('{ "a" : 1 }', '{"a": 1}')
+    assert task.items[1].checks.tests["reference"]("Hi.", "hi")
+
+
+def test_schema_option_adds_json_and_schema_checks(tmp_path, sets):
+    schema = tmp_path / "s.json"
+    schema.write_text('{"type": "object"}')
+    task = read_eval_set(sets[0], name="task", schema=str(schema))
+    assert sorted(task.items[2].checks.tests) == ["json", "reference", "schema"]
+    assert sorted(task.items[0].checks.tests) == ["contains", "json", "schema"]
+
+
+def test_bad_task_sets_name_file_line_and_field(tmp_path):
+    no_checks = write_jsonl(tmp_path / "n.jsonl", [{"prompt": "ok", "checks": {"contains": "x"}}, {"prompt": "hi"}])
+    with pytest.raises(LiandanError, match=r"n.jsonl:2: field 'checks': this record has no checks and no reference"):
+        read_eval_set(no_checks, name="task")
+    prompts_only = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "hi"}])
+    with pytest.raises(LiandanError, match=r"p.jsonl:1: field 'checks.reference': needs a reference answer"):
+        read_eval_set(prompts_only, name="task", extra_checks={"reference": "exact"})
+    twice = write_jsonl(tmp_path / "t.jsonl", [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "reference": "b"}])
+    with pytest.raises(LiandanError, match=r"t.jsonl:1: field 'reference': given twice"):
+        read_eval_set(twice, name="task")
+    empty = tmp_path / "e.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(LiandanError, match="has no prompts"):
+        read_set_spec(str(empty), name="probes")
+
+
+def test_shipped_sets_are_valid_and_large_enough():
+    probes = read_set_spec("default", name="probes")
+    categories = {i.category for i in probes.items}
+    assert len(probes.items) >= 150 and categories == {"facts", "arithmetic", "reasoning", "instructions", "translation"}
+    assert len({i.id for i in probes.items}) == len(probes.items)
+    assert len(read_general_prompts("default", "drift")) >= 40
+    assert len(read_general_prompts("default", "general")) >= 150
+
+
+def test_repetition():
+    assert repetition("a b c d a b c d") == pytest.approx(1 - 4 / 5)
+    assert repetition("one two three") == 0.0
+    assert repetition("x x x x x x") == pytest.approx(1 - 1 / 3)
+
+
+def test_answer_nll_is_the_mean_log_likelihood_of_the_answer_tokens(chat_model_dir):
+    from liandan.chat import encode_chat_example
+    from liandan.models import load_model
+    from liandan.prompts import prompts_from_strings
+
+    model, tok = load_model(str(chat_model_dir), dtype="float32")
+    prompts = prompts_from_strings(["hello there", "What is the capital of France?"])
+    answers = ["Paris.", "I am fine, thank you."]
+    total, count = 0.0, 0
+    for prompt, answer in zip(prompts, answers):
+        enc = encode_chat_example(tok, [{"role": "user", "content": prompt.text}, {"role": "assistant", "content": answer}])
+        with torch.no_grad():
+            logp = model(torch.tensor([enc.input_ids])).logits[0].log_softmax(-1)
+        for t in range(1, len(enc.input_ids)):
+            if enc.labels[t] != -100:
+                total -= float(logp[t - 1, enc.labels[t]])
+                count += 1
+    assert answer_nll(model, tok, prompts, answers) == pytest.approx(total / count, rel=1e-5)
+
+
+def test_evaluate_two_models_and_the_result_shape(chat_model_dir, sets):
+    task, probes, drift = sets
+    config = EvalConfig(models=[str(chat_model_dir), str(chat_model_dir) + "/"], task=str(task), probes=str(probes),
+                        drift=str(drift), max_new_tokens=6, probe_max_new_tokens=4, drift_max_new_tokens=5, dtype="float32")  # fmt: skip
+    seen = []
+    result = evaluate(config, progress=lambda label, n: seen.append(n))
+    a, b = result["models"]
+    keys = [m["key"] for m in result["metrics"]]
+    assert keys == ["task.score", "task.contains", "task.reference", "health.stop_rate", "health.mean_tokens",
+                    "health.repetition", "probes.score", "drift.perplexity"]  # fmt: skip
+    for metric in result["metrics"]:  # the same model twice: every number equal
+        assert metric["values"][a] == pytest.approx(metric["values"][b]), metric["key"]
+    assert result["labels"] == {a: "before", b: "after"}
+    assert math.isclose(result["scores"][a]["drift"]["perplexity"], math.exp(result["scores"][a]["drift"]["nll"]))
+    assert 0 <= result["scores"][a]["health"]["stop_rate"] <= 1
+    assert set(result["scores"][a]["probes"]["by_category"]) == {"facts", "arithmetic"}
+    assert [s["name"] for s in result["sets"]] == ["task", "probes"]
+    first = result["sets"][0]["examples"][0]
+    assert first["prompt"] == "What is the capital of France?" and set(first["outputs"]) == {a, b}
+    assert first["outputs"][a]["new_tokens"] <= 6 and set(first["outputs"][a]["checks"]) == {"contains"}
+    assert sum(seen) == 2 * (3 + 2 + 2) + 2  # every prompt of every set, and the baseline's drift answers
+    json.dumps(result)  # JSON-ready
+
+
+def test_eval_cli_writes_reports_and_bad_input_writes_nothing(tmp_path, chat_model_dir, sets):
+    task, probes, drift = sets
+    html, data = tmp_path / "r.html", tmp_path / "r.json"
+    args = ["eval", "--model", str(chat_model_dir), "--task", str(task), "--probes", str(probes), "--drift", "none",
+            "--max-new-tokens", "4", "--dtype", "float32"]  # fmt: skip
+    result = runner.invoke(app, [*args, "--out", str(html), "--out", str(data)])
+    assert result.exit_code == 0, result.output
+    assert "Retention: probes passed" in result.output and "<svg" in html.read_text()
+    assert json.loads(data.read_text())["models"] == [str(chat_model_dir)]
+
+    bad_schema = tmp_path / "bad.json"
+    bad_schema.write_text("{oops")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    for extra, message in [
+        (["--schema", str(bad_schema)], "is not valid JSON"),
+        (["--probes", str(empty)], "has no prompts"),
+        (["--check", "predicate=nowhere_module:f"], "cannot import 'nowhere_module:f'"),
+        (["--check", "nonsense"], "expected KEY=VALUE"),
+    ]:
+        out = tmp_path / "never.html"
+        result = runner.invoke(app, [*args, *extra, "--out", str(out)])
+        assert result.exit_code == 2 and message in " ".join(result.stderr.split()), (extra, result.stderr)
+        assert not out.exists()

@@ -228,6 +228,8 @@ def sft(
     data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Training data file (repeatable).")] = None,
     output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory.")] = None,
     full: Annotated[Optional[bool], typer.Option("--full/--lora", help="Full fine-tuning instead of LoRA.")] = None,
+    replay: Annotated[Optional[str], typer.Option(help="Against forgetting: 'self' (the base model's own answers to general prompts) or a data file.")] = None,
+    replay_ratio: Annotated[Optional[float], typer.Option("--replay-ratio", help="Replay examples per task example, at most 1 (default 0.5).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last checkpoint.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (dotted for nested, e.g. lora.rank=8).")] = None,
 ) -> None:
@@ -239,7 +241,8 @@ def sft(
         quiet_libraries()
         if resume and config is None and output_dir and (Path(output_dir) / "config.yaml").is_file():
             config = Path(output_dir) / "config.yaml"  # resume with the settings the run started with
-        cfg = load_config(SFTConfig, config, set_, model=model, data=data, output_dir=output_dir, full=full)
+        cfg = load_config(SFTConfig, config, set_, model=model, data=data, output_dir=output_dir, full=full,
+                          replay=replay, replay_ratio=replay_ratio)  # fmt: skip
         prepare_models([cfg.model])
         result = train_sft(cfg, resume=resume)
         last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"

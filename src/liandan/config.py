@@ -92,6 +92,15 @@ class SFTConfig:
     """Prompts to generate from at the end of the run (saved in samples.jsonl)."""
     report_to: list[str] = field(default_factory=list)
     """Extra trackers through accelerate: tensorboard, wandb (when installed)."""
+    replay: str | None = None
+    """Mix general data in against forgetting: "self" (the base model's own answers to general
+    prompts, generated before training and cached) or a data file."""
+    replay_ratio: float = 0.5
+    """Replay examples per task example (at most 1: replay must not outweigh the task)."""
+    replay_prompts: str = "default"
+    """Prompts the base model answers for replay "self": "default" (shipped) or a .jsonl/.txt file."""
+    replay_max_new_tokens: int = 128
+    """Longest self-replay answer; answers that do not stop within it are left out."""
     trust_remote_code: bool = False
     """Allow model code from the model's repository to run."""
 
@@ -108,6 +117,8 @@ class SFTConfig:
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})"),
             (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction})"),
             (self.mixed_precision in ("auto", "no", "bf16", "fp16"), f"mixed_precision must be auto, no, bf16 or fp16 (got {self.mixed_precision!r})"),
+            (0 <= self.replay_ratio <= 1, f"replay_ratio must be between 0 and 1: replay examples per task example, and replay must not outweigh the task (got {self.replay_ratio})"),
+            (self.replay_max_new_tokens >= 1, f"replay_max_new_tokens must be at least 1 (got {self.replay_max_new_tokens})"),
         ]  # fmt: skip
         for ok, message in checks:
             if not ok:

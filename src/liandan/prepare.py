@@ -19,6 +19,7 @@ from .config import SFTConfig, save_config
 from .data import read_examples, split_examples, summarize_skipped
 from .errors import LiandanError
 from .models import file_sha256, load_model, resolve_model
+from .replay import replay_examples
 
 
 @dataclass
@@ -33,8 +34,11 @@ class PreparedRun:
         (out_dir / "manifest.json").write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
 
 
-def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume: bool) -> PreparedRun:
-    check_output_dir(out_dir, resume)
+def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume: bool, device: Any = "cpu") -> PreparedRun:
+    """Run on the main process first (it writes the run directory and any replay cache), then on
+    the others, which find both in place."""
+    if main_process:
+        check_output_dir(out_dir, resume)
     if not config.data:
         raise LiandanError("no training data: give --data FILE (repeatable) or data: [...] in the config")
     model, tokenizer = load_model(config.model, device="cpu", dtype="float32", trust_remote_code=config.trust_remote_code)
@@ -43,17 +47,21 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
     new_token_ids = list(range(vocab_before, len(tokenizer)))
     data = read_examples(config.data, format=config.format, purpose="sft", skip_invalid=config.skip_invalid)
     train_examples, eval_examples = split_examples(data.examples, config.eval_fraction, config.seed)
-    train, train_stats = encode_all(tokenizer, train_examples, config.max_length)
+    replay, replay_info = replay_examples(config, model, tokenizer, len(train_examples),
+                                          weights_sha256=weights_hash(resolve_model(config.model)), device=device)  # fmt: skip
+    train, train_stats = encode_all(tokenizer, train_examples + replay, config.max_length)
     evals, _ = encode_all(tokenizer, eval_examples, config.max_length)
     if not train:
         raise LiandanError("no training example has a trained token after encoding (see the report above)")
     model = attach_trainable(model, config, new_token_ids)
     manifest = build_manifest(config, tokenizer, data, train_stats, len(evals), added_template)
+    if replay_info:
+        manifest["replay"] = replay_info
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         if not resume:  # written first, so `liandan sft --resume -o DIR` can find the settings
             save_config(config, out_dir / "config.yaml")
-        print_data_summary(data, train_stats, len(evals))
+        print_data_summary(data, train_stats, len(evals), replay_info)
     return PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals, manifest=manifest)
 
 
@@ -142,14 +150,17 @@ def weights_hash(source) -> str | None:
     return None
 
 
-def print_data_summary(data, stats: dict, eval_count: int) -> None:
+def print_data_summary(data, stats: dict, eval_count: int, replay_info: dict) -> None:
     from rich.console import Console
 
     console = Console(stderr=True)
+    replay = f", {replay_info['examples']} of them replay ({replay_info['source']})" if replay_info else ""
     console.print(
-        f"data: {stats['examples']} training examples ({eval_count} held out), {stats['tokens']} tokens, "
+        f"data: {stats['examples']} training examples{replay} ({eval_count} held out), {stats['tokens']} tokens, "
         f"{stats['trained_tokens']} trained; format {data.format}", highlight=False,
     )  # fmt: skip
+    if replay_info.get("note"):
+        console.print(f"[yellow]replay: {replay_info['note']}[/]")
     if data.skipped:
         console.print(f"[yellow]{summarize_skipped(data.skipped)}[/]", highlight=False)
     if stats["truncated"]:

@@ -127,7 +127,8 @@ def train_sft(config: SFTConfig, *, resume: bool = False, stop_after: int | None
         project_dir=str(out_dir),
     )
     set_seed(config.seed)
-    run = prepare_sft(config, out_dir, main_process=accelerator.is_main_process, resume=resume)
+    with accelerator.main_process_first():
+        run = prepare_sft(config, out_dir, main_process=accelerator.is_main_process, resume=resume, device=accelerator.device)
     model, tokenizer = run.model, run.tokenizer
     stream = StepStream([len(e["input_ids"]) for e in run.train], config, accelerator.num_processes, accelerator.process_index)
     steps = total_steps(config, stream.per_epoch, accelerator.num_processes)

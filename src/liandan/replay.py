@@ -1,0 +1,107 @@
+"""Replay against forgetting: general examples mixed into the task data.
+
+    from liandan.replay import replay_examples
+    examples, info = replay_examples(config, model, tokenizer, task_count=240)
+
+``replay: self`` asks the base model, before any training, to answer general prompts, and trains
+on those answers next to the task: the model keeps rehearsing what it already did, in its own
+words, so the task cannot pull everything towards itself. ``replay: FILE`` mixes in user data.
+``replay_ratio`` R adds round(R x task examples) replay examples (R <= 1). The self answers are
+cached under ``$LIANDAN_HOME/replay`` by the base weights, template, prompts and settings, so a
+second run with the same base model does not generate them again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import tempfile
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+from .config import SFTConfig
+from .data import Example, read_examples
+from .errors import LiandanError
+from .models import file_sha256, liandan_home
+
+
+def replay_examples(config: SFTConfig, model: Any, tokenizer: Any, task_count: int, *,
+                    weights_sha256: str | None = None, device: Any = "cpu") -> tuple[list[Example], dict]:  # fmt: skip
+    """The replay examples to add for ``task_count`` task examples, and what the manifest records."""
+    wanted = round(config.replay_ratio * task_count)
+    if not config.replay or wanted == 0:
+        return [], {}
+    if config.replay == "self":
+        path = self_replay_file(config, model, tokenizer, weights_sha256, device)
+    else:
+        path = Path(config.replay)
+    pool = read_examples([str(path)], purpose="sft").examples
+    chosen = random.Random(config.seed).sample(pool, min(wanted, len(pool)))
+    info = {"source": config.replay, "file": str(path), "sha256": file_sha256(path), "ratio": config.replay_ratio,
+            "available": len(pool), "examples": len(chosen), "task_examples": task_count}  # fmt: skip
+    if len(chosen) < wanted:
+        info["note"] = f"asked for {wanted} replay examples, {len(pool)} available"
+    return chosen, info
+
+
+def self_replay_file(config: SFTConfig, model: Any, tokenizer: Any, weights_sha256: str | None, device: Any) -> Path:
+    """The cached file of the base model's own answers, generated now if missing."""
+    from .evaluate import read_general_prompts
+
+    prompts = read_general_prompts(config.replay_prompts, "general")
+    key = json.dumps({
+        "weights": weights_sha256 or getattr(getattr(model, "liandan_source", None), "location", config.model),
+        "template": tokenizer.chat_template, "prompts": [p.chat_messages() for p in prompts],
+        "max_new_tokens": config.replay_max_new_tokens,
+    }, sort_keys=True)  # fmt: skip
+    path = liandan_home() / "replay" / f"self-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
+    if path.is_file():
+        return path
+    records = generate_answers(model.to(device), tokenizer, prompts, config)
+    if not records:
+        raise LiandanError(f"replay self: the base model stopped by itself on none of the {len(prompts)} prompts "
+                           f"within replay_max_new_tokens={config.replay_max_new_tokens}; raise it or use --replay FILE")  # fmt: skip
+    write_jsonl_atomic(path, records)
+    return path
+
+
+def generate_answers(model: Any, tokenizer: Any, prompts: list, config: SFTConfig) -> list[dict]:
+    """Greedy answers of the untrained model; an answer that never stopped is left out, since
+    training on it would teach the model not to stop."""
+    import torch
+    from rich.progress import Progress
+
+    from .generate import SamplingConfig, generate
+    from .models import cpu_supports_bf16
+
+    sampling = SamplingConfig(max_new_tokens=config.replay_max_new_tokens, batch_size=64)
+    # bf16 autocast where the hardware has it: the weights stay fp32 for training.
+    kind = model.device.type
+    fast = config.mixed_precision in ("auto", "bf16") and (
+        (kind == "cpu" and cpu_supports_bf16()) or (kind == "cuda" and torch.cuda.is_bf16_supported()))
+    with Progress(transient=True) as bar, (torch.autocast(kind, dtype=torch.bfloat16) if fast else nullcontext()):
+        task = bar.add_task("replay: the base model answers general prompts", total=len(prompts))
+        was_training = model.training
+        model.eval()
+        answers = generate(model, tokenizer, prompts, config=sampling, model_name="base",
+                           on_batch=lambda n: bar.advance(task, n))  # fmt: skip
+        model.train(was_training)
+    return [
+        {"messages": [*prompts[g.prompt_index].chat_messages(), {"role": "assistant", "content": g.text.strip()}]}
+        for g in answers if g.stopped and g.text.strip()
+    ]  # fmt: skip
+
+
+def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -4,6 +4,7 @@ real loading code runs offline and in seconds.
 - ``chat_model_dir``: Llama-style, ChatML chat template, eos ``<|im_end|>``.
 - ``base_model_dir``: the same shapes with no chat template and eos ``<|endoftext|>`` (a base model).
 - ``bare_base_model_dir``: a base model whose vocabulary lacks the ChatML tokens.
+- ``stopping_model_dir``: the chat model trained to answer "Fine." and stop.
 - ``gguf_model_file``: a tiny Llama GGUF file (see gguf_fixture.py).
 """
 
@@ -84,6 +85,22 @@ def bare_base_model_dir(tmp_path_factory) -> Path:
     """A base model whose vocabulary has no ChatML tokens at all: giving it a chat template adds them."""
     return build_model_dir(tmp_path_factory.mktemp("bare-base-model"), None, "<|endoftext|>",
                            special=["<|endoftext|>"], bos="<|endoftext|>")  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def stopping_model_dir(tmp_path_factory, chat_model_dir) -> Path:
+    """The tiny chat model fully fine-tuned until it ends its answers by itself ("Fine.")."""
+    import json
+
+    from liandan.config import SFTConfig
+    from liandan.train import train_sft
+
+    root = tmp_path_factory.mktemp("stopping")
+    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Fine."}]} for i in range(8)]
+    (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    train_sft(SFTConfig(model=str(chat_model_dir), data=[str(root / "d.jsonl")], output_dir=str(root / "run"), full=True,
+                        max_steps=30, lr=2e-2, batch_tokens=4096, max_length=64, mixed_precision="no", warmup_ratio=0.0))  # fmt: skip
+    return root / "run"
 
 
 @pytest.fixture(scope="session")

@@ -15,18 +15,6 @@ def write_jsonl(path, rows):
     return path
 
 
-@pytest.fixture(scope="module")
-def stopping_model_dir(tmp_path_factory, chat_model_dir):
-    """The tiny chat model fully fine-tuned until it ends its answers by itself."""
-    root = tmp_path_factory.mktemp("stopping")
-    data = write_jsonl(root / "d.jsonl", [
-        {"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Fine."}]} for i in range(8)
-    ])  # fmt: skip
-    train_sft(SFTConfig(model=str(chat_model_dir), data=[str(data)], output_dir=str(root / "run"), full=True, max_steps=30,
-                        lr=2e-2, batch_tokens=4096, max_length=64, mixed_precision="no", warmup_ratio=0.0))  # fmt: skip
-    return root / "run"
-
-
 @pytest.fixture
 def task_file(tmp_path):
     return write_jsonl(tmp_path / "task.jsonl", [

@@ -169,6 +169,59 @@ def generate(
     )  # fmt: skip
 
 
+@app.command()
+def quickstart(
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to fine-tune.")] = "default",
+    train: Annotated[str, typer.Option(help="Task training set.")] = "examples/extract/train.jsonl",
+    test: Annotated[str, typer.Option(help="Held-out task set.")] = "examples/extract/test.jsonl",
+    schema: Annotated[str, typer.Option(help="JSON Schema of the task's answers ('none' for a task that is not JSON).")] = "examples/extract/schema.json",
+    out: Annotated[str, typer.Option("--out", "-o", help="Output directory.")] = "quickstart",
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing quickstart output directory.")] = False,
+    replay: Annotated[str, typer.Option(help="Against forgetting: self, a data file, or none.")] = "self",
+    replay_ratio: Annotated[float, typer.Option("--replay-ratio", help="Replay examples per task example (at most 1).")] = 0.5,
+    epochs: Annotated[float, typer.Option(help="Passes over the training set.")] = 1.0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Further SFT settings: key=value.")] = None,
+) -> None:
+    """The main job: compare chat vs raw, evaluate, fine-tune with replay, evaluate again, report."""
+    with user_errors():
+        from .quickstart import QuickstartConfig
+        from .quickstart import quickstart as run_quickstart
+
+        quiet_libraries()
+        config = QuickstartConfig(model=model, train=train, test=test, schema=None if schema == "none" else schema, out=out,
+                                  overwrite=overwrite, replay=replay, replay_ratio=replay_ratio, epochs=epochs, lr=lr,
+                                  sft_overrides=set_ or [])  # fmt: skip
+        prepare_models([model])
+        run_quickstart(config, console)
+
+
+@app.command()
+def bake(
+    system: Annotated[str, typer.Option("--system", "-s", help="The system prompt to bake in: its text, or a .txt file.")],
+    model: Annotated[str, typer.Option("--model", "-m", help="Model to bake it into.")] = "default",
+    prompts: Annotated[str, typer.Option(help="Training prompts the teacher answers: default (shipped general prompts) or a file.")] = "default",
+    task: Annotated[Optional[str], typer.Option("--task", "-t", help="Held-out prompts with checks, to measure adherence.")] = None,
+    check: Annotated[Optional[list[str]], typer.Option("--check", help="Adherence check for every answer: KEY=VALUE (repeatable).")] = None,
+    output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="Run directory.")] = "runs/bake",
+    tries: Annotated[int, typer.Option(help="Teacher answers drawn per prompt until one passes the checks.")] = 4,
+    epochs: Annotated[float, typer.Option(help="Passes over the teacher's answers.")] = 3.0,
+    lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
+    probes: Annotated[str, typer.Option(help="Also measure retention: default, a file, or none.")] = "none",
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Further SFT settings: key=value.")] = None,
+) -> None:
+    """Bake a system prompt into the weights: same behaviour without sending the prompt."""
+    with user_errors():
+        from .bake import BakeConfig
+        from .bake import bake as run_bake
+
+        quiet_libraries()
+        config = BakeConfig(model=model, system=system, prompts=prompts, task=task, checks=parse_check_options(check or []),
+                            output_dir=output_dir, tries=tries, epochs=epochs, lr=lr, probes=probes, sft_overrides=set_ or [])  # fmt: skip
+        prepare_models([model])
+        run_bake(config, console)
+
+
 @app.command("eval")
 def eval_command(
     model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="Model, run directory or merged directory (repeatable; the first is 'before').")] = None,

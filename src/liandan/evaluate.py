@@ -233,45 +233,78 @@ Progress = Callable[[str, int], None]
 
 def evaluate(config: EvalConfig, *, progress: Progress | None = None, load=None) -> dict:
     """Run every set through every model (one model in memory at a time); see the module doc."""
-    from .generate import SamplingConfig, generate
-    from .models import load_model, release_model
-
-    task = read_eval_set(config.task, name="task", extra_checks=config.checks, schema=config.schema) if config.task else None
-    probes = read_set_spec(config.probes, name="probes")
-    drift_prompts = read_general_prompts(config.drift)
-    if not (task or probes or drift_prompts):
-        raise LiandanError("nothing to evaluate: give --task FILE, or keep the probe or drift sets")
-    load = load or (lambda spec: load_model(spec, device=config.device, dtype=config.dtype))
-    step = progress or (lambda label, n: None)
-    per_model: dict[str, dict] = {}
-    outputs: dict[str, dict[str, list]] = {"task": {}, "probes": {}}
-    drift_answers: list[str] | None = None
+    evaluation = Evaluation(config)
     for spec in config.models:
+        evaluation.run(spec, progress=progress, load=load)
+    return evaluation.result()
+
+
+class Evaluation:
+    """The same sets through models one at a time: the first model run is the baseline, whose
+    own answers to the drift prompts are what every model's drift is measured on.
+
+        evaluation = Evaluation(config)
+        evaluation.run("default")          # before
+        ...                                # fine-tune
+        evaluation.run("runs/extract")     # after
+        result = evaluation.result()
+    """
+
+    def __init__(self, config: EvalConfig):
+        self.config = config
+        self.task = read_eval_set(config.task, name="task", extra_checks=config.checks, schema=config.schema) if config.task else None
+        self.probes = read_set_spec(config.probes, name="probes")
+        self.drift_prompts = read_general_prompts(config.drift)
+        if not (self.task or self.probes or self.drift_prompts):
+            raise LiandanError("nothing to evaluate: give --task FILE, or keep the probe or drift sets")
+        self.per_model: dict[str, dict] = {}
+        self.outputs: dict[str, dict[str, list]] = {"task": {}, "probes": {}}
+        self.drift_answers: list[str] | None = None
+        self.specs: dict[str, str] = {}
+
+    def run(self, spec: str, *, name: str | None = None, system: str | None = None, progress: Progress | None = None,
+            load=None) -> dict:  # fmt: skip
+        """Evaluate one model; ``name`` labels it in the result (default: ``spec``); ``system``
+        overrides the config's system prompt for the task set. Returns its scores."""
+        from .models import load_model, release_model
+
+        load = load or (lambda s: load_model(s, device=self.config.device, dtype=self.config.dtype))
+        step = progress or (lambda label, n: None)
+        name = name or spec
+        self.specs[name] = spec
         model, tokenizer = load(spec)
         try:
-            scores, gens = {}, []
-            for eval_set, limit, system in ((task, config.max_new_tokens, config.system), (probes, config.probe_max_new_tokens, None)):
-                if eval_set is None:
-                    continue
-                sampling = SamplingConfig(max_new_tokens=limit, batch_size=config.batch_size)
-                generated = generate(model, tokenizer, [i.prompt for i in eval_set.items], system=system, config=sampling,
-                                     model_name=spec, on_batch=lambda n, s=eval_set.name: step(f"{spec} · {s}", n))  # fmt: skip
-                outputs[eval_set.name][spec], scores[eval_set.name] = score_set(eval_set, generated)
-                gens += generated
-            scores["health"] = health(gens) if gens else {}
-            if drift_prompts:
-                if drift_answers is None:  # the baseline's own answers are the yardstick
-                    sampling = SamplingConfig(max_new_tokens=config.drift_max_new_tokens, batch_size=config.batch_size)
-                    drift_answers = [g.text for g in generate(model, tokenizer, drift_prompts, config=sampling, model_name=spec,
-                                                              on_batch=lambda n: step(f"{spec} · drift answers", n))]  # fmt: skip
-                nll = answer_nll(model, tokenizer, drift_prompts, drift_answers)
-                step(f"{spec} · drift", len(drift_prompts))
-                scores["drift"] = {"nll": nll, "perplexity": math.exp(nll)}
-            per_model[spec] = scores
+            self.per_model[name] = self._score(model, tokenizer, name, self.config.system if system is None else system, step)
         finally:
             release_model(model)
             del model
-    return build_result(config, per_model, outputs, task, probes)
+        return self.per_model[name]
+
+    def _score(self, model, tokenizer, name: str, system: str | None, step) -> dict:
+        from .generate import SamplingConfig, generate
+
+        config, scores, gens = self.config, {}, []
+        for eval_set, limit, sys_prompt in ((self.task, config.max_new_tokens, system), (self.probes, config.probe_max_new_tokens, None)):
+            if eval_set is None:
+                continue
+            sampling = SamplingConfig(max_new_tokens=limit, batch_size=config.batch_size)
+            generated = generate(model, tokenizer, [i.prompt for i in eval_set.items], system=sys_prompt, config=sampling,
+                                 model_name=name, on_batch=lambda n, s=eval_set.name: step(f"{name} · {s}", n))  # fmt: skip
+            self.outputs[eval_set.name][name], scores[eval_set.name] = score_set(eval_set, generated)
+            gens += generated
+        scores["health"] = health(gens) if gens else {}
+        if self.drift_prompts:
+            if self.drift_answers is None:  # the baseline's own answers are the yardstick
+                sampling = SamplingConfig(max_new_tokens=config.drift_max_new_tokens, batch_size=config.batch_size)
+                self.drift_answers = [g.text for g in generate(model, tokenizer, self.drift_prompts, config=sampling, model_name=name,
+                                                               on_batch=lambda n: step(f"{name} · drift answers", n))]  # fmt: skip
+            nll = answer_nll(model, tokenizer, self.drift_prompts, self.drift_answers)
+            step(f"{name} · drift", len(self.drift_prompts))
+            scores["drift"] = {"nll": nll, "perplexity": math.exp(nll)}
+        return scores
+
+    def result(self) -> dict:
+        return build_result(self.config, self.per_model, self.outputs, self.task, self.probes, self.specs)
 
 
 def work_units(config: EvalConfig) -> int:
@@ -292,7 +325,8 @@ METRICS = [  # key, label, better, format
 ]
 
 
-def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalSet | None, probes: EvalSet | None) -> dict:
+def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalSet | None, probes: EvalSet | None,
+                 specs: dict[str, str]) -> dict:  # fmt: skip
     models = list(per_model)
     check_names = sorted({k for s in per_model.values() for k in s.get("task", {}) if k not in ("score", "by_category")})
     metrics = []
@@ -316,7 +350,7 @@ def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalS
         "scores": per_model,
         "sets": sets,
         "bars": bars,
-        "curves": {m: c for m in models if (c := read_curve(m))},
+        "curves": {m: c for m in models if (c := read_curve(specs[m]))},
         "settings": {"max_new_tokens": config.max_new_tokens, "probe_max_new_tokens": config.probe_max_new_tokens,
                      "drift_max_new_tokens": config.drift_max_new_tokens, "decoding": "greedy",
                      "probes": config.probes, "drift": config.drift},  # fmt: skip

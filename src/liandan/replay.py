@@ -18,7 +18,6 @@ import json
 import os
 import random
 import tempfile
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -60,7 +59,7 @@ def self_replay_file(config: SFTConfig, model: Any, tokenizer: Any, weights_sha2
     path = liandan_home() / "replay" / f"self-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"
     if path.is_file():
         return path
-    records = generate_answers(model.to(device), tokenizer, prompts, config)
+    records = generate_answers(config, prompts, device)
     if not records:
         raise LiandanError(f"replay self: the base model stopped by itself on none of the {len(prompts)} prompts "
                            f"within replay_max_new_tokens={config.replay_max_new_tokens}; raise it or use --replay FILE")  # fmt: skip
@@ -68,27 +67,24 @@ def self_replay_file(config: SFTConfig, model: Any, tokenizer: Any, weights_sha2
     return path
 
 
-def generate_answers(model: Any, tokenizer: Any, prompts: list, config: SFTConfig) -> list[dict]:
-    """Greedy answers of the untrained model; an answer that never stopped is left out, since
+def generate_answers(config: SFTConfig, prompts: list, device: Any) -> list[dict]:
+    """Greedy answers of the untrained model, loaded for inference (bf16 where the hardware has
+    it) beside the fp32 copy being trained. An answer that never stopped is left out, since
     training on it would teach the model not to stop."""
-    import torch
     from rich.progress import Progress
 
     from .generate import SamplingConfig, generate
-    from .models import cpu_supports_bf16
+    from .models import load_model, release_model
 
     sampling = SamplingConfig(max_new_tokens=config.replay_max_new_tokens, batch_size=64)
-    # bf16 autocast where the hardware has it: the weights stay fp32 for training.
-    kind = model.device.type
-    fast = config.mixed_precision in ("auto", "bf16") and (
-        (kind == "cpu" and cpu_supports_bf16()) or (kind == "cuda" and torch.cuda.is_bf16_supported()))
-    with Progress(transient=True) as bar, (torch.autocast(kind, dtype=torch.bfloat16) if fast else nullcontext()):
-        task = bar.add_task("replay: the base model answers general prompts", total=len(prompts))
-        was_training = model.training
-        model.eval()
-        answers = generate(model, tokenizer, prompts, config=sampling, model_name="base",
-                           on_batch=lambda n: bar.advance(task, n))  # fmt: skip
-        model.train(was_training)
+    model, tokenizer = load_model(config.model, device=str(device), trust_remote_code=config.trust_remote_code)
+    try:
+        with Progress(transient=True) as bar:
+            task = bar.add_task("replay: the base model answers general prompts", total=len(prompts))
+            answers = generate(model, tokenizer, prompts, config=sampling, model_name="base",
+                               on_batch=lambda n: bar.advance(task, n))  # fmt: skip
+    finally:
+        release_model(model)
     return [
         {"messages": [*prompts[g.prompt_index].chat_messages(), {"role": "assistant", "content": g.text.strip()}]}
         for g in answers if g.stopped and g.text.strip()

@@ -1,0 +1,105 @@
+"""`liandan quickstart` and `liandan bake` end to end on tiny models."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from liandan.bake import BakeConfig, bake
+from liandan.errors import LiandanError
+from liandan.quickstart import QuickstartConfig, quickstart
+
+runner = CliRunner()
+SCHEMA = {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}, "additionalProperties": False}
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def task(tmp_path):
+    def chat(i):
+        return {"messages": [{"role": "user", "content": f"Number {i} as JSON"}, {"role": "assistant", "content": json.dumps({"n": i})}]}
+
+    train = write_jsonl(tmp_path / "train.jsonl", [chat(i) for i in range(12)])
+    test = write_jsonl(tmp_path / "test.jsonl", [chat(i) for i in range(20, 24)])
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    probes = write_jsonl(tmp_path / "probes.jsonl", [{"id": "p", "prompt": "Say fine", "category": "facts", "checks": {"contains": "fine"}}])
+    return train, test, schema, probes
+
+
+def test_quickstart_writes_report_and_summary_with_every_figure(tmp_path, stopping_model_dir, task, monkeypatch):
+    from liandan import evaluate
+
+    train, test, schema, probes = task
+    # small shipped-set stand-ins keep the test fast; the real ones are read in test_evaluate
+    monkeypatch.setattr(evaluate, "builtin_path", lambda name: probes if name == "probes" else tmp_path / "drift.jsonl")
+    write_jsonl(tmp_path / "drift.jsonl", [{"prompt": "How are you?"}, {"prompt": "Hello"}])
+    out = tmp_path / "qs"
+    config = QuickstartConfig(model=str(stopping_model_dir), train=str(train), test=str(test), schema=str(schema), out=str(out),
+                              replay="none", epochs=2, lr=5e-3, sft_overrides=["mixed_precision=no", "batch_tokens=256", "max_length=64"])  # fmt: skip
+    summary = quickstart(config)
+    for name in ("report.html", "results.json", "summary.json", "compare.html", "run/adapter_model.safetensors"):
+        assert (out / name).is_file(), name
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved == json.loads(json.dumps(summary))
+    keys = set(saved["metrics"])
+    assert {"task.score", "task.schema", "task.json", "health.stop_rate", "probes.score", "drift.perplexity"} <= keys
+    for metric in saved["metrics"].values():
+        assert metric["before"] is not None and metric["after"] is not None
+        assert metric["delta"] == pytest.approx(metric["after"] - metric["before"])
+    assert saved["training"]["steps"] >= 1 and saved["training"]["replay"] is None
+    assert set(saved["seconds"]) == {"compare", "eval_before", "train", "eval_after", "total"}
+    page = (out / "report.html").read_text()
+    assert "Training loss" in page and "<svg" in page
+
+
+def test_quickstart_checks_inputs_before_any_work(tmp_path, task):
+    train, test, schema, _ = task
+    with pytest.raises(LiandanError, match="--train 'nope.jsonl' does not exist"):
+        quickstart(QuickstartConfig(train="nope.jsonl", test=str(test), schema=str(schema), out=str(tmp_path / "q")))
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep")
+    with pytest.raises(LiandanError, match="is not empty; pass --overwrite"):
+        quickstart(QuickstartConfig(train=str(train), test=str(test), schema=str(schema), out=str(mine)))
+    with pytest.raises(LiandanError, match="does not look like a quickstart directory"):
+        quickstart(QuickstartConfig(train=str(train), test=str(test), schema=str(schema), out=str(mine), overwrite=True))
+    assert (mine / "notes.txt").read_text() == "keep"
+    with pytest.raises(LiandanError, match="replay_ratio must be between 0 and 1"):
+        quickstart(QuickstartConfig(train=str(train), test=str(test), schema=str(schema), out=str(tmp_path / "q"), replay_ratio=2))
+    assert not (tmp_path / "q").exists()
+
+
+def test_bake_trains_without_the_prompt_and_reports_its_cost(tmp_path, stopping_model_dir):
+    from liandan.chat import render_chat
+    from liandan.models import load_model
+
+    system = "You are a terse assistant. Always answer in as few words as you can, and be kind about it."
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Question {i}?"} for i in range(6)])
+    test = write_jsonl(tmp_path / "test.jsonl", [{"prompt": f"Other question {i}?", "checks": {"regex": "fine"}} for i in range(3)])
+    out = tmp_path / "baked"
+    summary = bake(BakeConfig(model=str(stopping_model_dir), system=system, prompts=str(prompts), task=str(test),
+                              output_dir=str(out), epochs=2, sft_overrides=["mixed_precision=no", "batch_tokens=256", "max_length=96"]))  # fmt: skip
+    records = [json.loads(line) for line in (out / "bake-data.jsonl").read_text().splitlines()]
+    assert len(records) == summary["teacher"]["kept"] >= 1
+    assert all(r["messages"][0]["role"] == "user" for r in records)  # trained WITHOUT the system prompt
+    _, tok = load_model(str(stopping_model_dir))
+    with_ids = tok(render_chat(tok, [{"role": "system", "content": system}, {"role": "user", "content": "Question 0?"}])).input_ids
+    without_ids = tok(render_chat(tok, [{"role": "user", "content": "Question 0?"}])).input_ids
+    assert summary["prompt_tokens"] == len(with_ids) - len(without_ids) > 10
+    assert summary["prefill_ms_with_prompt"] > 0 and "prefill_ms_saved" in summary
+    assert set(summary["adherence"]) == {"original + system prompt", "original, no system prompt", "baked, no system prompt"}
+    assert (out / "bake-report.html").is_file() and (out / "bake-summary.json").is_file()
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_bake_needs_a_way_to_measure_adherence(tmp_path):
+    with pytest.raises(LiandanError, match="bake needs a way to measure adherence"):
+        bake(BakeConfig(system="Be brief.", output_dir=str(tmp_path / "b")))
+    with pytest.raises(LiandanError, match="--system: file 'missing.txt' does not exist"):
+        bake(BakeConfig(system="missing.txt", checks={"regex": "x"}, output_dir=str(tmp_path / "b")))
+    assert not (tmp_path / "b").exists()

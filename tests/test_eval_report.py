@@ -8,7 +8,8 @@ import pytest
 
 from liandan import eval_report
 from liandan.errors import LiandanError
-from liandan.eval_report import PALETTE, format_delta, render_html, render_markdown, write_eval_report
+from liandan.eval_report import format_delta, render_html, render_markdown, write_eval_report
+from liandan.plots import PALETTE
 
 BEFORE, AFTER = "default", "runs/extract"
 XSS = "<script>alert(1)</script>"

@@ -27,6 +27,7 @@ def sets(tmp_path):
     probes = write_jsonl(tmp_path / "probes.jsonl", [
         {"id": "p1", "category": "facts", "prompt": "Capital of France?", "checks": {"contains_any": ["Paris"]}},
         {"id": "p2", "category": "arithmetic", "prompt": "What is 2 + 2?", "checks": {"regex": r"\b(4|four)\b"}},
+        {"id": "p3", "category": "facts", "prompt": "Say anything.", "checks": {"not_contains": ["zzzz-never"]}},
     ])  # fmt: skip
     drift = write_jsonl(tmp_path / "drift.jsonl", [{"prompt": "Tell me about the sea."}, {"prompt": "How are you?"}])
     return task, probes, drift
@@ -75,6 +76,18 @@ def test_shipped_sets_are_valid_and_large_enough():
     assert len(read_general_prompts("default", "general")) >= 150
 
 
+def test_kept_counts_only_what_the_baseline_passed():
+    from liandan.evaluate import add_kept
+
+    def outs(*passed):
+        return [{"passed": p} for p in passed]
+
+    per_model = {"before": {"probes": {}}, "after": {"probes": {}}}
+    add_kept(per_model, {"before": outs(True, True, False, False), "after": outs(True, False, True, True)}, "before")
+    assert per_model["before"]["probes"]["kept"] == 1.0
+    assert per_model["after"]["probes"]["kept"] == 0.5  # the two gains do not hide the loss
+
+
 def test_repetition():
     assert repetition("a b c d a b c d") == pytest.approx(1 - 4 / 5)
     assert repetition("one two three") == 0.0
@@ -110,7 +123,7 @@ def test_evaluate_two_models_and_the_result_shape(chat_model_dir, sets):
     a, b = result["models"]
     keys = [m["key"] for m in result["metrics"]]
     assert keys == ["task.score", "task.contains", "task.reference", "health.stop_rate", "health.mean_tokens",
-                    "health.repetition", "probes.score", "drift.perplexity"]  # fmt: skip
+                    "health.repetition", "probes.score", "probes.kept", "drift.perplexity"]  # fmt: skip
     for metric in result["metrics"]:  # the same model twice: every number equal
         assert metric["values"][a] == pytest.approx(metric["values"][b]), metric["key"]
     assert result["labels"] == {a: "before", b: "after"}
@@ -121,7 +134,8 @@ def test_evaluate_two_models_and_the_result_shape(chat_model_dir, sets):
     first = result["sets"][0]["examples"][0]
     assert first["prompt"] == "What is the capital of France?" and set(first["outputs"]) == {a, b}
     assert first["outputs"][a]["new_tokens"] <= 6 and set(first["outputs"][a]["checks"]) == {"contains"}
-    assert sum(seen) == 2 * (3 + 2 + 2) + 2  # every prompt of every set, and the baseline's drift answers
+    assert sum(seen) == 2 * (3 + 3 + 2) + 2  # every prompt of every set, and the baseline's drift answers
+    assert result["scores"][a]["probes"]["kept"] == 1.0
     json.dumps(result)  # JSON-ready
 
 
@@ -132,7 +146,7 @@ def test_eval_cli_writes_reports_and_bad_input_writes_nothing(tmp_path, chat_mod
             "--max-new-tokens", "4", "--dtype", "float32"]  # fmt: skip
     result = runner.invoke(app, [*args, "--out", str(html), "--out", str(data)])
     assert result.exit_code == 0, result.output
-    assert "Retention: probes passed" in result.output and "<svg" in html.read_text()
+    assert "Retention: probes still passed" in result.output and "<svg" in html.read_text()
     assert json.loads(data.read_text())["models"] == [str(chat_model_dir)]
 
     bad_schema = tmp_path / "bad.json"

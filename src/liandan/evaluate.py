@@ -320,7 +320,8 @@ METRICS = [  # key, label, better, format
     ("health.stop_rate", "Stops by itself", "higher", "percent"),
     ("health.mean_tokens", "Mean output tokens", "neutral", "number"),
     ("health.repetition", "Repeated 4-grams", "lower", "percent"),
-    ("probes.score", "Retention: probes passed", "higher", "percent"),
+    ("probes.score", "Probes passed", "higher", "percent"),
+    ("probes.kept", "Retention: probes still passed, of those passed before", "higher", "percent"),
     ("drift.perplexity", "Drift: perplexity of the original's answers", "lower", "number"),
 ]
 
@@ -328,6 +329,8 @@ METRICS = [  # key, label, better, format
 def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalSet | None, probes: EvalSet | None,
                  specs: dict[str, str]) -> dict:  # fmt: skip
     models = list(per_model)
+    if probes is not None and models:
+        add_kept(per_model, outputs["probes"], models[0])
     check_names = sorted({k for s in per_model.values() for k in s.get("task", {}) if k not in ("score", "by_category")})
     metrics = []
     for key, label, better, fmt in METRICS[:1] + [(f"task.{c}", f"Task: {c}", "higher", "percent") for c in check_names] + METRICS[1:]:
@@ -355,6 +358,15 @@ def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalS
                      "drift_max_new_tokens": config.drift_max_new_tokens, "decoding": "greedy",
                      "probes": config.probes, "drift": config.drift},  # fmt: skip
     }
+
+
+def add_kept(per_model: dict, probe_outputs: dict, baseline: str) -> None:
+    """Forgetting, measured directly: of the probes the baseline passed, the share each model
+    still passes. Gains on probes the baseline failed do not hide losses, as they do in the
+    plain pass rate."""
+    known = [i for i, o in enumerate(probe_outputs[baseline]) if o["passed"]]
+    for model, outs in probe_outputs.items():
+        per_model[model]["probes"]["kept"] = _mean(outs[i]["passed"] for i in known)
 
 
 def set_section(eval_set: EvalSet, outputs: dict, models: list[str], title: str) -> dict:

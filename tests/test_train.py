@@ -9,7 +9,8 @@ from liandan.errors import LiandanError
 from liandan.generate import SamplingConfig, generate
 from liandan.merge import merge
 from liandan.models import load_adapter_model, load_model
-from liandan.train import StepStream, micro_batch_loss, train_sft
+from liandan.objectives import micro_batch_loss
+from liandan.train import StepStream, train_sft
 
 
 @pytest.fixture

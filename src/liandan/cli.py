@@ -288,18 +288,75 @@ def sft(
 ) -> None:
     """Supervised fine-tuning: only the assistant's replies and their stop tokens are trained."""
     with user_errors():
-        from .config import SFTConfig, load_config
+        from .config import SFTConfig
         from .train import train_sft
 
-        quiet_libraries()
-        if resume and config is None and output_dir and (Path(output_dir) / "config.yaml").is_file():
-            config = Path(output_dir) / "config.yaml"  # resume with the settings the run started with
-        cfg = load_config(SFTConfig, config, set_, model=model, data=data, output_dir=output_dir, full=full,
-                          replay=replay, replay_ratio=replay_ratio)  # fmt: skip
-        prepare_models([cfg.model])
-        result = train_sft(cfg, resume=resume)
-        last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
-        console.print(f"Finished {result.steps} steps (last loss {last}); run directory: {result.output_dir}")
+        _train(SFTConfig, train_sft, config, set_, resume, model=model, data=data, output_dir=output_dir, full=full,
+               replay=replay, replay_ratio=replay_ratio)  # fmt: skip
+
+
+@app.command()
+def dpo(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to align: default, any model, or an SFT run directory.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Preference pairs: prompt, chosen, rejected (repeatable).")] = None,
+    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Held-out pairs: preference accuracy during training.")] = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory.")] = None,
+    full: Annotated[Optional[bool], typer.Option("--full/--lora", help="Full fine-tuning instead of LoRA.")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="How far the model may move from the reference (default 0.1).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last checkpoint.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value.")] = None,
+) -> None:
+    """Preference alignment (DPO): make the chosen reply more likely than the rejected one."""
+    with user_errors():
+        from .config import DPOConfig
+        from .train import train_dpo
+
+        result = _train(DPOConfig, train_dpo, config, set_, resume, model=model, data=data, eval_data=eval_data,
+                        output_dir=output_dir, full=full, beta=beta)  # fmt: skip
+        if result.eval_losses:
+            console.print(f"held-out DPO loss {result.eval_losses[-1]:.4f}")
+
+
+@app.command()
+def pretrain(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to continue pre-training.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Raw text: .txt files, or files of text records (repeatable).")] = None,
+    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Held-out text: perplexity during training.")] = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory.")] = None,
+    full: Annotated[Optional[bool], typer.Option("--full/--lora", help="Full fine-tuning instead of LoRA.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last checkpoint.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (max_length is the block size).")] = None,
+) -> None:
+    """Continued pre-training: next-token prediction on your own raw text."""
+    with user_errors():
+        import math
+
+        from .config import PretrainConfig
+        from .train import train_pretrain
+
+        result = _train(PretrainConfig, train_pretrain, config, set_, resume, model=model, data=data, eval_data=eval_data,
+                        output_dir=output_dir, full=full)  # fmt: skip
+        if result.eval_losses:
+            console.print(f"held-out perplexity {math.exp(result.eval_losses[0]):.2f} after the first step, "
+                          f"{math.exp(result.eval_losses[-1]):.2f} at the end")  # fmt: skip
+
+
+def _train(cls, train_fn, config: Optional[Path], set_, resume: bool, **values):
+    """Shared by the training commands: the config from YAML, flags and --set; then the loop."""
+    from .config import load_config
+
+    output_dir = values.get("output_dir")
+    if resume and config is None and output_dir and (Path(output_dir) / "config.yaml").is_file():
+        config = Path(output_dir) / "config.yaml"  # resume with the settings the run started with
+    quiet_libraries()
+    cfg = load_config(cls, config, set_, **values)
+    prepare_models([cfg.model])
+    result = train_fn(cfg, resume=resume)
+    last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+    console.print(f"Finished {result.steps} steps (last loss {last}); run directory: {result.output_dir}")
+    return result
 
 
 @app.command("merge")

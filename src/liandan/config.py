@@ -232,3 +232,60 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
 
 def save_config(config: Any, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
+
+
+@dataclass
+class DPOConfig(SFTConfig):
+    """Preference alignment: every SFT setting, plus the DPO loss's own."""
+
+    lr: float = 5e-5
+    """Peak learning rate (AdamW); DPO wants a gentler one than SFT."""
+    epochs: float = 2.0
+    """Passes over the pairs (ignored when max_steps > 0)."""
+    output_dir: str = "runs/dpo"
+    """Run directory."""
+    eval_data: list[str] = field(default_factory=list)
+    """Held-out preference pairs: eval loss, rewards and preference accuracy during training."""
+    beta: float = 0.1
+    """How far the policy may move from the reference: larger keeps it closer."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the share of pairs assumed to be labelled the wrong way round (0 = plain DPO)."""
+    loss: str = "sigmoid"
+    """sigmoid (DPO) or ipo."""
+    sft_weight: float = 0.0
+    """Weight of an extra NLL term on the chosen reply (0 = off)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        checks = [
+            (self.beta > 0, f"beta must be above 0 (got {self.beta})"),
+            (0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5) (got {self.label_smoothing})"),
+            (self.loss in ("sigmoid", "ipo"), f"loss must be sigmoid or ipo (got {self.loss!r})"),
+            (self.sft_weight >= 0, f"sft_weight must be 0 or more (got {self.sft_weight})"),
+            (not self.replay, "replay is an SFT setting; DPO trains on preference pairs only"),
+        ]  # fmt: skip
+        for ok, message in checks:
+            if not ok:
+                raise LiandanError(message)
+
+
+@dataclass
+class PretrainConfig(SFTConfig):
+    """Continued pre-training on raw text: every SFT setting; max_length is the block size."""
+
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    epochs: float = 1.0
+    """Passes over the text (ignored when max_steps > 0)."""
+    max_length: int = 512
+    """Block size: the text is concatenated (EOS between documents) and cut into blocks of this many tokens."""
+    output_dir: str = "runs/pretrain"
+    """Run directory."""
+    eval_data: list[str] = field(default_factory=list)
+    """Held-out text: eval loss (and perplexity) during training."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.replay:
+            raise LiandanError("replay is an SFT setting; pretrain trains on raw text only")
+

@@ -202,7 +202,7 @@ def answer_nll(model: Any, tokenizer: Any, prompts: list[Prompt], answers: list[
 
     from .batching import collate
     from .chat import encode_chat_example
-    from .train import micro_batch_loss
+    from .objectives import micro_batch_loss
 
     encoded = []
     for prompt, answer in zip(prompts, answers, strict=True):

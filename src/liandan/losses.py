@@ -37,3 +37,45 @@ def sft_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Ten
     flat_targets = targets.reshape(-1)  # (B*T,)
     total = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE, reduction="sum")
     return total, int((flat_targets != IGNORE).sum())
+
+
+def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed log-probability of each row's trained targets: log p(reply | prompt).
+
+    logits: (B, T, V); targets: (B, T) with -100 where not trained. Returns (B,).
+    """
+    logp = logits.float().log_softmax(-1)  # (B, T, V)
+    mask = targets != IGNORE
+    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+    return (picked * mask).sum(-1)
+
+
+def dpo_loss(
+    policy_chosen: torch.Tensor,
+    policy_rejected: torch.Tensor,
+    ref_chosen: torch.Tensor,
+    ref_rejected: torch.Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+    kind: str = "sigmoid",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair DPO loss and the implicit rewards of the chosen and rejected replies.
+
+    With log-ratios h = (log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x)):
+
+    - ``sigmoid`` (DPO, Rafailov et al. 2023), with label smoothing eps (conservative DPO, the
+      share of pairs assumed flipped): L = -(1 - eps) log sigma(beta h) - eps log sigma(-beta h)
+    - ``ipo`` (IPO, Azar et al. 2023): L = (h - 1 / (2 beta))^2
+
+    Rewards are beta (log pi(y|x) - log ref(y|x)) for each reply. All inputs are (B,).
+    """
+    h = (policy_chosen - ref_chosen) - (policy_rejected - ref_rejected)
+    if kind == "sigmoid":
+        loss = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    elif kind == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    else:
+        raise ValueError(f"unknown DPO loss {kind!r}; expected sigmoid or ipo")
+    chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
+    rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
+    return loss, chosen_rewards, rejected_rewards

@@ -19,6 +19,7 @@ from .config import SFTConfig, save_config
 from .data import read_examples, split_examples, summarize_skipped
 from .errors import LiandanError
 from .models import file_sha256, load_model, resolve_model
+from .objectives import sft_objective
 from .replay import replay_examples
 
 
@@ -28,6 +29,10 @@ class PreparedRun:
     tokenizer: Any
     train: list[dict]
     eval: list[dict]
+    objective: Any
+    """How a micro-batch becomes a loss (`liandan.objectives`)."""
+    unit: str = "trained_tokens"
+    """What the loss is normalised by, as logged in metrics.jsonl."""
     manifest: dict = field(default_factory=dict)
 
     def write_manifest(self, out_dir: Path) -> None:
@@ -54,7 +59,7 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
     if not train:
         raise LiandanError("no training example has a trained token after encoding (see the report above)")
     model = attach_trainable(model, config, new_token_ids)
-    manifest = build_manifest(config, tokenizer, data, train_stats, len(evals), added_template)
+    manifest = build_manifest(config, tokenizer, sft_data_manifest(data, train_stats, len(evals)), added_template)
     if replay_info:
         manifest["replay"] = replay_info
     if main_process:
@@ -62,7 +67,12 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
         if not resume:  # written first, so `liandan sft --resume -o DIR` can find the settings
             save_config(config, out_dir / "config.yaml")
         print_data_summary(data, train_stats, len(evals), replay_info)
-    return PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals, manifest=manifest)
+    objective = sft_objective(config.packing, pad_id(tokenizer))
+    return PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals, objective=objective, manifest=manifest)
+
+
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def check_output_dir(out_dir: Path, resume: bool) -> None:
@@ -114,7 +124,8 @@ def attach_trainable(model: Any, config: SFTConfig, new_token_ids: list[int]) ->
     return get_peft_model(model, lora)
 
 
-def build_manifest(config, tokenizer, data, stats: dict, eval_count: int, added_template: bool) -> dict:
+def build_manifest(config, tokenizer, data: dict, added_template: bool) -> dict:
+    """What a run directory says about itself: versions, base model, template, tokens, data."""
     import accelerate
     import peft
     import torch
@@ -134,12 +145,16 @@ def build_manifest(config, tokenizer, data, stats: dict, eval_count: int, added_
         "chat_template_added": added_template,
         "special_tokens": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
                            "pad": tokenizer.pad_token_id, "stop": stop_token_ids(tokenizer)},  # fmt: skip
-        "data": {"files": {f: file_sha256(Path(f)) for f in data.files if Path(f).is_file()},
-                 "format": data.format, "records": len(data.examples) + len(data.skipped),
-                 "skipped": len(data.skipped), "train_examples": stats["examples"], "eval_examples": eval_count,
-                 "train_tokens": stats["tokens"], "trained_tokens": stats["trained_tokens"],
-                 "truncated": stats["truncated"], "no_trained_tokens": len(stats["no_trained_tokens"])},  # fmt: skip
+        "data": data,
     }
+
+
+def sft_data_manifest(data, stats: dict, eval_count: int) -> dict:
+    return {"files": {f: file_sha256(Path(f)) for f in data.files if Path(f).is_file()},
+            "format": data.format, "records": len(data.examples) + len(data.skipped),
+            "skipped": len(data.skipped), "train_examples": stats["examples"], "eval_examples": eval_count,
+            "train_tokens": stats["tokens"], "trained_tokens": stats["trained_tokens"],
+            "truncated": stats["truncated"], "no_trained_tokens": len(stats["no_trained_tokens"])}  # fmt: skip
 
 
 def weights_hash(source) -> str | None:

@@ -31,10 +31,9 @@ from typing import Any
 
 import torch
 
-from .batching import collate, plan_batches, trained_positions
+from .batching import plan_batches
 from .config import SFTConfig, save_config
 from .errors import LiandanError
-from .losses import sft_loss_sum
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -56,15 +55,16 @@ class StepStream:
     with accumulation 2 sees exactly the batches two processes with accumulation 1 see together.
     """
 
-    def __init__(self, lengths: list[int], config: SFTConfig, processes: int, rank: int):
+    def __init__(self, lengths: list[int], config: SFTConfig, processes: int, rank: int, packing: bool | None = None):
         self.lengths, self.config = lengths, config
         self.processes, self.rank = processes, rank
-        self.per_epoch = len(plan_batches(lengths, config.batch_tokens, config.packing, config.seed))
+        self.packing = config.packing if packing is None else packing
+        self.per_epoch = len(plan_batches(lengths, config.batch_tokens, self.packing, config.seed))
         self._plans: dict[int, list[list[int]]] = {}
 
     def plan(self, epoch: int) -> list[list[int]]:
         if epoch not in self._plans:
-            self._plans = {epoch: plan_batches(self.lengths, self.config.batch_tokens, self.config.packing, self.config.seed + epoch)}
+            self._plans = {epoch: plan_batches(self.lengths, self.config.batch_tokens, self.packing, self.config.seed + epoch)}
         return self._plans[epoch]
 
     def step(self, step: int) -> list[list[int]]:
@@ -94,26 +94,48 @@ def lr_lambda(total: int, warmup_ratio: float):
     return factor
 
 
-def micro_batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of token losses of one micro-batch and its trained-token count, computing logits only
-    at trained positions."""
-    targets = batch["targets"]
-    keep = trained_positions(targets)
-    inputs = {k: v for k, v in batch.items() if k != "targets"}
-    out = model(**inputs, use_cache=False, logits_to_keep=keep)
-    return sft_loss_sum(out.logits, targets[:, keep])  # logits (B, K, V)
-
-
 def train_sft(config: SFTConfig, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
-    """Fine-tune ``config.model`` on ``config.data``; see the module docstring for the loop.
+    """Supervised fine-tuning of ``config.model`` on ``config.data``; see the module docstring.
 
     ``stop_after`` ends the run after that many steps as if it were interrupted (used to test
     resume); the learning-rate schedule still follows the full run.
     """
+    from .prepare import prepare_sft
+
+    return train(config, prepare_sft, resume=resume, stop_after=stop_after)
+
+
+def train_dpo(config, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Preference alignment (DPO) of ``config.model`` on the pairs in ``config.data``."""
+    from .prepare_stages import prepare_dpo
+
+    return train(config, prepare_dpo, resume=resume, stop_after=stop_after)
+
+
+def train_pretrain(config, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Continued pre-training of ``config.model`` on the raw text in ``config.data``."""
+    from .prepare_stages import prepare_pretrain
+
+    return train(config, prepare_pretrain, resume=resume, stop_after=stop_after)
+
+
+def train(config: SFTConfig, prepare, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+    """The loop, for any stage: ``prepare(config, out_dir, ...)`` returns a `PreparedRun` whose
+    objective turns micro-batches into a loss (SFT, DPO, pre-training)."""
+    try:
+        return _loop(config, prepare, resume, stop_after)
+    finally:
+        if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            # accelerate keeps its settings in a process-wide singleton; forget them, so a later
+            # run in the same Python process (quickstart, bake, a notebook) may use other ones.
+            from accelerate.state import AcceleratorState
+
+            AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _loop(config: SFTConfig, prepare, resume: bool, stop_after: int | None) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-
-    from .prepare import prepare_sft
 
     out_dir = Path(config.output_dir)
     check_trackers(config.report_to)
@@ -128,9 +150,10 @@ def train_sft(config: SFTConfig, *, resume: bool = False, stop_after: int | None
     )
     set_seed(config.seed)
     with accelerator.main_process_first():
-        run = prepare_sft(config, out_dir, main_process=accelerator.is_main_process, resume=resume, device=accelerator.device)
-    model, tokenizer = run.model, run.tokenizer
-    stream = StepStream([len(e["input_ids"]) for e in run.train], config, accelerator.num_processes, accelerator.process_index)
+        run = prepare(config, out_dir, main_process=accelerator.is_main_process, resume=resume, device=accelerator.device)
+    model, tokenizer, objective = run.model, run.tokenizer, run.objective
+    stream = StepStream([item_length(e) for e in run.train], config, accelerator.num_processes, accelerator.process_index,
+                        packing=objective.packing)  # fmt: skip
     steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
@@ -148,40 +171,44 @@ def train_sft(config: SFTConfig, *, resume: bool = False, stop_after: int | None
         start = load_checkpoint(accelerator, out_dir)
     result = TrainResult(output_dir=out_dir, steps=steps)
     metrics_path = out_dir / "metrics.jsonl"
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     last = min(steps, stop_after) if stop_after else steps
     progress = make_progress(accelerator.is_main_process)
     with progress:
-        task = progress.add_task("sft", total=steps, completed=start, loss=float("nan"), tps=0.0)
+        task = progress.add_task(objective.name, total=steps, completed=start, loss=float("nan"), tps=0.0)
         model.train()
         for step in range(start, last):
             started = time.perf_counter()
-            batches = [collate([run.train[i] for i in idx], config.packing, pad_id) for idx in stream.step(step)]
-            local = sum(int((b["targets"] != -100).sum()) for b in batches)
-            window_tokens = int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum"))
+            batches = [objective.collate([run.train[i] for i in idx]) for idx in stream.step(step)]
+            # The step's normaliser N (trained tokens, or pairs) over all its micro-batches and processes.
+            local = sum(objective.count(b) for b in batches)
+            window = max(int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum")), 1)
             step_loss = torch.zeros((), device=accelerator.device)
+            sums: dict[str, torch.Tensor] = {}
             for i, batch in enumerate(batches):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 sync = i == len(batches) - 1
                 with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    loss_sum, _ = micro_batch_loss(model, batch)
-                    loss = loss_sum / max(window_tokens, 1) * accelerator.num_processes
+                    loss_sum, stats = objective.loss(model, batch)
+                    loss = loss_sum / window * accelerator.num_processes
                 accelerator.backward(loss)
                 step_loss += loss_sum.detach()
+                for key, value in stats.items():
+                    sums[key] = sums.get(key, 0) + value.detach()
             if config.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
 
-            mean_loss = float(accelerator.reduce(step_loss, "sum")) / max(window_tokens, 1)
+            mean_loss = float(accelerator.reduce(step_loss, "sum")) / window
             result.losses.append(mean_loss)
             seconds = time.perf_counter() - started
             tokens = int(accelerator.reduce(torch.tensor(sum(b["input_ids"].numel() for b in batches), device=accelerator.device), "sum"))
-            record = {"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0],
-                      "trained_tokens": window_tokens, "tokens_per_second": tokens / seconds}  # fmt: skip
+            record = {"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], run.unit: window,
+                      **{k: float(accelerator.reduce(v, "sum")) / window for k, v in sums.items()},
+                      "tokens_per_second": tokens / seconds}  # fmt: skip
             if run.eval and (config.eval_every and (step + 1) % config.eval_every == 0 or step + 1 == steps):
-                record["eval_loss"] = evaluate(model, run.eval, config, pad_id, accelerator)
+                record.update(evaluate(model, run.eval, objective, config, accelerator))
                 result.eval_losses.append(record["eval_loss"])
             if accelerator.is_main_process and ((step + 1) % config.log_every == 0 or "eval_loss" in record):
                 with open(metrics_path, "a", encoding="utf-8") as f:
@@ -224,17 +251,25 @@ def resolve_precision(choice: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[dict], config: SFTConfig, pad_id: int, accelerator) -> float:
+def evaluate(model, examples: list[dict], objective, config: SFTConfig, accelerator) -> dict[str, float]:
+    """The objective's loss and statistics on the held-out split: ``eval_loss``, ``eval_<stat>``."""
     model.eval()
-    total, count = torch.zeros((), device=accelerator.device), 0
-    for idx in plan_batches([len(e["input_ids"]) for e in examples], config.batch_tokens, config.packing, seed=0):
-        batch = {k: v.to(accelerator.device) for k, v in collate([examples[i] for i in idx], config.packing, pad_id).items()}
+    total, units, sums = 0.0, 0, {}
+    for idx in plan_batches([item_length(e) for e in examples], config.batch_tokens, objective.packing, seed=0):
+        batch = {k: v.to(accelerator.device) for k, v in objective.collate([examples[i] for i in idx]).items()}
         with accelerator.autocast():
-            loss_sum, n = micro_batch_loss(model, batch)
-        total += loss_sum
-        count += n
+            loss_sum, stats = objective.loss(model, batch)
+        total += float(loss_sum)
+        units += objective.count(batch)
+        for key, value in stats.items():
+            sums[key] = sums.get(key, 0.0) + float(value)
     model.train()
-    return float(total) / max(count, 1)
+    return {"eval_loss": total / max(units, 1), **{f"eval_{k}": v / max(units, 1) for k, v in sums.items()}}
+
+
+def item_length(item: dict) -> int:
+    """What an item costs in a micro-batch: its tokens (a DPO pair says so itself)."""
+    return item.get("length") or len(item["input_ids"])
 
 
 def make_progress(enabled: bool):

@@ -1,0 +1,115 @@
+"""Preference data for DPO: a prompt, the reply people preferred, and the one they did not.
+
+    from liandan.preference import read_pairs
+    pairs = read_pairs(["examples/prefs/train.jsonl"])
+    pairs[0].prompt      # [{"role": "user", "content": "..."}]
+    pairs[0].chosen, pairs[0].rejected
+
+Accepted records (JSONL, JSON, CSV or Parquet, as for SFT):
+
+- ``{"prompt": "text", "chosen": "text", "rejected": "text"}``;
+- conversational: ``prompt`` (or ``messages``) a list of messages, ``chosen`` / ``rejected`` a
+  string, one assistant message, or a list holding one;
+- implicit prompt: ``chosen`` and ``rejected`` both whole conversations that share every turn
+  but the last assistant reply.
+
+Every problem is ``FILE:LINE: field 'name': what is wrong``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from .data import _MISSING, _RecordError, describe, field_error, read_records, read_turns
+from .errors import LiandanError
+
+ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+
+
+@dataclass
+class PreferencePair:
+    prompt: list[dict]
+    """The conversation so far; it ends with a user turn."""
+    chosen: str
+    rejected: str
+    source: str
+
+
+def read_pairs(paths: list[str | Path] | str | Path) -> list[PreferencePair]:
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise LiandanError("no preference data files given")
+    pairs = []
+    for path in paths:
+        count = 0
+        for where, record in read_records(str(path)):
+            count += 1
+            try:
+                if isinstance(record, _RecordError):
+                    raise record
+                if not isinstance(record, dict):
+                    raise _RecordError(where, f"expected a JSON object; got {describe(record)}")
+                pairs.append(normalise_pair(record, where))
+            except _RecordError as exc:
+                raise LiandanError(str(exc)) from None
+        if count == 0:
+            raise LiandanError(f"{path}: has no records")
+    return pairs
+
+
+def normalise_pair(record: dict, where: str) -> PreferencePair:
+    for key in ("chosen", "rejected"):
+        if key not in record:
+            raise field_error(where, key, "missing: a preference record needs 'chosen' and 'rejected' replies "
+                                          f"(found {sorted(record)})")  # fmt: skip
+    prompt_key = "prompt" if "prompt" in record else "messages" if "messages" in record else None
+    if prompt_key is None:
+        prompt, chosen, rejected = implicit_prompt(record, where)
+    else:
+        prompt = read_prompt(record[prompt_key], prompt_key, where)
+        chosen = read_reply(record["chosen"], "chosen", where)
+        rejected = read_reply(record["rejected"], "rejected", where)
+    if chosen.strip() == rejected.strip():
+        raise field_error(where, "rejected", "is the same as 'chosen': a pair must prefer one reply over a different one")
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, source=where)
+
+
+def read_prompt(value: object, name: str, where: str) -> list[dict]:
+    if isinstance(value, str):
+        if not value.strip():
+            raise field_error(where, name, "expected a non-empty string or a list of messages; got ''")
+        return [{"role": "user", "content": value}]
+    messages = [t.message for t in read_turns(value, name, "role", "content", ROLES, where)]
+    if messages[-1]["role"] != "user":
+        raise field_error(where, f"{name}[{len(messages) - 1}].role", f"expected the prompt to end with a user turn; got {messages[-1]['role']!r}")
+    return messages
+
+
+def read_reply(value: object, name: str, where: str) -> str:
+    """A reply: a string, an assistant message, or a list holding one assistant message."""
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if isinstance(value, dict):
+        if value.get("role") != "assistant":
+            raise field_error(where, f"{name}.role", f"expected 'assistant'; got {describe(value.get('role', _MISSING))}")
+        value = value.get("content", _MISSING)
+    if not isinstance(value, str) or not value.strip():
+        raise field_error(where, name, f"expected a non-empty reply; got {describe(value)}")
+    return value
+
+
+def implicit_prompt(record: dict, where: str) -> tuple[list[dict], str, str]:
+    """Both sides are whole conversations: the shared turns are the prompt."""
+    sides = {}
+    for key in ("chosen", "rejected"):
+        if not isinstance(record[key], list):
+            raise field_error(where, "prompt", "missing: give 'prompt', or 'chosen' and 'rejected' as whole conversations")
+        sides[key] = [t.message for t in read_turns(record[key], key, "role", "content", ROLES, where)]
+    chosen, rejected = sides["chosen"], sides["rejected"]
+    if chosen[:-1] != rejected[:-1] or len(chosen) < 2:
+        raise field_error(where, "rejected", "must share every turn with 'chosen' except the last assistant reply")
+    for key, turns in sides.items():
+        if turns[-1]["role"] != "assistant":
+            raise field_error(where, f"{key}[{len(turns) - 1}].role", "expected the last turn to be the assistant's reply")
+    return read_prompt(chosen[:-1], "chosen", where), chosen[-1]["content"], rejected[-1]["content"]

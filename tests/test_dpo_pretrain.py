@@ -1,0 +1,143 @@
+"""DPO and continued pre-training on the shared loop, with tiny models."""
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from liandan.cli import app
+from liandan.config import DPOConfig, PretrainConfig
+from liandan.errors import LiandanError
+from liandan.train import train_dpo, train_pretrain
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def pairs_file(tmp_path):
+    return write_jsonl(tmp_path / "pairs.jsonl", [
+        {"prompt": f"Is {i} a number?", "chosen": "Yes, it is.", "rejected": "I am fine, thank you."} for i in range(8)
+    ])  # fmt: skip
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def dpo_config(model, data, out, **kw):
+    values = dict(model=str(model), data=[str(data)], output_dir=str(out), max_steps=12, lr=2e-2, batch_tokens=2048,
+                  max_length=64, mixed_precision="no", warmup_ratio=0.0, lora={"dropout": 0.0}, seed=1)  # fmt: skip
+    values.update(kw)
+    return DPOConfig(**values)
+
+
+def test_lora_reference_is_the_base_model_with_adapters_off(tmp_path, chat_model_dir, pairs_file):
+    from liandan.models import load_model
+    from liandan.objectives import pair_logps, reference_logps
+    from liandan.prepare_stages import prepare_dpo
+
+    run = prepare_dpo(dpo_config(chat_model_dir, pairs_file, tmp_path / "r"), tmp_path / "r", main_process=True, resume=False)
+    batch = run.objective.collate(run.train[:3])
+    with torch.no_grad():  # move the adapters away from their zero start, so "off" differs from "on"
+        for name, param in run.model.named_parameters():
+            if "lora_B" in name:
+                param.add_(0.5)
+    base, _ = load_model(str(chat_model_dir), dtype="float32")
+    with torch.no_grad():
+        expected = pair_logps(base, batch)
+        policy = pair_logps(run.model, batch)
+    torch.testing.assert_close(reference_logps(run.model, batch), expected)
+    assert not torch.allclose(policy, expected)
+    assert expected.shape == (6,) and (expected < 0).all()
+
+
+def test_dpo_raises_held_out_preference_accuracy(tmp_path, chat_model_dir, pairs_file):
+    held_out = write_jsonl(tmp_path / "held.jsonl", [
+        {"prompt": f"Is {i} a number?", "chosen": "Yes, it is.", "rejected": "I am fine, thank you."} for i in range(20, 24)
+    ])  # fmt: skip
+    out = tmp_path / "run"
+    result = train_dpo(dpo_config(chat_model_dir, pairs_file, out, eval_data=[str(held_out)], eval_every=1))
+    records = metrics(out)
+    assert {"reward_chosen", "reward_rejected", "margin", "accuracy", "pairs", "eval_accuracy", "eval_margin"} <= set(records[0])
+    assert records[0]["pairs"] == 8
+    assert records[-1]["eval_margin"] > records[0]["eval_margin"] and records[-1]["eval_accuracy"] == 1.0
+    assert result.losses[-1] < result.losses[0]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data"]["train_pairs"] == 8 and manifest["dpo"]["reference"].startswith("the policy")
+    assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_full_dpo_precomputes_the_reference(tmp_path, chat_model_dir, pairs_file):
+    from liandan.models import load_model
+    from liandan.objectives import pair_logps
+    from liandan.prepare_stages import prepare_dpo
+
+    config = dpo_config(chat_model_dir, pairs_file, tmp_path / "r", full=True, lr=1e-3, max_steps=2)
+    run = prepare_dpo(config, tmp_path / "r", main_process=True, resume=False)
+    base, _ = load_model(str(chat_model_dir), dtype="float32")
+    with torch.no_grad():
+        expected = pair_logps(base, run.objective.collate(run.train[:2]))
+    assert run.train[0]["ref_logps"] == pytest.approx((expected[0].item(), expected[2].item()), rel=1e-5)
+    train_dpo(dpo_config(chat_model_dir, pairs_file, tmp_path / "full", full=True, lr=1e-3, max_steps=2))
+    assert (tmp_path / "full" / "model.safetensors").is_file()
+
+
+def test_dpo_settings_are_checked():
+    with pytest.raises(LiandanError, match="beta must be above 0"):
+        DPOConfig(beta=0)
+    with pytest.raises(LiandanError, match="loss must be sigmoid or ipo"):
+        DPOConfig(loss="hinge")
+    with pytest.raises(LiandanError, match="replay is an SFT setting"):
+        DPOConfig(replay="self")
+
+
+def test_pretrain_perplexity_on_its_own_text_falls(tmp_path, chat_model_dir):
+    text = tmp_path / "corpus.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    out = tmp_path / "run"
+    config = PretrainConfig(model=str(chat_model_dir), data=[str(text)], eval_data=[str(text)], output_dir=str(out),
+                            max_length=64, batch_tokens=256, max_steps=20, lr=2e-2, mixed_precision="no",
+                            warmup_ratio=0.0, eval_every=1, full=True)  # fmt: skip
+    result = train_pretrain(config)
+    records = metrics(out)
+    assert math.exp(records[-1]["eval_loss"]) < 0.5 * math.exp(records[0]["eval_loss"])
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["data"]["block_size"] == 64 and len(result.losses) == 20
+    assert manifest["data"]["tokens"] > 64 * manifest["data"]["blocks"] - 64
+
+
+def test_pretrain_blocks_cover_the_text_with_eos_between_documents(chat_model_dir):
+    from liandan.models import load_model
+    from liandan.prepare_stages import text_blocks
+
+    _, tok = load_model(str(chat_model_dir))
+    docs = [("a", "Hello world!"), ("b", "The quick brown fox.")]
+    blocks, total = text_blocks(tok, docs, block=4)
+    flat = [t for b in blocks for t in b["input_ids"]]
+    expected = tok("Hello world!").input_ids + [tok.eos_token_id] + tok("The quick brown fox.").input_ids + [tok.eos_token_id]
+    assert total == len(expected)
+    assert flat == expected[: len(flat)] and all(len(b["input_ids"]) == 4 for b in blocks)
+    assert all(b["labels"] == b["input_ids"] for b in blocks)
+
+
+def test_dpo_and_pretrain_cli(tmp_path, chat_model_dir, pairs_file):
+    runner = CliRunner()
+    result = runner.invoke(app, ["dpo", "--model", str(chat_model_dir), "--data", str(pairs_file), "-o", str(tmp_path / "d"),
+                                 "--set", "max_steps=2", "--set", "max_length=64", "--set", "mixed_precision=no"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    text = tmp_path / "t.txt"
+    text.write_text("Hello world! " * 50)
+    result = runner.invoke(app, ["pretrain", "--model", str(chat_model_dir), "--data", str(text), "--eval-data", str(text),
+                                 "-o", str(tmp_path / "p"), "--set", "max_steps=2", "--set", "max_length=32",
+                                 "--set", "batch_tokens=64", "--set", "mixed_precision=no"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "held-out perplexity" in result.output
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "chosen": "same", "rejected": "same"}])
+    result = runner.invoke(app, ["dpo", "--model", str(chat_model_dir), "--data", str(bad), "-o", str(tmp_path / "never")])
+    assert result.exit_code == 2 and f"{bad}:1: field 'rejected': is the same as 'chosen'" in " ".join(result.stderr.split())
+    assert not (tmp_path / "never").exists()

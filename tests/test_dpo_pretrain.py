@@ -141,3 +141,26 @@ def test_dpo_and_pretrain_cli(tmp_path, chat_model_dir, pairs_file):
     result = runner.invoke(app, ["dpo", "--model", str(chat_model_dir), "--data", str(bad), "-o", str(tmp_path / "never")])
     assert result.exit_code == 2 and f"{bad}:1: field 'rejected': is the same as 'chosen'" in " ".join(result.stderr.split())
     assert not (tmp_path / "never").exists()
+
+
+def test_eval_reports_preference_accuracy_and_text_perplexity(tmp_path, chat_model_dir, pairs_file):
+    from liandan.evaluate import EvalConfig, evaluate
+    from liandan.models import load_model
+    from liandan.objectives import collate_pairs, pair_logps
+    from liandan.prepare_stages import encode_pair
+    from liandan.preference import read_pairs
+
+    text = tmp_path / "held.txt"
+    text.write_text("Hello world! The quick brown fox. " * 10)
+    result = evaluate(EvalConfig(models=[str(chat_model_dir)], probes="none", drift="none", pairs=str(pairs_file),
+                                 text=str(text), dtype="float32"))  # fmt: skip
+    scores = result["scores"][str(chat_model_dir)]
+    model, tok = load_model(str(chat_model_dir), dtype="float32")
+    pairs = [encode_pair(tok, p, 4096) for p in read_pairs(pairs_file)]
+    with torch.no_grad():
+        logps = pair_logps(model, collate_pairs(pairs, tok.pad_token_id))
+    margins = logps[:8] - logps[8:]
+    assert scores["prefs"]["accuracy"] == pytest.approx(float((margins > 0).float().mean()))
+    assert scores["prefs"]["margin"] == pytest.approx(float(margins.mean()), rel=1e-4)
+    assert scores["text"]["perplexity"] == pytest.approx(math.exp(scores["text"]["nll"])) and 1 < scores["text"]["perplexity"] < 1000
+    assert {m["key"] for m in result["metrics"]} == {"prefs.accuracy", "prefs.margin", "text.perplexity"}

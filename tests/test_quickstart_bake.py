@@ -7,7 +7,10 @@ from typer.testing import CliRunner
 
 from liandan.bake import BakeConfig, bake
 from liandan.errors import LiandanError
+from liandan.plots import PALETTE
 from liandan.quickstart import QuickstartConfig, quickstart
+
+from browser import colour_pixels, render
 
 runner = CliRunner()
 SCHEMA = {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}, "additionalProperties": False}
@@ -53,8 +56,13 @@ def test_quickstart_writes_report_and_summary_with_every_figure(tmp_path, stoppi
         assert metric["delta"] == pytest.approx(metric["after"] - metric["before"])
     assert saved["training"]["steps"] >= 1 and saved["training"]["replay"] is None
     assert set(saved["seconds"]) == {"compare", "eval_before", "train", "eval_after", "total"}
-    page = (out / "report.html").read_text()
-    assert "Training loss" in page and "<svg" in page
+    # the report as a person sees it: a real browser renders its tables and plots
+    dom, image = render(out / "report.html", tmp_path)
+    assert '<table class="metrics">' in dom and dom.count('<table class="examples"') == 2  # task and probes
+    # headline bars, retention by category, and a loss curve for each model (both are run directories here)
+    assert dom.count("<svg") == 4 and "Training loss" in dom
+    for colour in PALETTE[:2]:  # before and after, in the bar charts
+        assert colour_pixels(image, colour) > 2500, colour
 
 
 def test_quickstart_checks_inputs_before_any_work(tmp_path, task):

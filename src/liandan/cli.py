@@ -230,6 +230,8 @@ def eval_command(
     check: Annotated[Optional[list[str]], typer.Option("--check", help="A check for every task record: KEY=VALUE, e.g. 'regex=^Arr' or json=true (repeatable).")] = None,
     probes: Annotated[str, typer.Option(help="Retention probes: default (shipped), a .jsonl file, or none.")] = "default",
     drift: Annotated[str, typer.Option(help="General prompts for drift: default, a .jsonl/.txt file, or none.")] = "default",
+    pairs: Annotated[Optional[Path], typer.Option(help="Held-out preference pairs: preference accuracy.")] = None,
+    text: Annotated[Optional[Path], typer.Option(help="Held-out raw text (.txt): perplexity.")] = None,
     system: SystemOpt = None,
     max_new_tokens: MaxNewOpt = 160,
     batch_size: BatchOpt = 64,
@@ -244,6 +246,7 @@ def eval_command(
 
         config = EvalConfig(models=model or ["default"], task=str(task) if task else None, schema=str(schema) if schema else None,
                             checks=parse_check_options(check or []), probes=probes, drift=drift, system=system,
+                            pairs=str(pairs) if pairs else None, text=str(text) if text else None,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype)  # fmt: skip
         for path in out or []:
             if path.suffix not in (".html", ".md", ".json"):

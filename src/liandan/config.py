@@ -99,7 +99,7 @@ class SFTConfig:
     """Replay examples per task example (at most 1: replay must not outweigh the task)."""
     replay_prompts: str = "default"
     """Prompts the base model answers for replay "self": "default" (shipped) or a .jsonl/.txt file."""
-    replay_max_new_tokens: int = 128
+    replay_max_new_tokens: int = 256
     """Longest self-replay answer; answers that do not stop within it are left out."""
     trust_remote_code: bool = False
     """Allow model code from the model's repository to run."""

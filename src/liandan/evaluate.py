@@ -68,6 +68,10 @@ class EvalConfig:
     """Retention probe set: "default" (shipped with liandan), a file, or "none"."""
     drift: str = "default"
     """General prompts for drift: "default", a file, or "none"."""
+    pairs: str | None = None
+    """Held-out preference pairs: how often the chosen reply gets the higher log-prob."""
+    text: str | None = None
+    """Held-out raw text (.txt or text records): perplexity."""
     system: str | None = None
     """A system prompt for the task set's chat rendering (probes and drift never get one)."""
     max_new_tokens: int = 160
@@ -219,6 +223,46 @@ def answer_nll(model: Any, tokenizer: Any, prompts: list[Prompt], answers: list[
     return total / max(count, 1)
 
 
+def preference_accuracy(model: Any, tokenizer: Any, pairs: list, batch_size: int = 8) -> dict:
+    """The share of pairs whose chosen reply the model finds more likely than the rejected one
+    (summed reply log-probs), and the mean log-prob margin."""
+    import torch
+
+    from .objectives import collate_pairs, pair_logps
+    from .prepare import pad_id
+    from .prepare_stages import encode_pair
+
+    encoded = [encode_pair(tokenizer, p, max_length=4096) for p in pairs]
+    margins: list[float] = []
+    with torch.inference_mode():
+        for start in range(0, len(encoded), batch_size):
+            batch = {k: v.to(model.device) for k, v in collate_pairs(encoded[start : start + batch_size], pad_id(tokenizer)).items()}
+            logps = pair_logps(model, batch).float()
+            n = logps.shape[0] // 2
+            margins += (logps[:n] - logps[n:]).tolist()
+    wins = [m > 0 for m in margins]
+    return {"accuracy": _mean(wins), "margin": _mean(margins)}
+
+
+def text_nll(model: Any, tokenizer: Any, documents: list, block: int = 512) -> float:
+    """Mean negative log-likelihood per token of held-out text, in blocks of ``block`` tokens."""
+    import torch
+
+    from .batching import collate
+    from .objectives import micro_batch_loss
+    from .prepare import pad_id
+    from .prepare_stages import text_blocks
+
+    blocks, _ = text_blocks(tokenizer, documents, block)
+    total, count = 0.0, 0
+    with torch.inference_mode():
+        for item in blocks:
+            batch = {k: v.to(model.device) for k, v in collate([item], packing=True, pad_id=pad_id(tokenizer)).items()}
+            loss_sum, n = micro_batch_loss(model, batch)
+            total, count = total + float(loss_sum), count + n
+    return total / max(count, 1)
+
+
 def _mean(values) -> float | None:
     values = [float(v) for v in values]
     return sum(values) / len(values) if values else None
@@ -255,7 +299,12 @@ class Evaluation:
         self.task = read_eval_set(config.task, name="task", extra_checks=config.checks, schema=config.schema) if config.task else None
         self.probes = read_set_spec(config.probes, name="probes")
         self.drift_prompts = read_general_prompts(config.drift)
-        if not (self.task or self.probes or self.drift_prompts):
+        from .preference import read_pairs
+        from .prepare_stages import read_texts
+
+        self.pairs = read_pairs(config.pairs) if config.pairs else None
+        self.texts = read_texts([config.text]) if config.text else None
+        if not (self.task or self.probes or self.drift_prompts or self.pairs or self.texts):
             raise LiandanError("nothing to evaluate: give --task FILE, or keep the probe or drift sets")
         self.per_model: dict[str, dict] = {}
         self.outputs: dict[str, dict[str, list]] = {"task": {}, "probes": {}}
@@ -301,6 +350,13 @@ class Evaluation:
             nll = answer_nll(model, tokenizer, self.drift_prompts, self.drift_answers)
             step(f"{name} · drift", len(self.drift_prompts))
             scores["drift"] = {"nll": nll, "perplexity": math.exp(nll)}
+        if self.pairs:
+            scores["prefs"] = preference_accuracy(model, tokenizer, self.pairs)
+            step(f"{name} · preference pairs", len(self.pairs))
+        if self.texts:
+            nll = text_nll(model, tokenizer, self.texts)
+            scores["text"] = {"nll": nll, "perplexity": math.exp(nll)}
+            step(f"{name} · held-out text", 1)
         return scores
 
     def result(self) -> dict:
@@ -309,10 +365,13 @@ class Evaluation:
 
 def work_units(config: EvalConfig) -> int:
     """How many prompts `evaluate` will report through ``progress`` (for a progress bar)."""
+    from .preference import read_pairs
+
     task = len(read_prompts(config.task)) if config.task else 0
     probes = len(read_set_spec(config.probes, name="probes").items) if config.probes != "none" else 0
     drift = len(read_general_prompts(config.drift) or [])
-    return len(config.models) * (task + probes + drift) + drift
+    pairs = len(read_pairs(config.pairs)) if config.pairs else 0
+    return len(config.models) * (task + probes + drift + pairs + bool(config.text)) + drift
 
 
 METRICS = [  # key, label, better, format
@@ -323,6 +382,9 @@ METRICS = [  # key, label, better, format
     ("probes.score", "Probes passed", "higher", "percent"),
     ("probes.kept", "Retention: probes still passed, of those passed before", "higher", "percent"),
     ("drift.perplexity", "Drift: perplexity of the original's answers", "lower", "number"),
+    ("prefs.accuracy", "Preference accuracy: chosen more likely than rejected", "higher", "percent"),
+    ("prefs.margin", "Preference margin: log p(chosen) - log p(rejected)", "higher", "number"),
+    ("text.perplexity", "Held-out text perplexity", "lower", "number"),
 ]
 
 

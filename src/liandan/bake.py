@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LiandanError
+from .report import write_atomic
 
 
 @dataclass
@@ -116,7 +117,7 @@ def bake(config: BakeConfig, console: Any = None) -> dict:
     summary["adherence"] = {m: result["scores"][m]["task"]["score"] for m in result["models"]}
     write_eval_report(result, out / "bake-report.html")
     print_metrics(result, console)
-    (out / "bake-summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomic(out / "bake-summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     console.print(f"Tokens saved per request: {summary['prompt_tokens']} · prefill time saved per request: "
                   f"{summary['prefill_ms_saved']:.1f} ms · run: {out}", highlight=False)  # fmt: skip
     return summary

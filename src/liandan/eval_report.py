@@ -16,12 +16,11 @@ Model outputs are untrusted text: everything that comes from `result` is escaped
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from html import escape
 from pathlib import Path
 
 from .errors import LiandanError
+from .report import write_atomic
 from .plots import DASH, MINUS, _label, _num, _sig3, bar_chart, format_value, loss_chart, model_colours
 
 
@@ -376,17 +375,7 @@ def write_eval_report(result: dict, path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise LiandanError(f"--out {path}: cannot create directory '{path.parent}': {exc.strerror}") from exc
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, text)
     return path
 
 

@@ -42,14 +42,7 @@ class PreparedRun:
 def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume: bool, device: Any = "cpu") -> PreparedRun:
     """Run on the main process first (it writes the run directory and any replay cache), then on
     the others, which find both in place."""
-    if main_process:
-        check_output_dir(out_dir, resume)
-    if not config.data:
-        raise LiandanError("no training data: give --data FILE (repeatable) or data: [...] in the config")
-    model, tokenizer = load_model(config.model, device="cpu", dtype="float32", trust_remote_code=config.trust_remote_code)
-    vocab_before = len(tokenizer)
-    added_template = ensure_chat_template(tokenizer, model)
-    new_token_ids = list(range(vocab_before, len(tokenizer)))
+    model, tokenizer, added_template, new_token_ids = load_trainable_base(config, out_dir, main_process, resume)
     data = read_examples(config.data, format=config.format, purpose="sft", skip_invalid=config.skip_invalid)
     train_examples, eval_examples = split_examples(data.examples, config.eval_fraction, config.seed)
     replay, replay_info = replay_examples(config, model, tokenizer, len(train_examples),
@@ -69,6 +62,20 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
         print_data_summary(data, train_stats, len(evals), replay_info)
     objective = sft_objective(config.packing, pad_id(tokenizer))
     return PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals, objective=objective, manifest=manifest)
+
+
+def load_trainable_base(config, out_dir: Path, main_process: bool, resume: bool):
+    """The model in fp32 with its chat template, and the ids of tokens the template added. A run
+    directory given as the model is loaded merged: DPO after SFT trains a new adapter on top of
+    the SFT model, which is also the reference."""
+    if main_process:
+        check_output_dir(out_dir, resume)
+    if not config.data:
+        raise LiandanError("no training data: give --data FILE (repeatable) or data: [...] in the config")
+    model, tokenizer = load_model(config.model, device="cpu", dtype="float32", trust_remote_code=config.trust_remote_code)
+    vocab_before = len(tokenizer)
+    added = ensure_chat_template(tokenizer, model)
+    return model, tokenizer, added, list(range(vocab_before, len(tokenizer)))
 
 
 def pad_id(tokenizer: Any) -> int:

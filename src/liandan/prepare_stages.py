@@ -12,27 +12,13 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from .chat import encode_chat_example, ensure_chat_template
+from .chat import encode_chat_example
 from .config import DPOConfig, PretrainConfig, save_config
 from .errors import LiandanError
-from .models import file_sha256, load_model
+from .models import file_sha256
 from .objectives import dpo_objective, precompute_reference, sft_objective
-from .prepare import PreparedRun, attach_trainable, build_manifest, check_output_dir, pad_id
+from .prepare import PreparedRun, attach_trainable, build_manifest, load_trainable_base, pad_id
 from .preference import PreferencePair, read_pairs
-
-
-def load_trainable_base(config, out_dir: Path, main_process: bool, resume: bool):
-    """The model in fp32 with its chat template, and the ids of tokens the template added. A run
-    directory given as the model is loaded merged: DPO after SFT trains a new adapter on top of
-    the SFT model, which is also the reference."""
-    if main_process:
-        check_output_dir(out_dir, resume)
-    if not config.data:
-        raise LiandanError("no training data: give --data FILE (repeatable) or data: [...] in the config")
-    model, tokenizer = load_model(config.model, device="cpu", dtype="float32", trust_remote_code=config.trust_remote_code)
-    vocab_before = len(tokenizer)
-    added = ensure_chat_template(tokenizer, model)
-    return model, tokenizer, added, list(range(vocab_before, len(tokenizer)))
 
 
 def finish(run: PreparedRun, config, out_dir: Path, main_process: bool, resume: bool, summary: str) -> PreparedRun:

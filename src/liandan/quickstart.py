@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LiandanError
+from .report import write_atomic
 
 EXAMPLE = Path("examples") / "extract"
 
@@ -107,7 +108,7 @@ def quickstart(config: QuickstartConfig, console: Any = None) -> dict:
     result["notes"].append("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     write_eval_report(result, out / "results.json")
     write_eval_report(result, out / "report.html")
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print_metrics(result, console)
     console.print(f"Report: {out / 'report.html'} · summary: {out / 'summary.json'} · run: {out / 'run'} "
                   f"· total {sum(timings.values()):.0f} s", highlight=False)  # fmt: skip

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +23,7 @@ from .config import SFTConfig
 from .data import Example, read_examples
 from .errors import LiandanError
 from .models import file_sha256, liandan_home
+from .report import write_atomic
 
 
 def replay_examples(config: SFTConfig, model: Any, tokenizer: Any, task_count: int, *,
@@ -63,7 +62,8 @@ def self_replay_file(config: SFTConfig, model: Any, tokenizer: Any, weights_sha2
     if not records:
         raise LiandanError(f"replay self: the base model stopped by itself on none of the {len(prompts)} prompts "
                            f"within replay_max_new_tokens={config.replay_max_new_tokens}; raise it or use --replay FILE")  # fmt: skip
-    write_jsonl_atomic(path, records)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     return path
 
 
@@ -89,15 +89,3 @@ def generate_answers(config: SFTConfig, prompts: list, device: Any) -> list[dict
         {"messages": [*prompts[g.prompt_index].chat_messages(), {"role": "assistant", "content": g.text.strip()}]}
         for g in answers if g.stopped and g.text.strip()
     ]  # fmt: skip
-
-
-def write_jsonl_atomic(path: Path, records: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -111,3 +111,13 @@ def test_bake_needs_a_way_to_measure_adherence(tmp_path):
     with pytest.raises(LiandanError, match="--system: file 'missing.txt' does not exist"):
         bake(BakeConfig(system="missing.txt", checks={"regex": "x"}, output_dir=str(tmp_path / "b")))
     assert not (tmp_path / "b").exists()
+
+
+def test_bake_falls_back_to_the_plain_teacher_when_it_cannot_follow_the_checks(tmp_path, stopping_model_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"Question {i}?"} for i in range(4)])
+    summary = bake(BakeConfig(model=str(stopping_model_dir), system="Always say zzz.", prompts=str(prompts),
+                              checks={"regex": "zzz"}, output_dir=str(tmp_path / "baked"), epochs=1,
+                              sft_overrides=["mixed_precision=no", "max_length=96", "batch_tokens=256"]))  # fmt: skip
+    teacher = summary["teacher"]
+    assert teacher["passed_checks"] == 0 and teacher["filtered"] is False and teacher["kept"] == 4
+    assert summary["adherence"]["original + system prompt"] == 0.0

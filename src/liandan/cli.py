@@ -204,7 +204,7 @@ def bake(
     task: Annotated[Optional[str], typer.Option("--task", "-t", help="Held-out prompts with checks, to measure adherence.")] = None,
     check: Annotated[Optional[list[str]], typer.Option("--check", help="Adherence check for every answer: KEY=VALUE (repeatable).")] = None,
     output_dir: Annotated[str, typer.Option("--output-dir", "-o", help="Run directory.")] = "runs/bake",
-    tries: Annotated[int, typer.Option(help="Teacher answers drawn per prompt until one passes the checks.")] = 4,
+    tries: Annotated[int, typer.Option(help="Teacher answers drawn per prompt until one passes the checks.")] = 2,
     epochs: Annotated[float, typer.Option(help="Passes over the teacher's answers.")] = 3.0,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     probes: Annotated[str, typer.Option(help="Also measure retention: default, a file, or none.")] = "none",

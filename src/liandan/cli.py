@@ -78,7 +78,12 @@ def prepare_models(models: list[str]) -> None:
 
 def quiet_libraries() -> None:
     """transformers' own progress bars and advice would drown the table."""
+    import warnings
+
     import transformers
+
+    # Raised inside PEFT/transformers on every training run; nothing a user can act on.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

@@ -114,6 +114,7 @@ def bake(config: BakeConfig, console: Any = None) -> dict:
     evaluation.run(str(out), name="baked, no system prompt", system="")
     result = evaluation.result()
     result["title"] = "liandan bake: adherence without the system prompt"
+    result["labels"] = {}  # the three names say what each column is
     result["notes"] = [f"evaluated on {task}",
                        f"system prompt: {summary['prompt_tokens']} tokens saved per request, "
                        f"{summary['prefill_ms_saved']:.1f} ms of prefill saved per request on this machine"]  # fmt: skip

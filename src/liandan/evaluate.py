@@ -257,7 +257,7 @@ def text_nll(model: Any, tokenizer: Any, documents: list, block: int = 512) -> f
     total, count = 0.0, 0
     with torch.inference_mode():
         for item in blocks:
-            batch = {k: v.to(model.device) for k, v in collate([item], packing=True, pad_id=pad_id(tokenizer)).items()}
+            batch = {k: v.to(model.device) for k, v in collate([item], packing=False, pad_id=pad_id(tokenizer)).items()}
             loss_sum, n = micro_batch_loss(model, batch)
             total, count = total + float(loss_sum), count + n
     return total / max(count, 1)

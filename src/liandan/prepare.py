@@ -73,9 +73,15 @@ def load_trainable_base(config, out_dir: Path, main_process: bool, resume: bool)
     if not config.data:
         raise LiandanError("no training data: give --data FILE (repeatable) or data: [...] in the config")
     model, tokenizer = load_model(config.model, device="cpu", dtype="float32", trust_remote_code=config.trust_remote_code)
+    pick_training_attention(model, config)
     vocab_before = len(tokenizer)
     added = ensure_chat_template(tokenizer, model)
     return model, tokenizer, added, list(range(vocab_before, len(tokenizer)))
+
+
+def pick_training_attention(model: Any, config) -> None:
+    if config.attention != "auto":
+        model.set_attn_implementation(config.attention)
 
 
 def pad_id(tokenizer: Any) -> int:

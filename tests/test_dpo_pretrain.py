@@ -163,4 +163,7 @@ def test_eval_reports_preference_accuracy_and_text_perplexity(tmp_path, chat_mod
     assert scores["prefs"]["accuracy"] == pytest.approx(float((margins > 0).float().mean()))
     assert scores["prefs"]["margin"] == pytest.approx(float(margins.mean()), rel=1e-4)
     assert scores["text"]["perplexity"] == pytest.approx(math.exp(scores["text"]["nll"])) and 1 < scores["text"]["perplexity"] < 1000
-    assert {m["key"] for m in result["metrics"]} == {"prefs.accuracy", "prefs.margin", "text.perplexity"}
+    tokens = (collate_pairs(pairs, tok.pad_token_id)["targets"] != -100).sum(-1)
+    per_token = logps[:8] / tokens[:8] - logps[8:] / tokens[8:]
+    assert scores["prefs"]["accuracy_per_token"] == pytest.approx(float((per_token > 0).float().mean()))
+    assert {m["key"] for m in result["metrics"]} == {"prefs.accuracy", "prefs.accuracy_per_token", "prefs.margin", "text.perplexity"}

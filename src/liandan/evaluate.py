@@ -234,14 +234,19 @@ def preference_accuracy(model: Any, tokenizer: Any, pairs: list, batch_size: int
 
     encoded = [encode_pair(tokenizer, p, max_length=4096) for p in pairs]
     margins: list[float] = []
+    per_token: list[float] = []
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
             batch = {k: v.to(model.device) for k, v in collate_pairs(encoded[start : start + batch_size], pad_id(tokenizer)).items()}
             logps = pair_logps(model, batch).float()
+            means = logps / (batch["targets"] != -100).sum(-1).clamp(min=1)
             n = logps.shape[0] // 2
             margins += (logps[:n] - logps[n:]).tolist()
-    wins = [m > 0 for m in margins]
-    return {"accuracy": _mean(wins), "margin": _mean(margins)}
+            per_token += (means[:n] - means[n:]).tolist()
+    # Summed log-probs favour the shorter reply whatever the model prefers; the per-token
+    # comparison shows the preference when the two replies differ in length.
+    return {"accuracy": _mean(m > 0 for m in margins), "margin": _mean(margins),
+            "accuracy_per_token": _mean(m > 0 for m in per_token)}  # fmt: skip
 
 
 def text_nll(model: Any, tokenizer: Any, documents: list, block: int = 512) -> float:
@@ -383,6 +388,7 @@ METRICS = [  # key, label, better, format
     ("probes.kept", "Retention: probes still passed, of those passed before", "higher", "percent"),
     ("drift.perplexity", "Drift: perplexity of the original's answers", "lower", "number"),
     ("prefs.accuracy", "Preference accuracy: chosen more likely than rejected", "higher", "percent"),
+    ("prefs.accuracy_per_token", "Preference accuracy, per-token log-probs", "higher", "percent"),
     ("prefs.margin", "Preference margin: log p(chosen) - log p(rejected)", "higher", "number"),
     ("text.perplexity", "Held-out text perplexity", "lower", "number"),
 ]

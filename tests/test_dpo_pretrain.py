@@ -136,7 +136,7 @@ def test_dpo_and_pretrain_cli(tmp_path, chat_model_dir, pairs_file):
                                  "-o", str(tmp_path / "p"), "--set", "max_steps=2", "--set", "max_length=32",
                                  "--set", "batch_tokens=64", "--set", "mixed_precision=no"])  # fmt: skip
     assert result.exit_code == 0, result.output
-    assert "held-out perplexity" in result.output
+    assert "held-out perplexity" in result.output and "at the first evaluation" in result.output
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "chosen": "same", "rejected": "same"}])
     result = runner.invoke(app, ["dpo", "--model", str(chat_model_dir), "--data", str(bad), "-o", str(tmp_path / "never")])
     assert result.exit_code == 2 and f"{bad}:1: field 'rejected': is the same as 'chosen'" in " ".join(result.stderr.split())

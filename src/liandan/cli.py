@@ -347,8 +347,9 @@ def pretrain(
         result = _train(PretrainConfig, train_pretrain, config, set_, resume, model=model, data=data, eval_data=eval_data,
                         output_dir=output_dir, full=full)  # fmt: skip
         if result.eval_losses:
-            console.print(f"held-out perplexity {math.exp(result.eval_losses[0]):.2f} after the first step, "
-                          f"{math.exp(result.eval_losses[-1]):.2f} at the end")  # fmt: skip
+            console.print(f"held-out perplexity {math.exp(result.eval_losses[0]):.2f} at the first evaluation, "
+                          f"{math.exp(result.eval_losses[-1]):.2f} at the end "
+                          "(before training: liandan eval --model BASE --model RUN --text FILE)")  # fmt: skip
 
 
 def _train(cls, train_fn, config: Optional[Path], set_, resume: bool, **values):

@@ -136,10 +136,7 @@ def read_file(
     for where, record in read_records(path):
         count += 1
         try:
-            if isinstance(record, _RecordError):
-                raise record
-            if not isinstance(record, dict):
-                raise _RecordError(where, f"expected a JSON object; got {describe(record)}")
+            record = as_object(where, record)
             if fmt is None:
                 fmt = detect_format(record)
                 if fmt is None:
@@ -157,6 +154,16 @@ def read_file(
     if fmt is None and unknown is not None:  # only with skip_invalid: no record had the keys of a format
         raise LiandanError(f"{path}: no record matches a known data format; the first: {unknown}")
     return examples, fmt  # fmt is None when every record was skipped before one was recognised
+
+
+def as_object(where: str, record: object) -> dict:
+    """The record if it is a JSON object; a record that failed to parse, or is not an object,
+    raises its `_RecordError`."""
+    if isinstance(record, _RecordError):
+        raise record
+    if not isinstance(record, dict):
+        raise _RecordError(where, f"expected a JSON object; got {describe(record)}")
+    return record
 
 
 def detect_format(record: dict) -> str | None:

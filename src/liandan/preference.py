@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import _MISSING, _RecordError, describe, field_error, read_records, read_turns
+from .data import _MISSING, _RecordError, as_object, describe, field_error, read_records, read_turns
 from .errors import LiandanError
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -46,11 +46,7 @@ def read_pairs(paths: list[str | Path] | str | Path) -> list[PreferencePair]:
         for where, record in read_records(str(path)):
             count += 1
             try:
-                if isinstance(record, _RecordError):
-                    raise record
-                if not isinstance(record, dict):
-                    raise _RecordError(where, f"expected a JSON object; got {describe(record)}")
-                pairs.append(normalise_pair(record, where))
+                pairs.append(normalise_pair(as_object(where, record), where))
             except _RecordError as exc:
                 raise LiandanError(str(exc)) from None
         if count == 0:

@@ -247,7 +247,7 @@ def eval_command(
     """Evaluate models before vs after fine-tuning: task score, stop rate, retention and drift."""
     with user_errors():
         from .eval_report import print_metrics, write_eval_report
-        from .evaluate import EvalConfig, evaluate, work_units
+        from .evaluate import EvalConfig, Evaluation, evaluate
 
         config = EvalConfig(models=model or ["default"], task=str(task) if task else None, schema=str(schema) if schema else None,
                             checks=parse_check_options(check or []), probes=probes, drift=drift, system=system,
@@ -256,10 +256,10 @@ def eval_command(
         for path in out or []:
             if path.suffix not in (".html", ".md", ".json"):
                 raise LiandanError(f"--out {path}: expected a file ending in .html, .md or .json")
+        evaluation = Evaluation(config)  # reads and checks every set before any model loads
         prepare_models(config.models)
-        total = work_units(config)
-        result = _run_with_progress(lambda load, progress: evaluate(config, progress=progress, load=load), total,
-                                    device=device, dtype=dtype)  # fmt: skip
+        result = _run_with_progress(lambda load, progress: evaluate(config, progress=progress, load=load, evaluation=evaluation),
+                                    evaluation.units(len(config.models)), device=device, dtype=dtype)  # fmt: skip
         print_metrics(result, console)
         for path in out or []:
             console.print(f"Wrote {write_eval_report(result, path)}")

@@ -280,9 +280,10 @@ def _mean(values) -> float | None:
 Progress = Callable[[str, int], None]
 
 
-def evaluate(config: EvalConfig, *, progress: Progress | None = None, load=None) -> dict:
-    """Run every set through every model (one model in memory at a time); see the module doc."""
-    evaluation = Evaluation(config)
+def evaluate(config: EvalConfig, *, progress: Progress | None = None, load=None, evaluation: Evaluation | None = None) -> dict:
+    """Run every set through every model (one model in memory at a time); see the module doc.
+    ``evaluation`` is an `Evaluation` of ``config`` already made (its sets read and checked)."""
+    evaluation = evaluation or Evaluation(config)
     for spec in config.models:
         evaluation.run(spec, progress=progress, load=load)
     return evaluation.result()
@@ -364,19 +365,15 @@ class Evaluation:
             step(f"{name} · held-out text", 1)
         return scores
 
+    def units(self, models: int = 1) -> int:
+        """How many prompts ``models`` more runs report through ``progress`` (for a progress bar)."""
+        per_model = sum(len(s.items) for s in (self.task, self.probes) if s is not None)
+        per_model += len(self.drift_prompts or []) + len(self.pairs or []) + bool(self.texts)
+        baseline_answers = len(self.drift_prompts or []) if self.drift_answers is None and models else 0
+        return models * per_model + baseline_answers
+
     def result(self) -> dict:
         return build_result(self.config, self.per_model, self.outputs, self.task, self.probes, self.specs)
-
-
-def work_units(config: EvalConfig) -> int:
-    """How many prompts `evaluate` will report through ``progress`` (for a progress bar)."""
-    from .preference import read_pairs
-
-    task = len(read_prompts(config.task)) if config.task else 0
-    probes = len(read_set_spec(config.probes, name="probes").items) if config.probes != "none" else 0
-    drift = len(read_general_prompts(config.drift) or [])
-    pairs = len(read_pairs(config.pairs)) if config.pairs else 0
-    return len(config.models) * (task + probes + drift + pairs + bool(config.text)) + drift
 
 
 METRICS = [  # key, label, better, format

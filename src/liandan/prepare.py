@@ -45,7 +45,7 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
     model, tokenizer, added_template, new_token_ids = load_trainable_base(config, out_dir, main_process, resume)
     data = read_examples(config.data, format=config.format, purpose="sft", skip_invalid=config.skip_invalid)
     train_examples, eval_examples = split_examples(data.examples, config.eval_fraction, config.seed)
-    replay, replay_info = replay_examples(config, model, tokenizer, len(train_examples),
+    replay, replay_info = replay_examples(config, tokenizer, len(train_examples),
                                           weights_sha256=weights_hash(resolve_model(config.model)), device=device)  # fmt: skip
     train, train_stats = encode_all(tokenizer, train_examples + replay, config.max_length)
     evals, _ = encode_all(tokenizer, eval_examples, config.max_length)

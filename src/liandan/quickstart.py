@@ -128,9 +128,7 @@ def compare_task(config: QuickstartConfig, evaluation, out: Path, console) -> No
 def _run_eval(evaluation, spec: str, label: str) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    sets = [s for s in (evaluation.task, evaluation.probes) if s is not None]
-    drift = len(evaluation.drift_prompts or [])
-    total = sum(len(s.items) for s in sets) + drift + (drift if evaluation.drift_answers is None else 0)
+    total = evaluation.units()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
         task = bar.add_task(label, total=total)
         evaluation.run(spec, progress=lambda what, n: bar.update(task, advance=n, description=f"{label}: {what}"))

@@ -1,7 +1,7 @@
 """Replay against forgetting: general examples mixed into the task data.
 
     from liandan.replay import replay_examples
-    examples, info = replay_examples(config, model, tokenizer, task_count=240)
+    examples, info = replay_examples(config, tokenizer, task_count=240)
 
 ``replay: self`` asks the base model, before any training, to answer general prompts, and trains
 on those answers next to the task: the model keeps rehearsing what it already did, in its own
@@ -26,14 +26,14 @@ from .models import file_sha256, liandan_home
 from .report import write_atomic
 
 
-def replay_examples(config: SFTConfig, model: Any, tokenizer: Any, task_count: int, *,
+def replay_examples(config: SFTConfig, tokenizer: Any, task_count: int, *,
                     weights_sha256: str | None = None, device: Any = "cpu") -> tuple[list[Example], dict]:  # fmt: skip
     """The replay examples to add for ``task_count`` task examples, and what the manifest records."""
     wanted = round(config.replay_ratio * task_count)
     if not config.replay or wanted == 0:
         return [], {}
     if config.replay == "self":
-        path = self_replay_file(config, model, tokenizer, weights_sha256, device)
+        path = self_replay_file(config, tokenizer, weights_sha256, device)
     else:
         path = Path(config.replay)
     pool = read_examples([str(path)], purpose="sft").examples
@@ -45,13 +45,13 @@ def replay_examples(config: SFTConfig, model: Any, tokenizer: Any, task_count: i
     return chosen, info
 
 
-def self_replay_file(config: SFTConfig, model: Any, tokenizer: Any, weights_sha256: str | None, device: Any) -> Path:
+def self_replay_file(config: SFTConfig, tokenizer: Any, weights_sha256: str | None, device: Any) -> Path:
     """The cached file of the base model's own answers, generated now if missing."""
     from .evaluate import read_general_prompts
 
     prompts = read_general_prompts(config.replay_prompts, "general")
     key = json.dumps({
-        "weights": weights_sha256 or getattr(getattr(model, "liandan_source", None), "location", config.model),
+        "weights": weights_sha256 or config.model,
         "template": tokenizer.chat_template, "prompts": [p.chat_messages() for p in prompts],
         "max_new_tokens": config.replay_max_new_tokens,
     }, sort_keys=True)  # fmt: skip

@@ -5,15 +5,17 @@ import pytest
 import torch
 
 from liandan.errors import LiandanError
-from liandan.losses import dpo_loss, sequence_logps
+from liandan.losses import dpo_loss, token_nll
 from liandan.preference import read_pairs
 
 
-def test_sequence_logps_by_hand():
-    # position 0 not trained; position 1: logits [0, ln 3] -> p(1) = 3/4; position 2: [0, 0] -> p(0) = 1/2
-    logits = torch.tensor([[[5.0, 1.0], [0.0, math.log(3)], [0.0, 0.0]]])
-    targets = torch.tensor([[-100, 1, 0]])
-    assert sequence_logps(logits, targets).item() == pytest.approx(math.log(0.75 * 0.5))
+def test_reply_logp_by_hand():
+    # a reply's log-prob is minus the sum of its tokens' losses. Hidden states e1, e2 through the
+    # head W give logits [0, ln 3] -> p(1) = 3/4, and [0, 0] -> p(0) = 1/2
+    hidden = torch.eye(2)
+    weight = torch.tensor([[0.0, 0.0], [math.log(3), 0.0]])
+    nll = token_nll(hidden, weight, torch.tensor([1, 0]))
+    assert (-nll.sum()).item() == pytest.approx(math.log(0.75 * 0.5))
 
 
 def test_dpo_loss_by_hand():

@@ -1,16 +1,21 @@
 """Loss functions as pure tensor code.
 
-    from liandan.losses import next_token_targets, sft_loss_sum
+    from liandan.losses import next_token_targets, token_nll
     targets = next_token_targets([-100, -100, 7, 8])     # [-100, 7, 8, -100]
-    total, count = sft_loss_sum(logits, targets)           # sum over trained tokens, and their number
+    nll = token_nll(hidden, head_weight, tokens)         # per-token loss at trained positions
 
 The SFT objective is the mean negative log-likelihood of the trained tokens:
 
     L = -(1 / N) * sum_{t : y_t != -100} log p(y_t | x_<t)
 
 where N counts trained tokens over the *whole* optimizer step (all micro-batches and processes),
-so that gradient accumulation gives the same gradient as one big batch. That is why the loss
-function returns a sum and a count, and the training loop divides.
+so that gradient accumulation gives the same gradient as one big batch. That is why the
+objectives return sums, and the training loop divides.
+
+`token_nll` computes the same token losses straight from the last hidden states and the output
+head, in chunks of rows, so the (tokens x vocabulary) logits never exist in full: for a 49k
+vocabulary the logits of a 2k-token micro-batch are 400 MB in fp32, and filling, casting and
+soft-maxing them cost a fifth of a CPU training step.
 """
 
 from __future__ import annotations
@@ -26,28 +31,6 @@ def next_token_targets(labels: list[int]) -> list[int]:
     token the model should predict at position t). Done per example, so packed examples never
     ask the last token of one example to predict the first of the next."""
     return labels[1:] + [IGNORE]
-
-
-def sft_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Sum of token cross-entropies over positions whose target is not -100, and their count.
-
-    logits: (B, T, V); targets: (B, T). Computed in fp32 for a stable log-softmax.
-    """
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # (B*T, V)
-    flat_targets = targets.reshape(-1)  # (B*T,)
-    total = F.cross_entropy(flat_logits, flat_targets, ignore_index=IGNORE, reduction="sum")
-    return total, int((flat_targets != IGNORE).sum())
-
-
-def sequence_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed log-probability of each row's trained targets: log p(reply | prompt).
-
-    logits: (B, T, V); targets: (B, T) with -100 where not trained. Returns (B,).
-    """
-    logp = logits.float().log_softmax(-1)  # (B, T, V)
-    mask = targets != IGNORE
-    picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
-    return (picked * mask).sum(-1)
 
 
 def dpo_loss(
@@ -79,3 +62,70 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
     return loss, chosen_rewards, rejected_rewards
+
+
+class _TokenNLL(torch.autograd.Function):
+    """-log softmax(h W^T)[target] per row, chunk by chunk.
+
+    When W is frozen (LoRA), the gradient with respect to h, (softmax - onehot) W, is computed in
+    the forward pass while each chunk's logits are at hand, and only that (N, H) tensor is kept:
+    backward merely scales it. When W is trained (full fine-tuning) each chunk's logits are
+    recomputed in backward, which also gives W's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk):
+        weight_c = weight.to(hidden.dtype)
+        nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        keep_grad = hidden.requires_grad and not weight.requires_grad
+        grad_hidden = torch.empty_like(hidden) if keep_grad else None
+        for start in range(0, hidden.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            target = targets[rows].unsqueeze(-1)  # (C, 1)
+            logp = torch.log_softmax(hidden[rows] @ weight_c.t(), dim=-1, dtype=torch.float32)  # (C, V)
+            nll[rows] = -logp.gather(-1, target).squeeze(-1)
+            if keep_grad:
+                grad_hidden[rows] = _softmax_minus_onehot(logp, target).to(hidden.dtype) @ weight_c  # (C, H)
+        ctx.chunk, ctx.kept = chunk, keep_grad
+        ctx.save_for_backward(*((grad_hidden,) if keep_grad else (hidden, weight, targets)))
+        return nll
+
+    @staticmethod
+    def backward(ctx, grad_nll):
+        if ctx.kept:
+            (grad_hidden,) = ctx.saved_tensors
+            return grad_hidden * grad_nll.unsqueeze(-1).to(grad_hidden.dtype), None, None, None
+        hidden, weight, targets = ctx.saved_tensors
+        weight_c = weight.to(hidden.dtype)
+        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
+        for start in range(0, hidden.shape[0], ctx.chunk):
+            rows = slice(start, start + ctx.chunk)
+            logp = torch.log_softmax(hidden[rows] @ weight_c.t(), dim=-1, dtype=torch.float32)  # (C, V)
+            grad_logits = _softmax_minus_onehot(logp, targets[rows].unsqueeze(-1))
+            grad_logits = grad_logits.mul_(grad_nll[rows].unsqueeze(-1)).to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[rows] = grad_logits @ weight_c
+            if grad_w is not None:
+                grad_w += (grad_logits.t() @ hidden[rows]).float()  # (V, H)
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+
+
+def _softmax_minus_onehot(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """d(-log p[target]) / d logits, overwriting ``logp``."""
+    probs = logp.exp_()
+    return probs.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=probs.dtype, device=probs.device))
+
+
+def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+    """Per-token negative log-likelihood of ``targets`` under logits ``hidden @ weight.T``,
+    computed ``chunk`` rows at a time (default: 256 on a CPU, where a chunk's logits should stay
+    near the caches; 2048 elsewhere), log-softmax in fp32.
+
+    hidden: (N, H) final hidden states at trained positions; weight: (V, H) output head;
+    targets: (N,) token ids (no -100 here: select trained positions first). Returns (N,) fp32.
+    Equal to ``F.cross_entropy(hidden @ weight.T, targets, reduction="none")`` up to rounding.
+    """
+    if chunk is None:
+        chunk = 256 if hidden.device.type == "cpu" else 2048
+    return _TokenNLL.apply(hidden, weight, targets, chunk)

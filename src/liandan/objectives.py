@@ -21,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .batching import collate, trained_positions
-from .losses import IGNORE, dpo_loss, sequence_logps, sft_loss_sum
+from .losses import IGNORE, dpo_loss, token_nll
 
 
 @dataclass
@@ -38,14 +39,42 @@ class Objective:
     """(sum of the loss over the micro-batch's units, sums of extra statistics to log per unit)."""
 
 
-def micro_batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-    """Sum of token losses of one micro-batch and its trained-token count, computing logits only
-    at trained positions."""
+def trained_token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Negative log-likelihood of every trained target of a micro-batch, (N,) fp32, and the row
+    each belongs to, (N,).
+
+    The model runs without its output head (no logits kept); `token_nll` applies the head to the
+    trained positions' final hidden states in chunks, so the (tokens x vocabulary) logits never
+    exist in full. A head that is not a plain linear layer (LoRA on the head, trainable tokens)
+    falls back to the model's logits at trained positions.
+    """
     targets = batch["targets"]
-    keep = trained_positions(targets)
     inputs = {k: v for k, v in batch.items() if k != "targets"}
-    out = model(**inputs, use_cache=False, logits_to_keep=keep)
-    return sft_loss_sum(out.logits, targets[:, keep])  # logits (B, K, V)
+    head = plain_output_head(model)
+    if head is None:
+        keep = trained_positions(targets)
+        logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
+        kept = targets[:, keep]
+        trained = kept != IGNORE
+        rows = trained.nonzero()[:, 0]
+        return F.cross_entropy(logits[trained].float(), kept[trained], reduction="none"), rows
+    none = torch.empty(0, dtype=torch.long, device=targets.device)
+    out = model(**inputs, use_cache=False, logits_to_keep=none, output_hidden_states=True)
+    trained = targets != IGNORE
+    hidden = out.hidden_states[-1][trained]  # (N, H): after the final norm
+    return token_nll(hidden, head.weight, targets[trained]), trained.nonzero()[:, 0]
+
+
+def plain_output_head(model: Any) -> torch.nn.Linear | None:
+    inner = getattr(model, "module", model)  # DDP / accelerate wrapper
+    head = inner.get_output_embeddings()
+    return head if type(head) is torch.nn.Linear and head.bias is None else None
+
+
+def micro_batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Sum of token losses of one micro-batch and its trained-token count."""
+    nll, _ = trained_token_nll(model, batch)
+    return nll.sum(), nll.numel()
 
 
 def sft_objective(packing: bool, pad_id: int, name: str = "sft") -> Objective:
@@ -63,10 +92,8 @@ def sft_objective(packing: bool, pad_id: int, name: str = "sft") -> Objective:
 
 def pair_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed reply log-probs of every row: (2B,), chosen rows first, then rejected."""
-    targets = batch["targets"]
-    keep = trained_positions(targets)
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False, logits_to_keep=keep)
-    return sequence_logps(out.logits, targets[:, keep])  # logits (2B, K, V)
+    nll, rows = trained_token_nll(model, batch)
+    return -torch.zeros(batch["input_ids"].shape[0], device=nll.device).index_add(0, rows, nll)
 
 
 def reference_logps(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:

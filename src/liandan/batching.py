@@ -5,9 +5,10 @@
     batch = collate([examples[i] for i in plan[0]], packing=True, pad_id=0)
 
 Packed: the examples of a micro-batch are concatenated into ONE row, with ``position_ids``
-restarting at 0 for each example and no attention mask. transformers then builds a
-block-diagonal causal mask from the position ids, so no token attends across examples, and the
-loss equals the unpacked batch's loss — with no compute spent on padding.
+restarting at 0 for each example, no attention mask, and ``cu_seq_lens_q`` (where each example
+starts, and the row's end). Attention then never crosses examples (`liandan.attention` on CPUs,
+flash attention or a block-diagonal mask from the position ids elsewhere), and the loss equals
+the unpacked batch's loss — with no compute spent on padding.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 from .losses import IGNORE, next_token_targets
 
 
-def plan_batches(lengths: list[int], batch_tokens: int, packing: bool, seed: int) -> list[list[int]]:
-    """Shuffle example indices (seeded) and group them greedily within a token budget.
+def plan_batches(lengths: list[int], batch_tokens: int, packing: bool, seed: int, batch_size: int = 0) -> list[list[int]]:
+    """Shuffle example indices (seeded) and group them greedily within a token budget, and at
+    most ``batch_size`` examples per group when that is set (> 0).
 
     Packed: the sum of lengths stays within ``batch_tokens``. Padded: the number of rows times
     the longest row stays within it.
@@ -35,7 +37,7 @@ def plan_batches(lengths: list[int], batch_tokens: int, packing: bool, seed: int
             cost = sum(lengths[i] for i in candidate)
         else:
             cost = len(candidate) * max(lengths[i] for i in candidate)
-        if current and cost > batch_tokens:
+        if current and (cost > batch_tokens or 0 < batch_size < len(candidate)):
             batches.append(current)
             candidate = [index]
         current = candidate
@@ -47,15 +49,17 @@ def plan_batches(lengths: list[int], batch_tokens: int, packing: bool, seed: int
 def collate(examples: list[dict], packing: bool, pad_id: int) -> dict[str, torch.Tensor]:
     """Tensors for one micro-batch. ``targets`` are next-token targets (-100 = not trained)."""
     if packing:
-        input_ids, positions, targets = [], [], []
+        input_ids, positions, targets, starts = [], [], [], [0]
         for ex in examples:
             input_ids += ex["input_ids"]
             positions += list(range(len(ex["input_ids"])))
             targets += next_token_targets(ex["labels"])
+            starts.append(len(input_ids))
         return {
             "input_ids": torch.tensor([input_ids]),  # (1, T)
             "position_ids": torch.tensor([positions]),  # (1, T)
             "targets": torch.tensor([targets]),  # (1, T)
+            "cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32),  # (examples + 1,)
         }
     width = max(len(ex["input_ids"]) for ex in examples)
     input_ids = torch.full((len(examples), width), pad_id)

@@ -28,8 +28,9 @@ class LoraConfig:
     """LoRA rank r: the width of the low-rank update."""
     alpha: float = 32.0
     """LoRA scale numerator: the update is multiplied by alpha / rank."""
-    dropout: float = 0.05
-    """Dropout on the LoRA input during training."""
+    dropout: float = 0.0
+    """Dropout on the LoRA input during training. Off by default: drawing a fresh mask for the
+    input of every adapted layer took 30% of a CPU training step (default model, 2 cores)."""
     target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
     """Module names to adapt; ["all-linear"] adapts every linear layer except the output head."""
 
@@ -68,17 +69,18 @@ class SFTConfig:
     """Optimizer steps to run; 0 means derive from epochs."""
     batch_tokens: int = 2048
     """Tokens in one micro-batch (packed) or the padded size budget (unpacked)."""
+    batch_size: int = 0
+    """At most this many examples in a micro-batch (0 = as many as fit in batch_tokens)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     max_length: int = 1024
     """Longest example in tokens; longer ones are truncated (and reported)."""
-    packing: bool = False
-    """Pack several examples into one row without padding (position ids restart, no attention
-    across examples). Off by default: without variable-length attention kernels (CPUs) the
-    row-wide block-diagonal mask costs more than the padding it saves (default model, LoRA, 2
-    cores: 120 tokens/s packed vs 185 padded); turn it on with such kernels (flash attention)."""
+    packing: bool = True
+    """Pack several examples into one row without padding: position ids restart at each example
+    and attention never crosses examples, so no compute is spent on padding tokens."""
     attention: str = "auto"
-    """Attention kernel for training: auto (the model's default), eager, sdpa or flash_attention_2."""
+    """Attention kernel for training: auto (packed rows on a CPU: per-example SDPA; otherwise the
+    model's default), eager, sdpa or flash_attention_2."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0 = off)."""
     mixed_precision: str = "auto"
@@ -116,6 +118,7 @@ class SFTConfig:
             (self.lr > 0, f"lr must be above 0 (got {self.lr})"),
             (self.max_steps >= 0, f"max_steps must be 0 or more (got {self.max_steps})"),
             (self.epochs > 0 or self.max_steps > 0, "epochs must be above 0 when max_steps is 0"),
+            (self.batch_size >= 0, f"batch_size must be 0 (no limit) or more (got {self.batch_size})"),
             (self.grad_accum >= 1, f"grad_accum must be at least 1 (got {self.grad_accum})"),
             (self.max_length >= 8, f"max_length must be at least 8 (got {self.max_length})"),
             (self.batch_tokens >= self.max_length, f"batch_tokens ({self.batch_tokens}) must be at least max_length ({self.max_length})"),

@@ -34,6 +34,8 @@ class PreparedRun:
     unit: str = "trained_tokens"
     """What the loss is normalised by, as logged in metrics.jsonl."""
     manifest: dict = field(default_factory=dict)
+    attention: str = "sdpa"
+    """The model's own attention implementation, put back before it is saved."""
 
     def write_manifest(self, out_dir: Path) -> None:
         (out_dir / "manifest.json").write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
@@ -73,15 +75,9 @@ def load_trainable_base(config, out_dir: Path, main_process: bool, resume: bool)
     if not config.data:
         raise LiandanError("no training data: give --data FILE (repeatable) or data: [...] in the config")
     model, tokenizer = load_model(config.model, device="cpu", dtype="float32", trust_remote_code=config.trust_remote_code)
-    pick_training_attention(model, config)
     vocab_before = len(tokenizer)
     added = ensure_chat_template(tokenizer, model)
     return model, tokenizer, added, list(range(vocab_before, len(tokenizer)))
-
-
-def pick_training_attention(model: Any, config) -> None:
-    if config.attention != "auto":
-        model.set_attn_implementation(config.attention)
 
 
 def pad_id(tokenizer: Any) -> int:

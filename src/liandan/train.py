@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from .attention import use_training_attention
 from .batching import plan_batches
 from .config import SFTConfig, save_config
 from .errors import LiandanError
@@ -45,6 +46,10 @@ class TrainResult:
     steps: int
     losses: list[float] = field(default_factory=list)
     eval_losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    """Wall time of the steps run here (the loop only: no loading, encoding or saving)."""
+    tokens: int = 0
+    """Tokens through the model in those steps, over all processes (padding excluded)."""
 
 
 class StepStream:
@@ -59,12 +64,12 @@ class StepStream:
         self.lengths, self.config = lengths, config
         self.processes, self.rank = processes, rank
         self.packing = config.packing if packing is None else packing
-        self.per_epoch = len(plan_batches(lengths, config.batch_tokens, self.packing, config.seed))
+        self.per_epoch = len(plan_batches(lengths, config.batch_tokens, self.packing, config.seed, config.batch_size))
         self._plans: dict[int, list[list[int]]] = {}
 
     def plan(self, epoch: int) -> list[list[int]]:
         if epoch not in self._plans:
-            self._plans = {epoch: plan_batches(self.lengths, self.config.batch_tokens, self.packing, self.config.seed + epoch)}
+            self._plans = {epoch: plan_batches(self.lengths, self.config.batch_tokens, self.packing, self.config.seed + epoch, self.config.batch_size)}
         return self._plans[epoch]
 
     def step(self, step: int) -> list[list[int]]:
@@ -152,6 +157,9 @@ def _loop(config: SFTConfig, prepare, resume: bool, stop_after: int | None) -> T
     with accelerator.main_process_first():
         run = prepare(config, out_dir, main_process=accelerator.is_main_process, resume=resume, device=accelerator.device)
     model, tokenizer, objective = run.model, run.tokenizer, run.objective
+    run.attention = use_training_attention(model, config.attention, objective.packing, accelerator.device)
+    if not config.full and accelerator.mixed_precision == "bf16":
+        freeze_in_bf16(model)
     stream = StepStream([item_length(e) for e in run.train], config, accelerator.num_processes, accelerator.process_index,
                         packing=objective.packing)  # fmt: skip
     steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
@@ -203,7 +211,9 @@ def _loop(config: SFTConfig, prepare, resume: bool, stop_after: int | None) -> T
             mean_loss = float(accelerator.reduce(step_loss, "sum")) / window
             result.losses.append(mean_loss)
             seconds = time.perf_counter() - started
-            tokens = int(accelerator.reduce(torch.tensor(sum(b["input_ids"].numel() for b in batches), device=accelerator.device), "sum"))
+            tokens = int(accelerator.reduce(torch.tensor(sum(real_tokens(b) for b in batches), device=accelerator.device), "sum"))
+            result.seconds += seconds
+            result.tokens += tokens
             record = {"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], run.unit: window,
                       **{k: float(accelerator.reduce(v, "sum")) / window for k, v in sums.items()},
                       "tokens_per_second": tokens / seconds}  # fmt: skip
@@ -255,7 +265,7 @@ def evaluate(model, examples: list[dict], objective, config: SFTConfig, accelera
     """The objective's loss and statistics on the held-out split: ``eval_loss``, ``eval_<stat>``."""
     model.eval()
     total, units, sums = 0.0, 0, {}
-    for idx in plan_batches([item_length(e) for e in examples], config.batch_tokens, objective.packing, seed=0):
+    for idx in plan_batches([item_length(e) for e in examples], config.batch_tokens, objective.packing, 0, config.batch_size):
         batch = {k: v.to(accelerator.device) for k, v in objective.collate([examples[i] for i in idx]).items()}
         with accelerator.autocast():
             loss_sum, stats = objective.loss(model, batch)
@@ -265,6 +275,30 @@ def evaluate(model, examples: list[dict], objective, config: SFTConfig, accelera
             sums[key] = sums.get(key, 0.0) + float(value)
     model.train()
     return {"eval_loss": total / max(units, 1), **{f"eval_{k}": v / max(units, 1) for k, v in sums.items()}}
+
+
+def freeze_in_bf16(model) -> None:
+    """LoRA under bf16 autocast: store the frozen weights in bf16 (autocast would otherwise cast
+    every one of them on every forward pass, and keep the copies for backward) and keep the
+    trained adapter weights in fp32, so their optimizer updates are not rounded away. PEFT's
+    casting of each adapter's input to the adapter's fp32 is switched off: under autocast the
+    matmul runs in bf16 anyway, and the casts cost a copy of the activations per adapted layer."""
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(torch.bfloat16)
+    set_adapter_input_casting(model, False)
+
+
+def set_adapter_input_casting(model, enabled: bool) -> None:
+    for module in model.modules():
+        if hasattr(module, "cast_input_dtype_enabled"):
+            module.cast_input_dtype_enabled = enabled
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of a micro-batch that are not padding."""
+    mask = batch.get("attention_mask")
+    return int(mask.sum()) if mask is not None else batch["input_ids"].numel()
 
 
 def item_length(item: dict) -> int:
@@ -323,6 +357,8 @@ def save_final(accelerator, model, tokenizer, config: SFTConfig, out_dir: Path, 
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
+    unwrapped.set_attn_implementation(run.attention)  # the model's own again, to save and generate
+    set_adapter_input_casting(unwrapped, True)
     unwrapped.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     run.write_manifest(out_dir)

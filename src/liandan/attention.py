@@ -1,0 +1,60 @@
+"""Attention for packed rows where no variable-length kernel exists (CPUs).
+
+    from liandan.attention import use_training_attention
+    original = use_training_attention(model, "auto", packing=True, device=torch.device("cpu"))
+
+A packed row holds several examples one after another; each may attend only to itself. Given
+only position ids, transformers builds one (T x T) block-diagonal mask for the whole row, and
+SDPA on a CPU then computes every score of the row and masks most away: the cost grows with
+the square of the row, not of the examples. `packed_attention` instead runs causal SDPA on each
+example's slice (``cu_seq_lens_q``, written by `liandan.batching.collate`), so attention costs
+sum(len_i^2) and no mask is built. On CUDA, flash attention (``attention: flash_attention_2``)
+does the same natively from the position ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+PACKED = "liandan_packed"
+
+
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention interface: query (B, H, T, D), key/value (B, H_kv, T, D);
+    returns (B, T, H, D). Without ``cu_seq_lens_q`` it is plain SDPA (padded rows, generation)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    starts = kwargs.pop("cu_seq_lens_q", None)
+    if starts is None or query.shape[0] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    lengths = starts.diff().tolist()
+    # split (not slicing) so that backward concatenates the slices' gradients instead of adding
+    # zero-padded copies of the whole row
+    outputs = [
+        sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0]
+        for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2))
+    ]
+    return torch.cat(outputs, dim=1), None  # (1, T, H, D)
+
+
+def register() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PACKED, packed_attention)
+
+
+def use_training_attention(model: Any, choice: str, packing: bool, device: torch.device) -> str:
+    """Set the attention implementation for training and return the model's original one (to
+    put back before the model is saved or generates). ``choice`` "auto": packed rows on a CPU
+    use `packed_attention`; everything else keeps the model's own."""
+    inner = getattr(model, "module", model)
+    original = inner.config._attn_implementation
+    if choice == "auto":
+        choice = PACKED if packing and device.type == "cpu" else original
+    if choice == PACKED:
+        register()
+    if choice != original:
+        inner.set_attn_implementation(choice)
+    return original

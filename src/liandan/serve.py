@@ -1,0 +1,642 @@
+"""An HTTP server with the OpenAI API shape, for one model: ``liandan serve MODEL``.
+
+    liandan serve runs/my-sft --port 8000                      # in one terminal
+
+    from openai import OpenAI                                   # in another, any OpenAI client
+    client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")
+    reply = client.chat.completions.create(
+        model="my-sft", messages=[{"role": "user", "content": "Hi"}], temperature=0)
+    print(reply.choices[0].message.content, reply.choices[0].finish_reason)
+
+From Python, `create_app` gives the FastAPI app without opening a socket, and `serve` loads a model
+with `liandan.models.load_model` and runs the app with uvicorn:
+
+    from liandan.serve import serve
+    serve("runs/my-sft", port=8000, api_key="secret")
+
+Endpoints: ``GET /v1/models``, ``POST /v1/chat/completions`` (the model's own chat template and
+stop tokens, as trained) and ``POST /v1/completions`` (raw text, no template); both stream as
+server-sent events with ``"stream": true``. Honoured: ``temperature`` (default 1, as OpenAI; 0 is
+greedy), ``top_p``, ``max_tokens``, ``stop``, ``seed``, ``n``; ``finish_reason`` is ``stop`` when
+the model's stop token or a stop string ended a choice and ``length`` when ``max_tokens`` did.
+Text is decoded with special tokens kept, as ``liandan generate`` shows it; the stop token itself
+is never part of it.
+
+One worker thread owns the model and runs requests one at a time from a queue: simple, and each
+request gets exactly the output it would get alone. Bad requests get a 4xx answer in OpenAI's
+error shape ``{"error": {"message", "type", "param", "code"}}``, never a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import secrets
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .chat import render_chat, stop_token_ids
+from .errors import LiandanError
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16
+"""OpenAI's default for /v1/completions; chat completions default to the rest of the context."""
+UNKNOWN_CONTEXT_MAX_TOKENS = 4096
+"""Chat default for a model whose config does not say how long its context is."""
+# OpenAI parameters liandan does not implement: refused when set, rather than silently ignored.
+UNSUPPORTED = (
+    "logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "frequency_penalty",
+    "presence_penalty", "tools", "tool_choice", "functions", "function_call", "response_format",
+)  # fmt: skip
+_UNSET = (None, False, 0, "", [], {}, "none", "auto", {"type": "text"})
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests: typed and strict, so "0.5" is not a temperature and 1.5 is not a max_tokens.
+
+
+class _StreamOptions(BaseModel):
+    include_usage: StrictBool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="allow")  # other OpenAI fields are checked against UNSUPPORTED
+
+    model: StrictStr
+    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    temperature: Annotated[StrictFloat, Field(ge=0, le=2)] | None = None
+    top_p: Annotated[StrictFloat, Field(ge=0, le=1)] | None = None
+    n: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    seed: Annotated[StrictInt, Field(ge=-(2**63), lt=2**64)] | None = None
+    stream: StrictBool | None = None
+    stream_options: _StreamOptions | None = None
+
+
+class _TextPart(BaseModel):
+    type: Literal["text"]
+    text: StrictStr
+
+
+class _Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: StrictStr | list[_TextPart] | None = None
+
+    def as_dict(self) -> dict[str, str]:
+        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
+        # Templates are trained on "system"; OpenAI's newer name for it is "developer".
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[_Message], Field(min_length=1)]
+    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors in OpenAI's shape
+
+
+class ApiError(Exception):
+    """A request the server refuses, answered as ``{"error": {...}}`` with ``status``."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type: str = "invalid_request_error") -> None:  # fmt: skip
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+
+
+def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
+                   type: str = "invalid_request_error") -> JSONResponse:  # fmt: skip
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status)
+
+
+def _validation_error(exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 as OpenAI's 400: one message naming the field, what came and what was expected."""
+    errors = exc.errors()
+    first = errors[0]
+    if first["type"] == "json_invalid":
+        detail = first.get("ctx", {}).get("error", "")
+        return error_response(400, f"the request body is not valid JSON: {detail} (at character {first['loc'][-1]})")
+    path = _field_path(first["loc"])
+    if isinstance(first.get("input"), bytes):  # a body FastAPI did not read as JSON
+        return error_response(400, "the request body must be JSON, sent with 'Content-Type: application/json'")
+    if not path:
+        return error_response(400, f"the request body must be a JSON object: {first['msg']}")
+    # A field that takes a string or a list fails once per alternative; say them all.
+    by_path: dict[str, list[str]] = {}
+    for error in errors:
+        if (where := _field_path(error["loc"])).startswith(path) and error["msg"] not in by_path.get(where, []):
+            by_path.setdefault(where, []).append(error["msg"])
+    got = first.get("input")
+    shown = f" (got {json.dumps(got)[:60]})" if isinstance(got, (str, int, float, bool)) or got is None else ""
+    message = "; or ".join(f"'{where}': {', or: '.join(msgs)}" for where, msgs in by_path.items())
+    return error_response(400, message + shown, param=path.split(".")[0])
+
+
+def _field_path(loc: tuple) -> str:
+    """``("body", "messages", 0, "str")`` -> ``"messages.0"``: pydantic's union branch tags dropped."""
+    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and (p in ("str", "int", "float", "bool") or "[" in p))]
+    return ".".join(parts)
+
+
+class _RequireApiKey:
+    """ASGI middleware: every ``/v1`` request needs ``Authorization: Bearer KEY``. It runs before the
+    body is read, so a caller without the key learns nothing about what it sent."""
+
+    def __init__(self, app: Any, api_key: str) -> None:
+        self.app, self.key = app, api_key.encode()
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+            auth = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, token = auth.partition(b" ")
+            if not auth:
+                response = error_response(401, "missing API key: send the header 'Authorization: Bearer KEY'")
+                return await response(scope, receive, send)
+            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
+                response = error_response(401, "incorrect API key", code="invalid_api_key")
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop strings: cut the text before them, and while streaming hold back what may become one.
+
+
+def find_stop(text: str, stops: list[str]) -> int | None:
+    """Where the earliest stop string starts in ``text``, or None."""
+    found = [at for at in (text.find(s) for s in stops) if at >= 0]
+    return min(found) if found else None
+
+
+def streamable_length(text: str, stops: list[str]) -> int:
+    """How much of ``text`` can be sent now: not a trailing half-decoded character (U+FFFD until
+    its next byte arrives), nor an ending that could be the start of a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), held, -1):
+            if text.startswith(stop[:k], end - k):
+                held = k
+                break
+    return end - held
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker: one thread owns the model and runs jobs from a queue, one at a time.
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+    """Tokens generated, the stop token included (what ``usage.completion_tokens`` counts)."""
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0
+    """Characters of ``text`` already streamed."""
+
+
+@dataclass
+class Job:
+    """One prompt with its sampling settings; ``n`` rows generate together. Results come back
+    through ``events`` on the request's event loop: ``("delta", index, text)`` while streaming,
+    then ``("done", [Choice])`` or ``("error", message)``."""
+
+    prompt_ids: list[int]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+    first_index: int
+    stream: bool
+    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+    def emit(self, event: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+class _Tracker:
+    """A stopping criterion for ``model.generate``, called after every token with the sequences so
+    far: it ends each row on a stop token or stop string, and streams the text that can no longer
+    turn into a stop string."""
+
+    def __init__(self, job: Job, decode: Callable[[list[int]], str], stop_ids: list[int]) -> None:
+        self.job, self.decode, self.stop_ids = job, decode, set(stop_ids)
+        self.choices = [Choice(job.first_index + i) for i in range(job.n)]
+
+    def __call__(self, input_ids, scores, **kwargs):
+        import torch
+
+        for choice, token in zip(self.choices, input_ids[:, -1].tolist()):
+            if choice.finish_reason is None:  # finished rows only receive padding
+                self._advance(choice, token)
+        done = [self.job.cancelled or c.finish_reason is not None for c in self.choices]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _advance(self, choice: Choice, token: int) -> None:
+        choice.tokens += 1
+        if token in self.stop_ids:
+            choice.finish_reason = "stop"
+        else:
+            choice.ids.append(token)
+            choice.text = self.decode(choice.ids)
+            cut = find_stop(choice.text, self.job.stop)
+            if cut is not None:
+                choice.text, choice.finish_reason = choice.text[:cut], "stop"
+        self._send(choice)
+
+    def _send(self, choice: Choice) -> None:
+        if not self.job.stream:
+            return
+        final = choice.finish_reason is not None
+        end = len(choice.text) if final else streamable_length(choice.text, self.job.stop)
+        if end > choice.sent:
+            self.job.emit(("delta", choice.index, choice.text[choice.sent : end]))
+            choice.sent = end
+
+    def finish(self) -> list[Choice]:
+        for choice in self.choices:
+            if choice.finish_reason is None:
+                choice.finish_reason = "length"
+                self._send(choice)
+        return self.choices
+
+
+class _Worker:
+    """Owns the model. Requests never share a batch or a cache, so none can see another's tokens."""
+
+    def __init__(self, model: Any, tokenizer: Any, lock: threading.Lock) -> None:
+        self.model, self.tokenizer, self.lock = model, tokenizer, lock
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.stop_ids[0] if self.stop_ids else None)
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="liandan-serve", daemon=True)
+        self.current: Job | None = None
+        self.closing = False
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.closing = True
+        if self.current is not None:
+            self.current.cancelled = True
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if job.cancelled:  # its client has gone
+                continue
+            if self.closing:
+                job.emit(("error", "the server is shutting down"))
+                continue
+            self.current = job
+            try:
+                job.emit(("done", self._run(job)))
+            except Exception as exc:  # noqa: BLE001 - one failed request must not stop the server
+                job.emit(("error", f"generation failed: {type(exc).__name__}: {exc}"))
+            finally:
+                self.current = None
+
+    def _decode(self, ids: list[int]) -> str:
+        with self.lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _run(self, job: Job) -> list[Choice]:
+        import torch
+
+        # Seeded per request, so the same request with the same seed gives the same output.
+        if job.seed is None:
+            torch.seed()
+        else:
+            torch.manual_seed(job.seed)
+        input_ids = torch.tensor([job.prompt_ids] * job.n, device=self.model.device)  # (n, T)
+        tracker = _Tracker(job, self._decode, self.stop_ids)
+        sampling = {"do_sample": False} if job.temperature == 0 else {
+            "do_sample": True, "temperature": job.temperature, "top_p": job.top_p, "top_k": 0,
+        }  # fmt: skip
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=job.max_tokens, eos_token_id=self.stop_ids or None,
+                pad_token_id=self.pad_id, repetition_penalty=1.0, stopping_criteria=[tracker], **sampling,
+            )  # fmt: skip
+        return tracker.finish()
+
+
+# ---------------------------------------------------------------------------------------------
+# The app
+
+
+@dataclass
+class _Server:
+    model: Any
+    tokenizer: Any
+    name: str
+    max_prompt_tokens: int | None
+    worker: _Worker
+    lock: threading.Lock
+    context: int | None = None
+
+    def check(self, request: _Sampling) -> None:
+        for name, value in (request.model_extra or {}).items():
+            if name in UNSUPPORTED and value not in _UNSET:
+                raise ApiError(400, f"'{name}' is not supported by liandan serve", param=name, code="unsupported_parameter")
+        if request.model != self.name:
+            raise ApiError(404, f"model '{request.model}' is not served here; this server serves '{self.name}' "
+                           "(see GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
+        if any(s == "" for s in self.stops(request)):
+            raise ApiError(400, "'stop': stop strings must not be empty", param="stop")
+
+    @staticmethod
+    def stops(request: _Sampling) -> list[str]:
+        return [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
+
+    def encode(self, text: str, add_special_tokens: bool) -> list[int]:
+        with self.lock:
+            return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def budget(self, prompt_ids: list[int], max_tokens: int | None, default: int | None, param: str) -> int:
+        """``max_tokens`` for this prompt, after checking the prompt fits the model and the server."""
+        n = len(prompt_ids)
+        if n == 0:
+            raise ApiError(400, f"'{param}' is empty: there is nothing to continue", param=param)
+        if self.max_prompt_tokens is not None and n > self.max_prompt_tokens:
+            raise ApiError(400, f"the prompt has {n} tokens; this server accepts at most {self.max_prompt_tokens} "
+                           "(--max-prompt-tokens)", param=param, code="context_length_exceeded")  # fmt: skip
+        if max_tokens is None:
+            max_tokens = default or (max(self.context - n, 1) if self.context else UNKNOWN_CONTEXT_MAX_TOKENS)
+        if self.context is not None and n + max_tokens > self.context:
+            raise ApiError(400, f"this model's maximum context length is {self.context} tokens, but the request needs "
+                           f"{n + max_tokens}: {n} in the prompt and {max_tokens} to generate; shorten the prompt or "
+                           "lower max_tokens", param=param, code="context_length_exceeded")  # fmt: skip
+        return max_tokens
+
+    def jobs(self, request: _Sampling, prompts: list[list[int]], max_tokens: int | None, default: int | None,
+             param: str) -> list[Job]:  # fmt: skip
+        n = request.n or 1
+        temperature = 1.0 if request.temperature is None else request.temperature
+        top_p = 1.0 if request.top_p is None else request.top_p
+        return [
+            Job(prompt_ids=ids, n=n, max_tokens=self.budget(ids, max_tokens, default, param),
+                temperature=temperature, top_p=top_p, stop=self.stops(request), seed=request.seed,
+                first_index=i * n, stream=bool(request.stream))
+            for i, ids in enumerate(prompts)
+        ]  # fmt: skip
+
+    def chat_jobs(self, request: ChatRequest) -> list[Job]:
+        self.check(request)
+        messages = [m.as_dict() for m in request.messages]
+        try:
+            with self.lock:
+                text = render_chat(self.tokenizer, messages)
+        except Exception as exc:  # noqa: BLE001 - templates raise their own errors for conversations they reject
+            raise ApiError(400, f"the model's chat template cannot render these messages: {exc}", param="messages") from exc
+        ids = self.encode(text, add_special_tokens=False)  # the render already holds the template's special tokens
+        max_tokens = request.max_completion_tokens or request.max_tokens
+        return self.jobs(request, [ids], max_tokens, None, "messages")
+
+    def completion_jobs(self, request: CompletionRequest) -> list[Job]:
+        self.check(request)
+        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        ids = [self.encode(p, add_special_tokens=True) for p in prompts]  # as pre-trained: BOS and all
+        return self.jobs(request, ids, request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
+
+    async def results(self, jobs: list[Job]) -> list[Choice]:
+        for job in jobs:
+            self.worker.submit(job)
+        choices: list[Choice] = []
+        for job in jobs:
+            kind, payload = await job.events.get()
+            if kind == "error":
+                raise ApiError(500, payload, type="server_error")
+            choices += payload
+        return choices
+
+
+def _usage(jobs: list[Job], choices: list[Choice]) -> dict[str, int]:
+    prompt = sum(len(job.prompt_ids) for job in jobs)  # counted once per prompt, not once per choice
+    completion = sum(c.tokens for c in choices)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _sse(data: dict | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
+
+
+async def _stream(server: _Server, jobs: list[Job], head: dict, chunk: Callable[[int, str | None, str | None], dict],
+                  opening: list[dict], include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+    """Server-sent events: ``opening`` chunks, one chunk per piece of text, a finishing chunk per
+    choice, the usage chunk if asked for, then ``[DONE]``. A client that goes away cancels its jobs."""
+    for job in jobs:
+        server.worker.submit(job)
+    choices: list[Choice] = []
+    try:
+        for data in opening:
+            yield _sse({**head, **data})
+        for job in jobs:
+            while (event := await job.events.get())[0] == "delta":
+                yield _sse({**head, **chunk(event[1], event[2], None)})
+            if event[0] == "error":
+                yield _sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
+                return
+            for choice in event[1]:
+                yield _sse({**head, **chunk(choice.index, None, choice.finish_reason)})
+            choices += event[1]
+        if include_usage:
+            yield _sse({**head, "choices": [], "usage": _usage(jobs, choices)})
+        yield _sse("[DONE]")
+    finally:
+        for job in jobs:
+            job.cancelled = True
+
+
+def _streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
+def _chat_chunk(index: int, text: str | None, finish_reason: str | None) -> dict:
+    delta = {} if text is None else {"content": text}
+    return {"choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def _completion_chunk(index: int, text: str | None, finish_reason: str | None) -> dict:
+    return {"choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]}
+
+
+def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | None = None,
+               max_prompt_tokens: int | None = None) -> FastAPI:  # fmt: skip
+    """The FastAPI app serving ``model`` under ``model_name``. The model's worker thread starts and
+    stops with the app (its lifespan), so run it with uvicorn or another ASGI server."""
+    if not model_name:
+        raise LiandanError("--model-name must not be empty")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise LiandanError(f"--max-prompt-tokens must be at least 1 (got {max_prompt_tokens})")
+    lock = threading.Lock()  # the tokenizer is shared by the handlers and the worker
+    server = _Server(model, tokenizer, model_name, max_prompt_tokens, _Worker(model, tokenizer, lock), lock,
+                     context=_context_length(model))  # fmt: skip
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        server.worker.start()
+        try:
+            yield
+        finally:
+            server.worker.stop()
+
+    app = FastAPI(title="liandan serve", lifespan=lifespan)
+    if api_key:
+        app.add_middleware(_RequireApiKey, api_key=api_key)
+    _add_error_handlers(app)
+    _add_routes(app, server)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def on_invalid(request, exc: RequestValidationError) -> JSONResponse:
+        return _validation_error(exc)
+
+    @app.exception_handler(ApiError)
+    async def on_api_error(request, exc: ApiError) -> JSONResponse:
+        return error_response(exc.status, exc.message, param=exc.param, code=exc.code, type=exc.type)
+
+    @app.exception_handler(Exception)
+    async def on_bug(request, exc: Exception) -> JSONResponse:
+        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request, exc: StarletteHTTPException) -> JSONResponse:
+        response = error_response(exc.status_code, str(exc.detail))
+        response.headers.update(exc.headers or {})
+        return response
+
+
+def _add_routes(app: FastAPI, server: _Server) -> None:
+    created = int(time.time())
+
+    def card() -> dict:
+        return {"id": server.name, "object": "model", "created": created, "owned_by": "liandan"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict:
+        return {"object": "list", "data": [card()]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict:
+        if name != server.name:
+            raise ApiError(404, f"model '{name}' is not served here; this server serves '{server.name}'",
+                           param="model", code="model_not_found")  # fmt: skip
+        return card()
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: ChatRequest) -> Any:
+        jobs = server.chat_jobs(request)
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
+        if request.stream:
+            opening = [{"choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None}]} for i in range(request.n or 1)]  # fmt: skip
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            head["object"] = "chat.completion.chunk"
+            return _streaming_response(_stream(server, jobs, head, _chat_chunk, opening, include_usage))
+        choices = await server.results(jobs)
+        return {**head, "object": "chat.completion", "usage": _usage(jobs, choices), "choices": [
+            {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+             "finish_reason": c.finish_reason} for c in choices]}  # fmt: skip
+
+    @app.post("/v1/completions")
+    async def completions(request: CompletionRequest) -> Any:
+        jobs = server.completion_jobs(request)
+        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": server.name}  # fmt: skip
+        if request.stream:
+            include_usage = bool(request.stream_options and request.stream_options.include_usage)
+            return _streaming_response(_stream(server, jobs, head, _completion_chunk, [], include_usage))
+        choices = await server.results(jobs)
+        return {**head, "usage": _usage(jobs, choices), "choices": [
+            {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for c in choices]}  # fmt: skip
+
+
+def _context_length(model: Any) -> int | None:
+    config = getattr(model, "config", None)
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def default_model_name(spec: str | None) -> str:
+    """The name clients pass as ``model``: ``default``, a hub id as given, else the directory's (or
+    file's) name, so ``runs/my-sft`` is served as ``my-sft``."""
+    if spec in (None, "", "default"):
+        return "default"
+    path = Path(spec).expanduser()
+    return path.resolve().name if path.exists() else spec
+
+
+def serve(spec: str = "default", *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          dtype: str = "auto", device: str = "auto", model_name: str | None = None,
+          max_prompt_tokens: int | None = None) -> None:  # fmt: skip
+    """Load ``spec`` with `liandan.models.load_model` and serve it on ``host:port`` until interrupted."""
+    import uvicorn
+
+    from .chat import has_chat_template
+    from .models import load_model
+
+    if not 0 < port < 65536:
+        raise LiandanError(f"--port {port}: expected a port number from 1 to 65535")
+    if max_prompt_tokens is not None and max_prompt_tokens < 1:
+        raise LiandanError(f"--max-prompt-tokens must be at least 1 (got {max_prompt_tokens})")
+    model, tokenizer = load_model(spec, device=device, dtype=dtype)
+    name = model_name or default_model_name(spec)
+    app = create_app(model, tokenizer, model_name=name, api_key=api_key, max_prompt_tokens=max_prompt_tokens)
+    print(f"serving '{name}' at http://{host}:{port}/v1 (OpenAI API: /v1/models, /v1/chat/completions, "
+          "/v1/completions); Ctrl+C stops it", flush=True)  # fmt: skip
+    if not has_chat_template(tokenizer):
+        print("note: the model has no chat template: chat requests are rendered as ChatML text", flush=True)
+    if host not in LOOPBACK and not api_key:
+        print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
+              flush=True)  # fmt: skip
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
+    try:
+        server.run()
+    except SystemExit as exc:  # uvicorn exits when it cannot bind
+        raise LiandanError(f"could not listen on {host}:{port} (is the port in use? choose another with --port)") from exc

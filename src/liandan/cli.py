@@ -381,6 +381,56 @@ def merge_command(
         console.print(f"Merged model written to {merge(run_dir, out_dir)}")
 
 
+@app.command()
+def chat(
+    model: Annotated[str, typer.Argument(help="Model: default, a model, merged or run directory, a .gguf file or a hub id.")] = "default",
+    system: SystemOpt = None,
+    max_new_tokens: MaxNewOpt = 512,
+    temperature: TempOpt = 0.0,
+    top_p: TopPOpt = 0.95,
+    top_k: TopKOpt = 0,
+    repetition_penalty: RepOpt = 1.0,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    trust_remote_code: RemoteOpt = False,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Chat with a model in the terminal, replies streamed (/help inside for /reset, /system, /save)."""
+    with user_errors():
+        from .generate import SamplingConfig
+        from .terminal_chat import run_chat
+
+        sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                  top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+        prepare_models([model])
+        quiet_libraries()
+        run_chat(model, sampling=sampling, system=system, dtype=dtype, device=device,
+                 trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)  # fmt: skip
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Argument(help="Model: default, a model, merged or run directory, a .gguf file or a hub id.")] = "default",
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LIANDAN_API_KEY",
+                                                   help="Require this Bearer key (or set LIANDAN_API_KEY).")] = None,  # fmt: skip
+    model_name: Annotated[Optional[str], typer.Option("--model-name", help="Name clients use (default: the directory's name).")] = None,
+    max_prompt_tokens: Annotated[Optional[int], typer.Option("--max-prompt-tokens", help="Refuse longer prompts (400).")] = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+) -> None:
+    """Serve a model behind an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions)."""
+    with user_errors():
+        from .serve import serve as run_server
+
+        prepare_models([model])
+        quiet_libraries()
+        run_server(model, host=host, port=port, api_key=api_key, dtype=dtype, device=device,
+                   model_name=model_name, max_prompt_tokens=max_prompt_tokens)  # fmt: skip
+
+
 @app.command("inspect-data")
 def inspect_data(
     data: Annotated[list[str], typer.Option("--data", "-d", help="Training data file (repeatable).")],

@@ -76,5 +76,17 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path, chat_model_dir):
 def test_help_lists_commands():
     result = run("--help")
     assert result.exit_code == 0
-    for command in ("compare", "generate", "sft", "dpo", "pretrain", "merge", "inspect-data", "eval", "quickstart", "bake"):
+    for command in ("compare", "generate", "sft", "dpo", "pretrain", "merge", "inspect-data", "eval", "quickstart", "bake", "chat", "serve", "export"):
         assert command in result.output, command
+
+
+def test_chat_command_scripted_session(tmp_path, stopping_model_dir):
+    saved = tmp_path / "talk.jsonl"
+    script = f"Question 1?\n/system Be brief.\nQuestion 2?\n/save {saved}\n/quit\n"
+    result = runner.invoke(app, ["chat", str(stopping_model_dir), "--max-new-tokens", "8"], input=script)
+    assert result.exit_code == 0, result.output
+    assert "Fine." in result.output
+    messages = json.loads(saved.read_text())["messages"]
+    # /system starts a new conversation under the new prompt
+    assert [m["role"] for m in messages] == ["system", "user", "assistant"]
+    assert messages[0]["content"] == "Be brief." and messages[2]["content"] == "Fine."

@@ -431,6 +431,26 @@ def serve(
                    model_name=model_name, max_prompt_tokens=max_prompt_tokens)  # fmt: skip
 
 
+@app.command()
+def export(
+    model: Annotated[str, typer.Argument(help="Model: default, a model, merged or run directory (merged on the way).")],
+    out: Annotated[Path, typer.Argument(help="The .gguf file to write (an Ollama OUT.Modelfile is written beside it).")],
+    format: Annotated[str, typer.Option("--format", help="Export format: gguf (llama.cpp, Ollama).")] = "gguf",
+    quant: Annotated[str, typer.Option("--quant", help="f16 or q8_0.")] = "f16",
+    force: Annotated[bool, typer.Option("--force", help="Overwrite OUT and its Modelfile.")] = False,
+) -> None:
+    """Export a Llama-architecture model to GGUF with its tokenizer and chat template, verified
+    by reloading it and comparing logits on probe prompts."""
+    with user_errors():
+        from .export import export as export_model
+
+        prepare_models([model])
+        quiet_libraries()
+        result = export_model(model, out, format=format, quant=quant, force=force)
+        for line in result.summary():
+            console.print(line, highlight=False)
+
+
 @app.command("inspect-data")
 def inspect_data(
     data: Annotated[list[str], typer.Option("--data", "-d", help="Training data file (repeatable).")],

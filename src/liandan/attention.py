@@ -14,6 +14,7 @@ does the same natively from the position ids.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -51,15 +52,22 @@ the square of the length."""
 def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
     """Causal attention of one example as batched matmuls, each key/value head with its group
     of query heads. query (1, H, t, D), key/value (1, H_kv, t, D); returns (1, t, H, D).
-    Softmax in fp32, as transformers' eager attention does."""
+    The scale and the causal mask are folded into one ``baddbmm``."""
     _, heads, t, dim = query.shape
     kv_heads = key.shape[1]
-    grouped = query.reshape(kv_heads, heads // kv_heads * t, dim)  # (H_kv, g*t, D)
-    scores = torch.bmm(grouped, key[0].transpose(1, 2)).view(kv_heads, -1, t, t) * scaling  # (H_kv, g, t, t)
-    future = torch.ones(t, t, dtype=torch.bool, device=query.device).triu(1)
-    probs = scores.masked_fill(future, float("-inf")).softmax(-1, dtype=torch.float32).to(value.dtype)
-    out = torch.bmm(probs.view(kv_heads, -1, t), value[0])  # (H_kv, g*t, D)
+    groups = heads // kv_heads
+    grouped = query.reshape(kv_heads, groups * t, dim)  # (H_kv, g*t, D)
+    bias = causal_bias(t, groups, query.dtype, query.device)  # (g*t, t)
+    scores = torch.baddbmm(bias, grouped, key[0].transpose(1, 2), alpha=scaling)  # (H_kv, g*t, t)
+    out = torch.bmm(scores.softmax(-1), value[0])  # (H_kv, g*t, D)
     return out.view(1, heads, t, dim).transpose(1, 2)  # (1, t, H, D)
+
+
+@functools.lru_cache(maxsize=64)
+def causal_bias(t: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0 where a query may attend, -inf above the diagonal; one (t, t) block per query head of a group."""
+    future = torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
+    return torch.zeros(t, t, dtype=dtype, device=device).masked_fill(future, float("-inf")).repeat(groups, 1)
 
 
 def register() -> None:

@@ -158,7 +158,7 @@ def _loop(config: SFTConfig, prepare, resume: bool, stop_after: int | None) -> T
         run = prepare(config, out_dir, main_process=accelerator.is_main_process, resume=resume, device=accelerator.device)
     model, tokenizer, objective = run.model, run.tokenizer, run.objective
     run.attention = use_training_attention(model, config.attention, objective.packing, accelerator.device)
-    if not config.full and accelerator.mixed_precision == "bf16":
+    if not config.full and accelerator.mixed_precision == "bf16" and not sharded(accelerator):
         freeze_in_bf16(model)
     stream = StepStream([item_length(e) for e in run.train], config, accelerator.num_processes, accelerator.process_index,
                         packing=objective.packing)  # fmt: skip
@@ -287,6 +287,14 @@ def freeze_in_bf16(model) -> None:
         if not param.requires_grad and param.is_floating_point():
             param.data = param.data.to(torch.bfloat16)
     set_adapter_input_casting(model, False)
+
+
+def sharded(accelerator) -> bool:
+    """FSDP and DeepSpeed manage parameter dtypes themselves (FSDP wants one dtype per flattened
+    unit), so frozen weights stay as loaded there."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
 def set_adapter_input_casting(model, enabled: bool) -> None:

@@ -167,3 +167,12 @@ def test_eval_reports_preference_accuracy_and_text_perplexity(tmp_path, chat_mod
     per_token = logps[:8] / tokens[:8] - logps[8:] / tokens[8:]
     assert scores["prefs"]["accuracy_per_token"] == pytest.approx(float((per_token > 0).float().mean()))
     assert {m["key"] for m in result["metrics"]} == {"prefs.accuracy", "prefs.accuracy_per_token", "prefs.margin", "text.perplexity"}
+
+
+def test_lora_dpo_in_bf16_follows_the_fp32_run(tmp_path, chat_model_dir, pairs_file):
+    """bf16 autocast with bf16 frozen weights: the reference (adapters off) and the policy still
+    give the fp32 run's losses, within bf16 rounding."""
+    fp32 = train_dpo(dpo_config(chat_model_dir, pairs_file, tmp_path / "fp32", max_steps=4))
+    bf16 = train_dpo(dpo_config(chat_model_dir, pairs_file, tmp_path / "bf16", max_steps=4, mixed_precision="bf16"))
+    assert bf16.losses[0] == pytest.approx(0.6931, abs=0.01)  # policy == reference at the start: -log sigmoid(0)
+    assert bf16.losses == pytest.approx(fp32.losses, rel=0.05, abs=0.02)

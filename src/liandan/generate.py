@@ -211,11 +211,26 @@ class _StepClock:
         return scores
 
 
+def generation_config(sampling: SamplingConfig, stops: Sequence[int], pad_token_id: int | None, **overrides: Any):
+    """transformers' GenerationConfig for a `SamplingConfig`: greedy at temperature 0, else
+    sampling with its temperature, top-p and top-k; stopping at ``stops``. ``overrides`` replace
+    fields (``max_new_tokens`` when the room left is smaller, ``num_return_sequences``)."""
+    from transformers import GenerationConfig
+
+    options = {} if sampling.is_greedy else {
+        "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or None,
+    }  # fmt: skip
+    values = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.is_greedy,
+                  repetition_penalty=sampling.repetition_penalty, eos_token_id=list(stops) or None,
+                  pad_token_id=pad_token_id, **options)  # fmt: skip
+    return GenerationConfig(**{**values, **overrides})
+
+
 def _generate_batch(model, tokenizer, texts, config, stops, add_special) -> tuple[list[list[int]], list[float]]:
     """Run one left-padded batch; returns each row's new token ids, and the step times of
     `_StepClock` (an output of n tokens took ``times[n - 1]`` seconds)."""
     import torch
-    from transformers import GenerationConfig, LogitsProcessorList
+    from transformers import LogitsProcessorList
 
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens must follow the prompt directly in every row
@@ -224,18 +239,7 @@ def _generate_batch(model, tokenizer, texts, config, stops, add_special) -> tupl
     finally:
         tokenizer.padding_side = side
     encoded = encoded.to(model.device)
-    sampling = {} if config.is_greedy else {
-        "temperature": config.temperature, "top_p": config.top_p, "top_k": config.top_k or None,
-    }  # fmt: skip
-    gen_config = GenerationConfig(
-        max_new_tokens=config.max_new_tokens,
-        do_sample=not config.is_greedy,
-        repetition_penalty=config.repetition_penalty,
-        num_return_sequences=config.num_samples,
-        eos_token_id=stops or None,
-        pad_token_id=tokenizer.pad_token_id,
-        **sampling,
-    )
+    gen_config = generation_config(config, stops, tokenizer.pad_token_id, num_return_sequences=config.num_samples)
     clock = _StepClock()
     with torch.inference_mode():
         output = model.generate(

@@ -352,6 +352,18 @@ def drop_quantizer(model: Any) -> None:
         model.is_quantized = False
 
 
+def context_length(model: Any) -> int | None:
+    """The most positions the model was built for (prompt and reply together), if it says."""
+    config = getattr(model, "config", None)
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def release_model(model: Any) -> None:
     """Free a model's memory now, accelerator cache included, so the next one fits."""
     import torch

@@ -50,6 +50,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import render_chat, stop_token_ids
 from .errors import LiandanError
+from .models import context_length
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
@@ -507,7 +508,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | No
         raise LiandanError(f"--max-prompt-tokens must be at least 1 (got {max_prompt_tokens})")
     lock = threading.Lock()  # the tokenizer is shared by the handlers and the worker
     server = _Server(model, tokenizer, model_name, max_prompt_tokens, _Worker(model, tokenizer, lock), lock,
-                     context=_context_length(model))  # fmt: skip
+                     context=context_length(model))  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -588,15 +589,6 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         choices = await server.results(jobs)
         return {**head, "usage": _usage(jobs, choices), "choices": [
             {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for c in choices]}  # fmt: skip
-
-
-def _context_length(model: Any) -> int | None:
-    config = getattr(model, "config", None)
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        value = getattr(config, name, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,7 +44,8 @@ from typing import Any
 
 from .chat import has_chat_template, render_chat, stop_token_ids
 from .errors import LiandanError
-from .generate import SamplingConfig
+from .generate import SamplingConfig, generation_config
+from .models import context_length
 from .report import write_atomic
 
 PROMPT = "you> "
@@ -229,26 +230,13 @@ def encode_prompt(tokenizer: Any, messages: list[dict]) -> list[int]:
     return tokenizer(render_chat(tokenizer, plain), add_special_tokens=False)["input_ids"]
 
 
-def context_length(model: Any) -> int | None:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return getattr(config, "max_position_embeddings", None)
-
-
 def stream_reply(model, tokenizer, prompt_ids: list[int], sampling: SamplingConfig, stops: list[int],
                  max_new_tokens: int, write: Callable[[str], None]) -> Reply:  # fmt: skip
     """Generate one reply, writing its text as it comes. Ctrl-C ends the reply early and keeps
     what was written so far."""
     import torch
-    from transformers import GenerationConfig
 
-    options = {} if sampling.is_greedy else {
-        "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or None,
-    }  # fmt: skip
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens, do_sample=not sampling.is_greedy,
-        repetition_penalty=sampling.repetition_penalty, eos_token_id=stops or None,
-        pad_token_id=tokenizer.pad_token_id, **options,
-    )  # fmt: skip
+    config = generation_config(sampling, stops, tokenizer.pad_token_id, max_new_tokens=max_new_tokens)
     input_ids = torch.tensor([prompt_ids], device=model.device)  # (1, T)
     streamer = ReplyStreamer(tokenizer, stops, write)
     interrupted = False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,8 @@ class PreparedRun:
     manifest: dict = field(default_factory=dict)
     attention: str = "sdpa"
     """The model's own attention implementation, put back before it is saved."""
+    unfuse_lora: Callable[[], None] = lambda: None
+    """Puts PEFT's own LoRA forward back (`liandan.lora_fusion`) before the model is saved."""
 
     def write_manifest(self, out_dir: Path) -> None:
         (out_dir / "manifest.json").write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from .attention import use_training_attention
+from .lora_fusion import fuse_lora_layers
 from .batching import plan_batches
 from .config import SFTConfig, save_config
 from .errors import LiandanError
@@ -160,6 +161,8 @@ def _loop(config: SFTConfig, prepare, resume: bool, stop_after: int | None) -> T
     run.attention = use_training_attention(model, config.attention, objective.packing, accelerator.device)
     if not config.full and accelerator.mixed_precision == "bf16" and not sharded(accelerator):
         freeze_in_bf16(model)
+    if not sharded(accelerator):
+        run.unfuse_lora = fuse_lora_layers(model)
     stream = StepStream([item_length(e) for e in run.train], config, accelerator.num_processes, accelerator.process_index,
                         packing=objective.packing)  # fmt: skip
     steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
@@ -366,6 +369,7 @@ def save_final(accelerator, model, tokenizer, config: SFTConfig, out_dir: Path, 
         return
     unwrapped = accelerator.unwrap_model(model)
     unwrapped.set_attn_implementation(run.attention)  # the model's own again, to save and generate
+    run.unfuse_lora()
     set_adapter_input_casting(unwrapped, True)
     unwrapped.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -46,6 +46,24 @@ def test_token_nll_gives_the_trained_head_its_gradient():
     torch.testing.assert_close(got[1], weight.grad)
 
 
+def test_token_nll_under_autocast_runs_the_head_in_the_autocast_dtype():
+    """accelerate hands back fp32 hidden states; under bf16 autocast the head must still run in
+    bf16 (as ``hidden @ weight.T`` would), not cast the whole frozen head up to fp32."""
+    torch.manual_seed(2)
+    hidden = torch.randn(12, 16, requires_grad=True)
+    weight = torch.randn(300, 16).bfloat16()
+    targets = torch.randint(0, 300, (12,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        nll = token_nll(hidden, weight, targets, 5)
+    nll.sum().backward()
+    in_bf16 = token_nll(hidden.detach().bfloat16(), weight, targets, 5)
+    assert torch.equal(nll, in_bf16)
+    assert hidden.grad.dtype == torch.float32
+    in_fp32 = token_nll(hidden.detach(), weight.float(), targets, 5)
+    assert not torch.equal(nll, in_fp32)
+    torch.testing.assert_close(nll, in_fp32, rtol=0.05, atol=0.1)
+
+
 def test_token_nll_by_hand():
     # logits [ln 3, 0] for target 0: p = 3/4, nll = ln(4/3); gradient (p - onehot) W = (-1/4, 1/4) W
     hidden = torch.tensor([[1.0, 0.0]], requires_grad=True)

@@ -144,12 +144,18 @@ def _softmax_minus_onehot(logp: torch.Tensor, target: torch.Tensor) -> torch.Ten
 def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """Per-token negative log-likelihood of ``targets`` under logits ``hidden @ weight.T``,
     computed ``chunk`` rows at a time (default: 256 on a CPU, where a chunk's logits should stay
-    near the caches; 2048 elsewhere), log-softmax in fp32.
+    near the caches; 2048 elsewhere), log-softmax in fp32. The head's matmuls run in autocast's
+    dtype when autocast is on (as ``hidden @ weight.T`` would; the custom autograd function and
+    its ``out=`` matmuls are not autocast by themselves), else in ``hidden``'s dtype.
 
     hidden: (N, H) final hidden states at trained positions; weight: (V, H) output head;
     targets: (N,) token ids (no -100 here: select trained positions first). Returns (N,) fp32.
     Equal to ``F.cross_entropy(hidden @ weight.T, targets, reduction="none")`` up to rounding.
     """
+    device = hidden.device.type
     if chunk is None:
-        chunk = 256 if hidden.device.type == "cpu" else 2048
+        chunk = 256 if device == "cpu" else 2048
+    if torch.is_autocast_enabled(device):
+        # e.g. hidden states that accelerate converted back to fp32: the head matmul in bf16
+        hidden = hidden.to(torch.get_autocast_dtype(device))
     return _TokenNLL.apply(hidden, weight, targets, chunk)

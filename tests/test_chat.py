@@ -1,6 +1,6 @@
 from conftest import CHATML, build_tokenizer
 
-from liandan.chat import end_of_turn_ids, render_chat, stop_token_ids
+from liandan.chat import chat_stop_ids, end_of_turn_ids, render_chat, stop_token_ids
 
 LLAMA3_STYLE = (
     "{{ bos_token }}{% for message in messages %}"
@@ -53,3 +53,14 @@ def test_render_chat_uses_the_models_template_or_chatml():
     assert render_chat(llama, messages).endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
     base = build_tokenizer(None, "<|endoftext|>")
     assert render_chat(base, messages) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_chat_stops_add_chatml_end_only_for_a_model_rendered_as_chatml():
+    with_template = build_tokenizer(CHATML, "<|im_end|>")
+    assert chat_stop_ids(with_template) == stop_token_ids(with_template)
+    base = build_tokenizer(None, "<|endoftext|>")
+    eos, im_end = base.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>"])
+    assert stop_token_ids(base) == [eos]
+    assert chat_stop_ids(base) == sorted([eos, im_end])
+    bare = build_tokenizer(None, "<|endoftext|>", special=["<|endoftext|>"], bos="<|endoftext|>")
+    assert chat_stop_ids(bare) == stop_token_ids(bare)  # no <|im_end|> token to stop at

@@ -1,5 +1,4 @@
 import pytest
-import torch
 
 from liandan.errors import LiandanError
 from liandan.generate import SamplingConfig, compare, count_until_stop, generate
@@ -89,6 +88,24 @@ def test_base_model_in_chat_mode_gets_chatml_with_a_note(base_model_dir):
     out = generate(model, tok, ["hi"], config=SamplingConfig(max_new_tokens=2))[0]
     assert out.prompt.startswith("<|im_start|>user\nhi")
     assert "no chat template" in out.note
+
+
+def test_template_less_model_in_chat_mode_stops_at_chatml_end(stopping_model_dir):
+    """The "Fine." model, its template removed and its eos set to <|endoftext|>: rendered as
+    ChatML in chat mode, it still ends its reply with <|im_end|>, and chat mode stops there;
+    raw continuation does not stop at <|im_end|>."""
+    from liandan.chat import has_chat_template
+
+    model, tok = load_model(str(stopping_model_dir), dtype="float32")
+    tok.chat_template = None
+    tok.eos_token = "<|endoftext|>"
+    model.generation_config.eos_token_id = tok.eos_token_id
+    assert not has_chat_template(tok)
+    config = SamplingConfig(max_new_tokens=12)
+    chat = generate(model, tok, ["Question 3?"], mode="chat", config=config)[0]
+    assert chat.stopped and chat.text == "Fine."
+    raw = generate(model, tok, ["<|im_start|>user\nQuestion 3?<|im_end|>\n<|im_start|>assistant\n"], mode="raw", config=config)[0]
+    assert raw.text.startswith("Fine.<|im_end|>")
 
 
 def test_compare_holds_one_model_at_a_time(chat_model_dir, base_model_dir):

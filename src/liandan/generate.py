@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .chat import has_chat_template, render_chat, stop_token_ids
+from .chat import chat_stop_ids, has_chat_template, render_chat, stop_token_ids
 from .errors import LiandanError
 from .prompts import Prompt, prompts_from_strings
 
@@ -172,7 +172,7 @@ def generate(
     note = ""
     if mode == "chat" and not has_chat_template(tokenizer):
         note = "model has no chat template: prompt rendered as ChatML text"
-    stops = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+    stops = (chat_stop_ids if mode == "chat" else stop_token_ids)(tokenizer, getattr(model, "generation_config", None))
     # Chat renders already hold the template's special tokens (BOS included); raw text is
     # tokenized the way the model was pre-trained, special tokens added.
     add_special = mode == "raw"

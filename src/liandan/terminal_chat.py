@@ -18,7 +18,7 @@ How it behaves, and why:
 
 - Every turn renders the whole conversation with the model's own chat template (a run directory's
   tokenizer carries the template it was trained with) and stops at the model's stop tokens
-  (`liandan.chat.stop_token_ids`). A model without a template is told so and gets ChatML text, as
+  (`liandan.chat.chat_stop_ids`). A model without a template is told so and gets ChatML text, as
   ``liandan generate`` does; its stops then include ``<|im_end|>`` where the vocabulary has it.
 - A reply that ended without a stop token is marked: ``[cut at max_new_tokens (N)]``, ``[cut at
   the model's context length]`` or ``[stopped by Ctrl-C]``. Ctrl-C stops the reply, not the
@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .chat import has_chat_template, render_chat, stop_token_ids
+from .chat import chat_stop_ids, has_chat_template, render_chat
 from .errors import LiandanError
 from .generate import SamplingConfig, generation_config
 from .models import context_length
@@ -110,7 +110,7 @@ def chat_session(
         raise LiandanError(f"--num-samples {sampling.num_samples}: chat writes one reply per turn")
     if not has_chat_template(tokenizer):
         write(NO_TEMPLATE_NOTE)
-    stops = chat_stop_ids(tokenizer, model)
+    stops = chat_stop_ids(tokenizer, getattr(model, "generation_config", None))
     conversation = Conversation(system or None)
     torch.manual_seed(sampling.seed)
     while True:
@@ -128,17 +128,6 @@ def chat_session(
         elif line.strip():
             chat_turn(model, tokenizer, conversation, line.removeprefix("/"), sampling, stops, write)
     return conversation.messages
-
-
-def chat_stop_ids(tokenizer: Any, model: Any) -> list[int]:
-    """The model's stop tokens; without a chat template, also ChatML's ``<|im_end|>`` where the
-    vocabulary has it as one token, since the conversation is then rendered as ChatML."""
-    stops = set(stop_token_ids(tokenizer, getattr(model, "generation_config", None)))
-    if not has_chat_template(tokenizer):
-        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
-            stops.add(im_end)
-    return sorted(stops)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,7 +333,8 @@ def session_header(model: Any, tokenizer: Any, sampling: SamplingConfig, system:
     decoding = "greedy" if sampling.is_greedy else (
         f"temperature {sampling.temperature}, top-p {sampling.top_p}, top-k {sampling.top_k or 'off'}, seed {sampling.seed}"
     )  # fmt: skip
-    stops = ", ".join(tokenizer.convert_ids_to_tokens(chat_stop_ids(tokenizer, model))) or "none"
+    stop_ids = chat_stop_ids(tokenizer, getattr(model, "generation_config", None))
+    stops = ", ".join(tokenizer.convert_ids_to_tokens(stop_ids)) or "none"
     lines = [
         f"chatting with {name}: {template}; stops at {stops}",
         f"{decoding}; at most {sampling.max_new_tokens} new tokens per reply",

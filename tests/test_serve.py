@@ -21,7 +21,8 @@ from liandan.chat import render_chat
 from liandan.errors import LiandanError
 from liandan.generate import SamplingConfig, generate
 from liandan.models import load_model
-from liandan.serve import create_app, default_model_name, find_stop, streamable_length
+from liandan.openai_api import find_stop, streamable_length
+from liandan.serve import create_app, default_model_name
 
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "Question 3?"}]
@@ -191,6 +192,22 @@ def test_completions_continue_raw_text(chatter):
     chunks = list(stream)
     assert "".join(c.choices[0].text for c in chunks) == expected.text
     assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_template_less_model_chat_stops_at_chatml_end_and_completions_do_not(stopping_model_dir):
+    """Without a template, chats are rendered as ChatML, so they stop at <|im_end|> even when the
+    model's eos is another token; raw completions stop only at the model's own stop tokens."""
+    model, tokenizer = load_model(str(stopping_model_dir), device="cpu", dtype="float32")
+    tokenizer.chat_template = None
+    tokenizer.eos_token = "<|endoftext|>"
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    with running(create_app(model, tokenizer, model_name="plain")) as url:
+        client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        reply = chat(client, "plain", temperature=0, max_tokens=12)
+        assert reply.choices[0].message.content == "Fine." and reply.choices[0].finish_reason == "stop"
+        prompt = render_chat(tokenizer, HELLO)
+        raw = client.completions.create(model="plain", prompt=prompt, max_tokens=12, temperature=0)
+        assert raw.choices[0].text.startswith("Fine.<|im_end|>")  # went on past it
 
 
 def test_completions_take_several_prompts(chatter):

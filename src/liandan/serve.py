@@ -24,15 +24,14 @@ is never part of it.
 
 One worker thread owns the model and runs requests one at a time from a queue: simple, and each
 request gets exactly the output it would get alone. Bad requests get a 4xx answer in OpenAI's
-error shape ``{"error": {"message", "type", "param", "code"}}``, never a 500.
+error shape ``{"error": {"message", "type", "param", "code"}}``, never a 500. The wire format
+(typed requests, errors, stop strings, event chunks) lives in `liandan.openai_api`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import queue
-import secrets
 import threading
 import time
 import uuid
@@ -40,166 +39,38 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat import render_chat, stop_token_ids
+from .chat import chat_stop_ids, render_chat, stop_token_ids
 from .errors import LiandanError
 from .models import context_length
+from .openai_api import (
+    UNSET,
+    UNSUPPORTED,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    RequireApiKey,
+    SamplingRequest,
+    chat_chunk,
+    completion_chunk,
+    error_response,
+    find_stop,
+    sse,
+    streamable_length,
+    validation_error,
+)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for /v1/completions; chat completions default to the rest of the context."""
 UNKNOWN_CONTEXT_MAX_TOKENS = 4096
 """Chat default for a model whose config does not say how long its context is."""
-# OpenAI parameters liandan does not implement: refused when set, rather than silently ignored.
-UNSUPPORTED = (
-    "logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "frequency_penalty",
-    "presence_penalty", "tools", "tool_choice", "functions", "function_call", "response_format",
-)  # fmt: skip
-_UNSET = (None, False, 0, "", [], {}, "none", "auto", {"type": "text"})
-
-
-# ---------------------------------------------------------------------------------------------
-# Requests: typed and strict, so "0.5" is not a temperature and 1.5 is not a max_tokens.
-
-
-class _StreamOptions(BaseModel):
-    include_usage: StrictBool = False
-
-
-class _Sampling(BaseModel):
-    model_config = ConfigDict(extra="allow")  # other OpenAI fields are checked against UNSUPPORTED
-
-    model: StrictStr
-    max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-    temperature: Annotated[StrictFloat, Field(ge=0, le=2)] | None = None
-    top_p: Annotated[StrictFloat, Field(ge=0, le=1)] | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: Annotated[StrictInt, Field(ge=-(2**63), lt=2**64)] | None = None
-    stream: StrictBool | None = None
-    stream_options: _StreamOptions | None = None
-
-
-class _TextPart(BaseModel):
-    type: Literal["text"]
-    text: StrictStr
-
-
-class _Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[_TextPart] | None = None
-
-    def as_dict(self) -> dict[str, str]:
-        text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
-        # Templates are trained on "system"; OpenAI's newer name for it is "developer".
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
-
-
-class ChatRequest(_Sampling):
-    messages: Annotated[list[_Message], Field(min_length=1)]
-    max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
-
-
-class CompletionRequest(_Sampling):
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Errors in OpenAI's shape
-
-
-class ApiError(Exception):
-    """A request the server refuses, answered as ``{"error": {...}}`` with ``status``."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:  # fmt: skip
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
-
-
-def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
-                   type: str = "invalid_request_error") -> JSONResponse:  # fmt: skip
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
-
-
-def _validation_error(exc: RequestValidationError) -> JSONResponse:
-    """FastAPI's 422 as OpenAI's 400: one message naming the field, what came and what was expected."""
-    errors = exc.errors()
-    first = errors[0]
-    if first["type"] == "json_invalid":
-        detail = first.get("ctx", {}).get("error", "")
-        return error_response(400, f"the request body is not valid JSON: {detail} (at character {first['loc'][-1]})")
-    path = _field_path(first["loc"])
-    if isinstance(first.get("input"), bytes):  # a body FastAPI did not read as JSON
-        return error_response(400, "the request body must be JSON, sent with 'Content-Type: application/json'")
-    if not path:
-        return error_response(400, f"the request body must be a JSON object: {first['msg']}")
-    # A field that takes a string or a list fails once per alternative; say them all.
-    by_path: dict[str, list[str]] = {}
-    for error in errors:
-        if (where := _field_path(error["loc"])).startswith(path) and error["msg"] not in by_path.get(where, []):
-            by_path.setdefault(where, []).append(error["msg"])
-    got = first.get("input")
-    shown = f" (got {json.dumps(got)[:60]})" if isinstance(got, (str, int, float, bool)) or got is None else ""
-    message = "; or ".join(f"'{where}': {', or: '.join(msgs)}" for where, msgs in by_path.items())
-    return error_response(400, message + shown, param=path.split(".")[0])
-
-
-def _field_path(loc: tuple) -> str:
-    """``("body", "messages", 0, "str")`` -> ``"messages.0"``: pydantic's union branch tags dropped."""
-    parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and (p in ("str", "int", "float", "bool") or "[" in p))]
-    return ".".join(parts)
-
-
-class _RequireApiKey:
-    """ASGI middleware: every ``/v1`` request needs ``Authorization: Bearer KEY``. It runs before the
-    body is read, so a caller without the key learns nothing about what it sent."""
-
-    def __init__(self, app: Any, api_key: str) -> None:
-        self.app, self.key = app, api_key.encode()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if not auth:
-                response = error_response(401, "missing API key: send the header 'Authorization: Bearer KEY'")
-                return await response(scope, receive, send)
-            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
-                response = error_response(401, "incorrect API key", code="invalid_api_key")
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-# ---------------------------------------------------------------------------------------------
-# Stop strings: cut the text before them, and while streaming hold back what may become one.
-
-
-def find_stop(text: str, stops: list[str]) -> int | None:
-    """Where the earliest stop string starts in ``text``, or None."""
-    found = [at for at in (text.find(s) for s in stops) if at >= 0]
-    return min(found) if found else None
-
-
-def streamable_length(text: str, stops: list[str]) -> int:
-    """How much of ``text`` can be sent now: not a trailing half-decoded character (U+FFFD until
-    its next byte arrives), nor an ending that could be the start of a stop string."""
-    end = len(text.rstrip("\ufffd"))
-    held = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, end), held, -1):
-            if text.startswith(stop[:k], end - k):
-                held = k
-                break
-    return end - held
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,6 +104,8 @@ class Job:
     seed: int | None
     first_index: int
     stream: bool
+    stop_ids: list[int]
+    """Token ids that end a row: the model's stop tokens (`liandan.chat.chat_stop_ids` for chat)."""
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
@@ -345,14 +218,14 @@ class _Worker:
         else:
             torch.manual_seed(job.seed)
         input_ids = torch.tensor([job.prompt_ids] * job.n, device=self.model.device)  # (n, T)
-        tracker = _Tracker(job, self._decode, self.stop_ids)
+        tracker = _Tracker(job, self._decode, job.stop_ids)
         sampling = {"do_sample": False} if job.temperature == 0 else {
             "do_sample": True, "temperature": job.temperature, "top_p": job.top_p, "top_k": 0,
         }  # fmt: skip
         with torch.inference_mode():
             self.model.generate(
                 input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=job.max_tokens, eos_token_id=self.stop_ids or None,
+                max_new_tokens=job.max_tokens, eos_token_id=job.stop_ids or None,
                 pad_token_id=self.pad_id, repetition_penalty=1.0, stopping_criteria=[tracker], **sampling,
             )  # fmt: skip
         return tracker.finish()
@@ -371,10 +244,12 @@ class _Server:
     worker: _Worker
     lock: threading.Lock
     context: int | None = None
+    chat_stop_ids: list[int] = field(default_factory=list)
+    """Stop tokens of chat completions; completions stop at the worker's (the model's own)."""
 
-    def check(self, request: _Sampling) -> None:
+    def check(self, request: SamplingRequest) -> None:
         for name, value in (request.model_extra or {}).items():
-            if name in UNSUPPORTED and value not in _UNSET:
+            if name in UNSUPPORTED and value not in UNSET:
                 raise ApiError(400, f"'{name}' is not supported by liandan serve", param=name, code="unsupported_parameter")
         if request.model != self.name:
             raise ApiError(404, f"model '{request.model}' is not served here; this server serves '{self.name}' "
@@ -383,7 +258,7 @@ class _Server:
             raise ApiError(400, "'stop': stop strings must not be empty", param="stop")
 
     @staticmethod
-    def stops(request: _Sampling) -> list[str]:
+    def stops(request: SamplingRequest) -> list[str]:
         return [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
 
     def encode(self, text: str, add_special_tokens: bool) -> list[int]:
@@ -406,15 +281,15 @@ class _Server:
                            "lower max_tokens", param=param, code="context_length_exceeded")  # fmt: skip
         return max_tokens
 
-    def jobs(self, request: _Sampling, prompts: list[list[int]], max_tokens: int | None, default: int | None,
-             param: str) -> list[Job]:  # fmt: skip
+    def jobs(self, request: SamplingRequest, prompts: list[list[int]], max_tokens: int | None, default: int | None,
+             param: str, stop_ids: list[int]) -> list[Job]:  # fmt: skip
         n = request.n or 1
         temperature = 1.0 if request.temperature is None else request.temperature
         top_p = 1.0 if request.top_p is None else request.top_p
         return [
             Job(prompt_ids=ids, n=n, max_tokens=self.budget(ids, max_tokens, default, param),
                 temperature=temperature, top_p=top_p, stop=self.stops(request), seed=request.seed,
-                first_index=i * n, stream=bool(request.stream))
+                first_index=i * n, stream=bool(request.stream), stop_ids=stop_ids)
             for i, ids in enumerate(prompts)
         ]  # fmt: skip
 
@@ -428,13 +303,13 @@ class _Server:
             raise ApiError(400, f"the model's chat template cannot render these messages: {exc}", param="messages") from exc
         ids = self.encode(text, add_special_tokens=False)  # the render already holds the template's special tokens
         max_tokens = request.max_completion_tokens or request.max_tokens
-        return self.jobs(request, [ids], max_tokens, None, "messages")
+        return self.jobs(request, [ids], max_tokens, None, "messages", self.chat_stop_ids)
 
     def completion_jobs(self, request: CompletionRequest) -> list[Job]:
         self.check(request)
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
         ids = [self.encode(p, add_special_tokens=True) for p in prompts]  # as pre-trained: BOS and all
-        return self.jobs(request, ids, request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt")
+        return self.jobs(request, ids, request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt", self.worker.stop_ids)
 
     async def results(self, jobs: list[Job]) -> list[Choice]:
         for job in jobs:
@@ -454,10 +329,6 @@ def _usage(jobs: list[Job], choices: list[Choice]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-def _sse(data: dict | str) -> str:
-    return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
-
-
 async def _stream(server: _Server, jobs: list[Job], head: dict, chunk: Callable[[int, str | None, str | None], dict],
                   opening: list[dict], include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
     """Server-sent events: ``opening`` chunks, one chunk per piece of text, a finishing chunk per
@@ -467,19 +338,19 @@ async def _stream(server: _Server, jobs: list[Job], head: dict, chunk: Callable[
     choices: list[Choice] = []
     try:
         for data in opening:
-            yield _sse({**head, **data})
+            yield sse({**head, **data})
         for job in jobs:
             while (event := await job.events.get())[0] == "delta":
-                yield _sse({**head, **chunk(event[1], event[2], None)})
+                yield sse({**head, **chunk(event[1], event[2], None)})
             if event[0] == "error":
-                yield _sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
+                yield sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
                 return
             for choice in event[1]:
-                yield _sse({**head, **chunk(choice.index, None, choice.finish_reason)})
+                yield sse({**head, **chunk(choice.index, None, choice.finish_reason)})
             choices += event[1]
         if include_usage:
-            yield _sse({**head, "choices": [], "usage": _usage(jobs, choices)})
-        yield _sse("[DONE]")
+            yield sse({**head, "choices": [], "usage": _usage(jobs, choices)})
+        yield sse("[DONE]")
     finally:
         for job in jobs:
             job.cancelled = True
@@ -487,15 +358,6 @@ async def _stream(server: _Server, jobs: list[Job], head: dict, chunk: Callable[
 
 def _streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
     return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def _chat_chunk(index: int, text: str | None, finish_reason: str | None) -> dict:
-    delta = {} if text is None else {"content": text}
-    return {"choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
-
-
-def _completion_chunk(index: int, text: str | None, finish_reason: str | None) -> dict:
-    return {"choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]}
 
 
 def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | None = None,
@@ -508,7 +370,8 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | No
         raise LiandanError(f"--max-prompt-tokens must be at least 1 (got {max_prompt_tokens})")
     lock = threading.Lock()  # the tokenizer is shared by the handlers and the worker
     server = _Server(model, tokenizer, model_name, max_prompt_tokens, _Worker(model, tokenizer, lock), lock,
-                     context=context_length(model))  # fmt: skip
+                     context=context_length(model),
+                     chat_stop_ids=chat_stop_ids(tokenizer, getattr(model, "generation_config", None)))  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -520,7 +383,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | No
 
     app = FastAPI(title="liandan serve", lifespan=lifespan)
     if api_key:
-        app.add_middleware(_RequireApiKey, api_key=api_key)
+        app.add_middleware(RequireApiKey, api_key=api_key)
     _add_error_handlers(app)
     _add_routes(app, server)
     return app
@@ -529,7 +392,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | No
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request, exc: RequestValidationError) -> JSONResponse:
-        return _validation_error(exc)
+        return validation_error(exc)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request, exc: ApiError) -> JSONResponse:
@@ -572,7 +435,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                                      "finish_reason": None}]} for i in range(request.n or 1)]  # fmt: skip
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             head["object"] = "chat.completion.chunk"
-            return _streaming_response(_stream(server, jobs, head, _chat_chunk, opening, include_usage))
+            return _streaming_response(_stream(server, jobs, head, chat_chunk, opening, include_usage))
         choices = await server.results(jobs)
         return {**head, "object": "chat.completion", "usage": _usage(jobs, choices), "choices": [
             {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
@@ -585,7 +448,7 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
                 "model": server.name}  # fmt: skip
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return _streaming_response(_stream(server, jobs, head, _completion_chunk, [], include_usage))
+            return _streaming_response(_stream(server, jobs, head, completion_chunk, [], include_usage))
         choices = await server.results(jobs)
         return {**head, "usage": _usage(jobs, choices), "choices": [
             {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for c in choices]}  # fmt: skip

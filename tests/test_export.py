@@ -11,7 +11,8 @@ from conftest import CHATML, build_tokenizer
 
 from liandan import export
 from liandan.errors import LiandanError
-from liandan.export import TOLERANCES, chat_pieces, export_gguf, modelfile_text, pieces_match
+from liandan.export import TOLERANCES, export_gguf
+from liandan.modelfile import chat_pieces, go_text, modelfile_text, pieces_match
 
 CHATML_GO = (
     '{{ range .Messages }}{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n'
@@ -316,9 +317,9 @@ def test_a_template_the_pieces_cannot_reproduce_is_flagged(tmp_path):
 
 
 def test_template_text_that_looks_like_go_syntax_is_quoted():
-    assert export._go_text("<|im_start|>user\n") == "<|im_start|>user\n"
-    assert export._go_text("{{ not a field }}") == '{{ "{{ not a field }}" }}'
-    assert export._go_text('say """hi"""') == '{{ "say \\"\\"\\"hi\\"\\"\\"" }}'
+    assert go_text("<|im_start|>user\n") == "<|im_start|>user\n"
+    assert go_text("{{ not a field }}") == '{{ "{{ not a field }}" }}'
+    assert go_text('say """hi"""') == '{{ "say \\"\\"\\"hi\\"\\"\\"" }}'
 
 
 # ---------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ real loading code runs offline and in seconds.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,17 @@ CORPUS = [
     "I am fine, thank you. Let me help with that. Paris is the capital of France.",
     "请将这段话翻译成英文。我想弄明白这两种大模型的差别。",
 ]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    """One JSON object per line, UTF-8, as users write data files."""
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def chat_row(question: str, answer: str) -> dict:
+    """A single-exchange chat in the messages format."""
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}
 
 
 def build_tokenizer(chat_template: str | None, eos: str, special: list[str] = SPECIAL, bos: str = "<|im_start|>"):
@@ -90,14 +102,11 @@ def bare_base_model_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def stopping_model_dir(tmp_path_factory, chat_model_dir) -> Path:
     """The tiny chat model fully fine-tuned until it ends its answers by itself ("Fine.")."""
-    import json
-
     from liandan.config import SFTConfig
     from liandan.train import train_sft
 
     root = tmp_path_factory.mktemp("stopping")
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": "Fine."}]} for i in range(8)]
-    (root / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(root / "d.jsonl", [chat_row(f"Question {i}?", "Fine.") for i in range(8)])
     train_sft(SFTConfig(model=str(chat_model_dir), data=[str(root / "d.jsonl")], output_dir=str(root / "run"), full=True,
                         max_steps=30, lr=2e-2, batch_tokens=4096, max_length=64, mixed_precision="no", warmup_ratio=0.0))  # fmt: skip
     return root / "run"

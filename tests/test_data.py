@@ -7,13 +7,10 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 
+from conftest import write_jsonl
+
 from liandan.data import DataResult, Example, read_examples, split_examples, summarize_skipped
 from liandan.errors import LiandanError
-
-
-def write_jsonl(path, records):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
-    return path
 
 
 def write_json(path, records):

@@ -7,15 +7,12 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import write_jsonl
+
 from liandan.cli import app
 from liandan.config import DPOConfig, PretrainConfig
 from liandan.errors import LiandanError
 from liandan.train import train_dpo, train_pretrain
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture

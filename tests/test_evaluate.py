@@ -5,16 +5,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import write_jsonl
+
 from liandan.cli import app
 from liandan.errors import LiandanError
 from liandan.evaluate import EvalConfig, answer_nll, evaluate, read_eval_set, read_general_prompts, read_set_spec, repetition
 
 runner = CliRunner()
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture

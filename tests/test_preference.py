@@ -1,8 +1,9 @@
-import json
 import math
 
 import pytest
 import torch
+
+from conftest import write_jsonl
 
 from liandan.errors import LiandanError
 from liandan.losses import dpo_loss, token_nll
@@ -37,11 +38,6 @@ def test_dpo_loss_falls_as_the_margin_grows():
     ref = torch.zeros(3)
     loss, _, _ = dpo_loss(torch.tensor([0.0, 1.0, 5.0]), torch.zeros(3), ref, ref, beta=1.0)
     assert loss[0] > loss[1] > loss[2] and loss[0].item() == pytest.approx(math.log(2))
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def test_every_preference_shape_is_read(tmp_path):

@@ -5,6 +5,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from conftest import write_jsonl
+
 from liandan.bake import BakeConfig, bake
 from liandan.errors import LiandanError
 from liandan.plots import PALETTE
@@ -14,11 +16,6 @@ from browser import colour_pixels, render
 
 runner = CliRunner()
 SCHEMA = {"type": "object", "required": ["n"], "properties": {"n": {"type": "integer"}}, "additionalProperties": False}
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture

@@ -3,16 +3,13 @@ import json
 import pytest
 from typer.testing import CliRunner
 
+from conftest import write_jsonl
+
 from liandan import replay as replay_module
 from liandan.cli import app
 from liandan.config import SFTConfig
 from liandan.errors import LiandanError
 from liandan.train import train_sft
-
-
-def write_jsonl(path, rows):
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import chat_row, write_jsonl
+
 from liandan.cli import app
 from liandan.config import SFTConfig
 from liandan.train import train_sft
@@ -19,13 +21,7 @@ def run(*args):
 
 @pytest.fixture
 def sft_file(tmp_path):
-    rows = [
-        {"messages": [{"role": "user", "content": f"What is {i} times 3?"}, {"role": "assistant", "content": f"{3 * i}."}]}
-        for i in range(12)
-    ]
-    path = tmp_path / "sft.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
+    return write_jsonl(tmp_path / "sft.jsonl", [chat_row(f"What is {i} times 3?", f"{3 * i}.") for i in range(12)])
 
 
 def settings(**values):

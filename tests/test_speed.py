@@ -7,6 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import chat_row, write_jsonl
+
 from liandan.attention import PACKED, use_training_attention
 from liandan.batching import collate, plan_batches
 from liandan.chat import encode_chat
@@ -135,11 +137,7 @@ def test_batch_size_caps_examples_per_micro_batch():
 
 @pytest.fixture
 def sft_data(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"It is {2 * i}."}]}
-            for i in range(12)]  # fmt: skip
-    path = tmp_path / "sft.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+    return write_jsonl(tmp_path / "sft.jsonl", [chat_row(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(12)])
 
 
 def run(model_dir, data, out, **overrides):

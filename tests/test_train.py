@@ -3,6 +3,8 @@ import json
 import pytest
 import torch
 
+from conftest import chat_row, write_jsonl
+
 from liandan.batching import collate, plan_batches
 from liandan.config import SFTConfig
 from liandan.errors import LiandanError
@@ -15,13 +17,7 @@ from liandan.train import StepStream, train_sft
 
 @pytest.fixture
 def sft_data(tmp_path):
-    rows = [
-        {"messages": [{"role": "user", "content": f"What is {i} plus {i}?"}, {"role": "assistant", "content": f"It is {2 * i}."}]}
-        for i in range(10)
-    ]
-    path = tmp_path / "sft.jsonl"
-    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
-    return path
+    return write_jsonl(tmp_path / "sft.jsonl", [chat_row(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(10)])
 
 
 def config(model_dir, data, out, **overrides):

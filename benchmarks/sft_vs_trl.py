@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -193,26 +194,29 @@ def main() -> None:
 
     model_dir = str(ensure_default_model())
     work = Path(tempfile.mkdtemp(prefix="liandan-bench-"))
-    data = bench_data.write_chats(work / "chats.jsonl", args.count)
-    bf16 = torch.cuda.is_available() or cpu_supports_bf16()
-    results: dict[str, list[dict]] = {name: [] for name in args.only}
-    for round_ in range(args.repeats):
-        for name in args.only:
-            out = work / f"{name}-{round_}"
-            print(f"[round {round_ + 1}/{args.repeats}] {name} ...", flush=True)
-            proc = subprocess.run([sys.executable, __file__, "--child", name, "--model-dir", model_dir,
-                                   "--data", str(data), "--out", str(out)],
-                                  capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})  # fmt: skip
-            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-            if proc.returncode != 0 or not lines:
-                sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-            results[name].append(json.loads(lines[-1][len("RESULT "):]))
+    try:
+        data = bench_data.write_chats(work / "chats.jsonl", args.count)
+        bf16 = torch.cuda.is_available() or cpu_supports_bf16()
+        results: dict[str, list[dict]] = {name: [] for name in args.only}
+        for round_ in range(args.repeats):
+            for name in args.only:
+                out = work / f"{name}-{round_}"
+                print(f"[round {round_ + 1}/{args.repeats}] {name} ...", flush=True)
+                proc = subprocess.run([sys.executable, __file__, "--child", name, "--model-dir", model_dir,
+                                       "--data", str(data), "--out", str(out)],
+                                      capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})  # fmt: skip
+                lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+                if proc.returncode != 0 or not lines:
+                    sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+                results[name].append(json.loads(lines[-1][len("RESULT "):]))
+                shutil.rmtree(out, ignore_errors=True)  # the trained adapter is not needed any more
 
-    dtype_name = "bfloat16" if bf16 else "float32"
-    peak = matmul_peak(model_dir, dtype_name)
-    print_table(results, args.count, args.repeats)
-    report_efficiency(results, model_dir, data, peak, dtype_name)
-
+        dtype_name = "bfloat16" if bf16 else "float32"
+        peak = matmul_peak(model_dir, dtype_name)
+        print_table(results, args.count, args.repeats)
+        report_efficiency(results, model_dir, data, peak, dtype_name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 def median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)

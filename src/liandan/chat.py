@@ -89,7 +89,6 @@ def stop_token_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
     return sorted(ids)
 
 
-
 def chat_stop_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
     """The stop tokens of a chat-mode reply: `stop_token_ids`, and for a model without a chat
     template, whose conversations `render_chat` renders as ChatML, also ChatML's ``<|im_end|>``
@@ -100,6 +99,7 @@ def chat_stop_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
         if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
             stops.add(im_end)
     return sorted(stops)
+
 
 # ---------------------------------------------------------------------------------------------
 # Supervised fine-tuning: the conversation as tokens, trained only on the assistant's replies.

@@ -35,10 +35,9 @@ class PreparedRun:
     unit: str = "trained_tokens"
     """What the loss is normalised by, as logged in metrics.jsonl."""
     manifest: dict = field(default_factory=dict)
-    attention: str = "sdpa"
-    """The model's own attention implementation, put back before it is saved."""
-    unfuse_lora: Callable[[], None] = lambda: None
-    """Puts PEFT's own LoRA forward back (`liandan.lora_fusion`) before the model is saved."""
+    restore_model: Callable[[], None] = lambda: None
+    """Undoes the training loop's speed-ups on the model (`liandan.train.speed_up_training`)
+    before it is saved or generates."""
 
     def write_manifest(self, out_dir: Path) -> None:
         (out_dir / "manifest.json").write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")

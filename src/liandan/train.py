@@ -24,6 +24,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,10 +32,10 @@ from pathlib import Path
 import torch
 
 from .attention import use_training_attention
-from .lora_fusion import fuse_lora_layers
 from .batching import plan_batches
 from .config import SFTConfig, save_config
 from .errors import LiandanError
+from .lora_fusion import fuse_lora_layers
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -157,11 +158,7 @@ def _loop(config: SFTConfig, prepare, resume: bool, stop_after: int | None) -> T
     with accelerator.main_process_first():
         run = prepare(config, out_dir, main_process=accelerator.is_main_process, resume=resume, device=accelerator.device)
     model, tokenizer, objective = run.model, run.tokenizer, run.objective
-    run.attention = use_training_attention(model, config.attention, objective.packing, accelerator.device)
-    if not config.full and accelerator.mixed_precision == "bf16" and not sharded(accelerator):
-        freeze_in_bf16(model)
-    if not sharded(accelerator):
-        run.unfuse_lora = fuse_lora_layers(model)
+    run.restore_model = speed_up_training(model, config, accelerator, objective.packing)
     stream = StepStream([item_length(e) for e in run.train], config, accelerator.num_processes, accelerator.process_index,
                         packing=objective.packing)  # fmt: skip
     steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
@@ -279,6 +276,25 @@ def evaluate(model, examples: list[dict], objective, config: SFTConfig, accelera
     return {"eval_loss": total / max(units, 1), **{f"eval_{k}": v / max(units, 1) for k, v in sums.items()}}
 
 
+def speed_up_training(model, config: SFTConfig, accelerator, packing: bool) -> Callable[[], None]:
+    """What the loop changes on the model for speed, all in one place; returns the function that
+    puts the model back as loaded (its attention, PEFT's LoRA forward and input casts) before it
+    is saved or generates. Frozen bf16 weights stay bf16: only the adapters are saved."""
+    attention = use_training_attention(model, config.attention, packing, accelerator.device)
+    if sharded(accelerator):  # FSDP / DeepSpeed own the dtypes and wrap the modules themselves
+        return lambda: model.set_attn_implementation(attention)
+    if not config.full and accelerator.mixed_precision == "bf16":
+        freeze_in_bf16(model)
+    unfuse = fuse_lora_layers(model)
+
+    def restore() -> None:
+        model.set_attn_implementation(attention)
+        unfuse()
+        set_adapter_input_casting(model, True)
+
+    return restore
+
+
 def freeze_in_bf16(model) -> None:
     """LoRA under bf16 autocast: store the frozen weights in bf16 (autocast would otherwise cast
     every one of them on every forward pass, and keep the copies for backward) and keep the
@@ -367,9 +383,7 @@ def save_final(accelerator, model, tokenizer, config: SFTConfig, out_dir: Path, 
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
-    unwrapped.set_attn_implementation(run.attention)  # the model's own again, to save and generate
-    run.unfuse_lora()
-    set_adapter_input_casting(unwrapped, True)
+    run.restore_model()  # the model as loaded again, to save and generate
     unwrapped.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     run.write_manifest(out_dir)

@@ -19,9 +19,8 @@ from openai import OpenAI
 
 from liandan.chat import render_chat
 from liandan.errors import LiandanError
-from liandan.generate import SamplingConfig, generate
+from liandan.generate import SamplingConfig, find_stop, generate, streamable_length
 from liandan.models import load_model
-from liandan.openai_api import find_stop, streamable_length
 from liandan.serve import create_app, default_model_name
 
 KEY = "test-key"

@@ -211,6 +211,28 @@ class _StepClock:
         return scores
 
 
+# Stop strings: cut the text before them, and while streaming hold back what may become one.
+
+
+def find_stop(text: str, stops: list[str]) -> int | None:
+    """Where the earliest stop string starts in ``text``, or None."""
+    found = [at for at in (text.find(s) for s in stops) if at >= 0]
+    return min(found) if found else None
+
+
+def streamable_length(text: str, stops: list[str]) -> int:
+    """How much of ``text`` can be sent now: not a trailing half-decoded character (U+FFFD until
+    its next byte arrives), nor an ending that could be the start of a stop string."""
+    end = len(text.rstrip("\ufffd"))
+    held = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, end), held, -1):
+            if text.startswith(stop[:k], end - k):
+                held = k
+                break
+    return end - held
+
+
 def generation_config(sampling: SamplingConfig, stops: Sequence[int], pad_token_id: int | None, **overrides: Any):
     """transformers' GenerationConfig for a `SamplingConfig`: greedy at temperature 0, else
     sampling with its temperature, top-p and top-k; stopping at ``stops``. ``overrides`` replace

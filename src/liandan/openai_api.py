@@ -1,5 +1,5 @@
 """The OpenAI API's wire format, as `liandan.serve` speaks it: typed requests, errors in OpenAI's
-shape, the API-key check, stop strings, and server-sent event chunks.
+shape, the API-key check, and server-sent event chunks.
 
     from liandan.openai_api import ChatRequest, ApiError
     request = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "Hi"}]})
@@ -140,29 +140,6 @@ class RequireApiKey:
                 response = error_response(401, "incorrect API key", code="invalid_api_key")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
-
-
-# ---------------------------------------------------------------------------------------------
-# Stop strings: cut the text before them, and while streaming hold back what may become one.
-
-
-def find_stop(text: str, stops: list[str]) -> int | None:
-    """Where the earliest stop string starts in ``text``, or None."""
-    found = [at for at in (text.find(s) for s in stops) if at >= 0]
-    return min(found) if found else None
-
-
-def streamable_length(text: str, stops: list[str]) -> int:
-    """How much of ``text`` can be sent now: not a trailing half-decoded character (U+FFFD until
-    its next byte arrives), nor an ending that could be the start of a stop string."""
-    end = len(text.rstrip("\ufffd"))
-    held = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, end), held, -1):
-            if text.startswith(stop[:k], end - k):
-                held = k
-                break
-    return end - held
 
 
 # ---------------------------------------------------------------------------------------------

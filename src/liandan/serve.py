@@ -25,7 +25,8 @@ is never part of it.
 One worker thread owns the model and runs requests one at a time from a queue: simple, and each
 request gets exactly the output it would get alone. Bad requests get a 4xx answer in OpenAI's
 error shape ``{"error": {"message", "type", "param", "code"}}``, never a 500. The wire format
-(typed requests, errors, stop strings, event chunks) lives in `liandan.openai_api`.
+(typed requests, errors, event chunks) lives in `liandan.openai_api`; stop strings in
+`liandan.generate`.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import chat_stop_ids, render_chat, stop_token_ids
 from .errors import LiandanError
+from .generate import find_stop, streamable_length
 from .models import context_length
 from .openai_api import (
     UNSET,
@@ -60,9 +62,7 @@ from .openai_api import (
     chat_chunk,
     completion_chunk,
     error_response,
-    find_stop,
     sse,
-    streamable_length,
     validation_error,
 )
 

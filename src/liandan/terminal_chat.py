@@ -44,7 +44,7 @@ from typing import Any
 
 from .chat import chat_stop_ids, has_chat_template, render_chat
 from .errors import LiandanError
-from .generate import SamplingConfig, generation_config
+from .generate import SamplingConfig, generation_config, streamable_length
 from .models import context_length
 from .report import write_atomic
 
@@ -278,7 +278,7 @@ class ReplyStreamer:
 
     def _show(self, final: bool) -> None:
         text = self.text()
-        end = len(text) if final or not text.endswith("\ufffd") else len(text) - 1
+        end = len(text) if final else streamable_length(text, [])
         if end > self.shown:
             self.write(text[self.shown : end])
             self.shown = end

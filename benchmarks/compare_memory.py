@@ -18,7 +18,8 @@ import json, resource, sys
 import transformers
 transformers.logging.set_verbosity_error(); transformers.utils.logging.disable_progress_bar()
 from liandan.generate import SamplingConfig, compare, generate
-from liandan.models import default_model_dir, load_model
+from liandan.default_model import default_model_dir
+from liandan.models import load_model
 which = sys.argv[1]
 specs = ["default", str(default_model_dir())]
 config = SamplingConfig(max_new_tokens=16)
@@ -43,7 +44,7 @@ def peak(which: str, dtype: str) -> float:
 
 
 def main() -> None:
-    from liandan.models import ensure_default_model
+    from liandan.default_model import ensure_default_model
 
     ensure_default_model()
     dtype = sys.argv[1] if len(sys.argv) > 1 else "float32"

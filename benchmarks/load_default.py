@@ -42,7 +42,7 @@ def measure(method: str, where: str = "") -> dict:
 
 
 def main() -> None:
-    from liandan.models import ensure_default_model, fetch_default_gguf
+    from liandan.default_model import ensure_default_model, fetch_default_gguf
 
     ensure_default_model()
     with tempfile.TemporaryDirectory() as tmp:

@@ -190,7 +190,8 @@ def main() -> None:
     import torch
 
     import bench_data
-    from liandan.models import cpu_supports_bf16, ensure_default_model
+    from liandan.default_model import ensure_default_model
+    from liandan.devices import cpu_supports_bf16
 
     model_dir = str(ensure_default_model())
     work = Path(tempfile.mkdtemp(prefix="liandan-bench-"))

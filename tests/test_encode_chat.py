@@ -490,7 +490,7 @@ def test_ensure_chat_template_keeps_existing_template_and_never_shrinks():
 def test_default_model_template_masks_replies_and_im_end():
     from transformers import AutoTokenizer
 
-    from liandan.models import ensure_default_model
+    from liandan.default_model import ensure_default_model
 
     tok = AutoTokenizer.from_pretrained(ensure_default_model())
     example = encode_chat_example(tok, [USER, REPLY, THANKS, WELCOME])

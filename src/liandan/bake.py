@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LiandanError
-from .report import write_atomic
+from .files import write_atomic
 
 
 @dataclass

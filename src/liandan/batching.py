@@ -17,7 +17,7 @@ import random
 
 import torch
 
-from .losses import IGNORE, next_token_targets
+from .losses import IGNORE_INDEX, next_token_targets
 
 
 def plan_batches(lengths: list[int], batch_tokens: int, packing: bool, seed: int, batch_size: int = 0) -> list[list[int]]:
@@ -64,7 +64,7 @@ def collate(examples: list[dict], packing: bool, pad_id: int) -> dict[str, torch
     width = max(len(ex["input_ids"]) for ex in examples)
     input_ids = torch.full((len(examples), width), pad_id)
     attention = torch.zeros((len(examples), width), dtype=torch.long)
-    targets = torch.full((len(examples), width), IGNORE)
+    targets = torch.full((len(examples), width), IGNORE_INDEX)
     for row, ex in enumerate(examples):
         n = len(ex["input_ids"])
         input_ids[row, :n] = torch.tensor(ex["input_ids"])
@@ -76,4 +76,4 @@ def collate(examples: list[dict], packing: bool, pad_id: int) -> dict[str, torch
 def trained_positions(targets: torch.Tensor) -> torch.Tensor:
     """Sequence positions where any row has a trained target. Only these need logits: the output
     head (hidden x vocab) is the largest activation in a small model's step."""
-    return (targets != IGNORE).any(dim=0).nonzero().squeeze(-1)  # (K,)
+    return (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)  # (K,)

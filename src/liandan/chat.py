@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .errors import LiandanError
+from .losses import IGNORE_INDEX
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"
@@ -115,10 +116,6 @@ def chat_stop_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
 #    <|eot_id|>, </s>, <end_of_turn>), so the model learns to stop.
 # Any step that does not check out raises LiandanError: a wrong mask trains silently and badly.
 # ---------------------------------------------------------------------------------------------
-
-IGNORE_INDEX = -100
-"""The label value cross-entropy skips (the transformers convention)."""
-
 
 @dataclass
 class EncodedChat:

@@ -90,10 +90,10 @@ def _compile(name: str, value: Any, here: str, base_dir: Path, reference: str | 
     if name == "json":
         if value is not True:
             raise LiandanError(f"{here}: expected true (got {value!r})")
-        return lambda answer, _ref: parse_json(answer) is not _INVALID
+        return lambda answer, _ref: parse_json(answer) is not INVALID_JSON
     if name == "schema":
         validator = load_schema(value, here, base_dir)
-        return lambda answer, _ref: (doc := parse_json(answer)) is not _INVALID and validator.is_valid(doc)
+        return lambda answer, _ref: (doc := parse_json(answer)) is not INVALID_JSON and validator.is_valid(doc)
     if name == "reference":
         return _reference_check(value, here, reference)
     return _predicate(value, here, record)
@@ -110,9 +110,9 @@ def _reference_check(mode: Any, here: str, reference: str | None):
     if mode == "contains":
         return lambda answer, ref: normalize(ref) in normalize(answer)
     expected = parse_json(reference)
-    if expected is _INVALID:
+    if expected is INVALID_JSON:
         raise LiandanError(f"{here}: 'json' compares parsed JSON, but the reference is not valid JSON")
-    return lambda answer, _ref: (doc := parse_json(answer)) is not _INVALID and doc == expected
+    return lambda answer, _ref: (doc := parse_json(answer)) is not INVALID_JSON and doc == expected
 
 
 def _predicate(value: Any, here: str, record: dict):
@@ -161,12 +161,12 @@ def load_schema(value: Any, here: str, base_dir: Path):
     return cls(value)
 
 
-_INVALID = object()
+INVALID_JSON = object()
 _FENCE = re.compile(r"^```[a-zA-Z]*\s*\n(.*?)\n?```$", re.DOTALL)
 
 
 def parse_json(text: str) -> Any:
-    """The JSON document in ``text`` (optionally inside one ``` fence), or ``_INVALID``."""
+    """The JSON document in ``text`` (optionally inside one ``` fence), or ``INVALID_JSON``."""
     text = text.strip()
     fenced = _FENCE.match(text)
     if fenced:
@@ -174,7 +174,7 @@ def parse_json(text: str) -> Any:
     try:
         return json.loads(text)
     except (json.JSONDecodeError, ValueError):
-        return _INVALID
+        return INVALID_JSON
 
 
 def normalize(text: str) -> str:

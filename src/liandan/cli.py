@@ -69,7 +69,8 @@ def collect_prompts(prompt: list[str] | None, prompts: Path | None):
 def prepare_models(models: list[str]) -> None:
     """Check every model argument before any work, and fetch the default model if needed (its
     first-time conversion shows its own progress, which cannot nest inside the generation bar)."""
-    from .models import ensure_default_model, resolve_model
+    from .default_model import ensure_default_model
+    from .models import resolve_model
 
     sources = [resolve_model(spec) for spec in models]
     if any(source.kind == "default" for source in sources):

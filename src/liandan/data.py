@@ -50,7 +50,7 @@ EXPECTED_KEYS = (
     "expected 'messages' (messages), 'conversations' (sharegpt), 'instruction' and 'output' (alpaca), "
     "'prompt' and 'completion' (prompt_completion) or 'text' (text) (or force one with format=)"
 )
-_MISSING = object()
+MISSING = object()
 
 
 @dataclass(kw_only=True)
@@ -77,7 +77,7 @@ class DataResult:
     """``(source, reason)`` of each record dropped by ``skip_invalid``."""
 
 
-class _RecordError(LiandanError):
+class RecordError(LiandanError):
     """One bad record: skippable with ``skip_invalid``, unlike errors about a whole file."""
 
     def __init__(self, where: str, reason: str):
@@ -140,12 +140,12 @@ def read_file(
             if fmt is None:
                 fmt = detect_format(record)
                 if fmt is None:
-                    error = _RecordError(where, f"keys match no known data format: found {sorted(record)}; {EXPECTED_KEYS}")
+                    error = RecordError(where, f"keys match no known data format: found {sorted(record)}; {EXPECTED_KEYS}")
                     unknown = unknown or error
                     raise error
                 check_purpose(fmt, purpose, f"{path}: format {fmt!r} (detected from {where})")
             examples.append(normalise(record, fmt, where))
-        except _RecordError as exc:
+        except RecordError as exc:
             if not skip_invalid:
                 raise
             skipped.append((exc.where, exc.reason))
@@ -158,11 +158,11 @@ def read_file(
 
 def as_object(where: str, record: object) -> dict:
     """The record if it is a JSON object; a record that failed to parse, or is not an object,
-    raises its `_RecordError`."""
-    if isinstance(record, _RecordError):
+    raises its `RecordError`."""
+    if isinstance(record, RecordError):
         raise record
     if not isinstance(record, dict):
-        raise _RecordError(where, f"expected a JSON object; got {describe(record)}")
+        raise RecordError(where, f"expected a JSON object; got {describe(record)}")
     return record
 
 
@@ -182,7 +182,7 @@ def detect_format(record: dict) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading records from files: (source, record) pairs; a record that cannot be parsed is a _RecordError
+# Reading records from files: (source, record) pairs; a record that cannot be parsed is a RecordError
 
 
 def read_records(path: str) -> Iterator[tuple[str, object]]:
@@ -216,7 +216,7 @@ def jsonl_records(path: str) -> Iterator[tuple[str, object]]:
         try:
             yield where, json.loads(line)
         except json.JSONDecodeError as exc:
-            yield where, _RecordError(where, f"not valid JSON: {exc.msg} (column {exc.colno})")
+            yield where, RecordError(where, f"not valid JSON: {exc.msg} (column {exc.colno})")
 
 
 def json_records(path: str) -> Iterator[tuple[str, object]]:
@@ -254,14 +254,14 @@ def csv_record(row: dict, width: int, where: str) -> object:
     empty optional cell means the field is absent (CSV cannot leave a cell out)."""
     if None in row or None in row.values():
         got = width + len(row.get(None, [])) if None in row else sum(v is not None for v in row.values())
-        return _RecordError(where, f"expected {width} fields as in the header; got {got}")
+        return RecordError(where, f"expected {width} fields as in the header; got {got}")
     for key in ("messages", "conversations"):
         cell = row.get(key)
         if isinstance(cell, str) and cell.lstrip().startswith("["):
             try:
                 row[key] = json.loads(cell)
             except json.JSONDecodeError as exc:
-                return _RecordError(where, f"field '{key}': not valid JSON: {exc.msg} (column {exc.colno})")
+                return RecordError(where, f"field '{key}': not valid JSON: {exc.msg} (column {exc.colno})")
     return {k: v for k, v in row.items() if not (k in ("input", "system") and v == "")}
 
 
@@ -319,9 +319,9 @@ def normalise(record: dict, fmt: str, where: str) -> Example:
     if fmt == "text":
         return Example(text=string_field(record, "text", where), source=where)
     if fmt == "messages":
-        turns = read_turns(record.get("messages", _MISSING), "messages", "role", "content", dict(zip(ROLES, ROLES)), where)
+        turns = read_turns(record.get("messages", MISSING), "messages", "role", "content", dict(zip(ROLES, ROLES)), where)
     elif fmt == "sharegpt":
-        turns = read_turns(record.get("conversations", _MISSING), "conversations", "from", "value", SHAREGPT_ROLES, where)
+        turns = read_turns(record.get("conversations", MISSING), "conversations", "from", "value", SHAREGPT_ROLES, where)
         if record.get("system") is not None:
             turns.insert(0, plain_turn("system", string_field(record, "system", where), "system"))
     elif fmt == "alpaca":
@@ -349,7 +349,7 @@ def alpaca_turns(record: dict, where: str) -> list[_Turn]:
 def prompt_completion_turns(record: dict, where: str) -> list[_Turn]:
     turns = []
     for key, role in (("prompt", "user"), ("completion", "assistant")):
-        value = record.get(key, _MISSING)
+        value = record.get(key, MISSING)
         if isinstance(value, list):  # conversational prompt-completion, as in TRL
             turns += read_turns(value, key, "role", "content", dict(zip(ROLES, ROLES)), where)
         else:
@@ -370,7 +370,7 @@ def read_turns(value: object, name: str, role_key: str, content_key: str, roles:
         prefix = f"{name}[{i}]"
         if not isinstance(item, dict):
             raise field_error(where, prefix, f"expected an object with '{role_key}' and '{content_key}'; got {describe(item)}")
-        raw_role = item.get(role_key, _MISSING)
+        raw_role = item.get(role_key, MISSING)
         if not isinstance(raw_role, str) or raw_role not in roles:
             raise field_error(where, f"{prefix}.{role_key}", f"expected one of {', '.join(roles)}; got {describe(raw_role)}")
         message = {"role": roles[raw_role], "content": string_field(item, content_key, where, prefix=f"{prefix}.")}
@@ -399,19 +399,19 @@ def check_conversation(turns: list[_Turn], where: str) -> None:
 
 
 def string_field(record: dict, key: str, where: str, prefix: str = "") -> str:
-    value = record.get(key, _MISSING)
+    value = record.get(key, MISSING)
     if not isinstance(value, str) or not value.strip():
         raise field_error(where, prefix + key, f"expected a non-empty string; got {describe(value)}")
     return value
 
 
-def field_error(where: str, name: str, problem: str) -> _RecordError:
-    return _RecordError(where, f"field '{name}': {problem}")
+def field_error(where: str, name: str, problem: str) -> RecordError:
+    return RecordError(where, f"field '{name}': {problem}")
 
 
 def describe(value: object) -> str:
     """A value as it would read in the data file, short enough for one line."""
-    if value is _MISSING:
+    if value is MISSING:
         return "nothing (the field is missing)"
     if value is None:
         return "null"

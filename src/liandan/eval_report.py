@@ -20,8 +20,8 @@ from html import escape
 from pathlib import Path
 
 from .errors import LiandanError
-from .report import write_atomic
-from .plots import DASH, MINUS, _label, _num, _sig3, bar_chart, format_value, loss_chart, model_colours
+from .files import write_atomic
+from .plots import DASH, MINUS, bar_chart, format_value, loss_chart, model_colours, model_label, finite_number, three_digits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -30,11 +30,11 @@ from .plots import DASH, MINUS, _label, _num, _sig3, bar_chart, format_value, lo
 
 def format_delta(before, after, fmt: str | None, better: str | None) -> tuple[str, str] | None:
     """``("+95.0", "better")``: the change (percentage points for percents) and its CSS class."""
-    b, a = _num(before), _num(after)
+    b, a = finite_number(before), finite_number(after)
     if b is None or a is None:
         return None
     d = (a - b) * 100 if fmt == "percent" else a - b
-    text = f"{abs(d):.1f}" if fmt == "percent" else _sig3(abs(d))
+    text = f"{abs(d):.1f}" if fmt == "percent" else three_digits(abs(d))
     if float(text) == 0:  # judged on what is shown: a "+0.0" must not be painted green
         return "±" + text, "same"
     kind = "same" if better not in ("higher", "lower") else "better" if (d > 0) == (better == "higher") else "worse"
@@ -72,7 +72,7 @@ def _rate(passed: int, counted: int) -> str:
 
 def status_line(output: dict) -> str:
     parts = []
-    if _num(output.get("new_tokens")) is not None:
+    if finite_number(output.get("new_tokens")) is not None:
         n = int(output["new_tokens"])
         parts.append("1 token" if n == 1 else f"{n} tokens")
     if isinstance(output.get("stopped"), bool):
@@ -139,7 +139,7 @@ def _swatch(colour: str) -> str:
 
 
 def _model_head(result: dict, model: str, colours: dict[str, str], cls: str = "") -> str:
-    label = _label(result, model)
+    label = model_label(result, model)
     key = f'<br><span class="key">{escape(model)}</span>' if label != model else ""
     return f"<th{cls}>{_swatch(colours[model])}{escape(label)}{key}</th>"
 
@@ -153,7 +153,7 @@ def _header(result: dict, colours: dict[str, str]) -> str:
     if result.get("notes"):
         parts.append('<ul class="notes">' + "".join(f"<li>{escape(str(n))}</li>" for n in result["notes"]) + "</ul>")
     if result.get("models"):
-        chips = [f"<span>{_swatch(colours[m])}{escape(_label(result, m))} <span class='key'>{escape(m)}</span></span>"
+        chips = [f"<span>{_swatch(colours[m])}{escape(model_label(result, m))} <span class='key'>{escape(m)}</span></span>"
                  for m in result["models"]]  # fmt: skip
         parts.append('<div class="legend">' + "".join(chips) + "</div>")
     if result.get("settings"):
@@ -187,7 +187,7 @@ def _metrics_section(result: dict, colours: dict[str, str]) -> str:
     rows = "".join(_metric_row(metric, models) for metric in result["metrics"])
     hint = ""
     if len(models) > 1:
-        hint = (f'<p class="hint">Changes in brackets are against {escape(_label(result, models[0]))}; '
+        hint = (f'<p class="hint">Changes in brackets are against {escape(model_label(result, models[0]))}; '
                 "for percentages they are in percentage points.</p>")  # fmt: skip
     return (f'<section class="card"><h2>Metrics</h2><div class="scroll"><table class="metrics"><thead><tr>{head}'
             f"</tr></thead><tbody>{rows}</tbody></table></div>{hint}</section>")  # fmt: skip
@@ -202,7 +202,7 @@ def _plots_section(result: dict, colours: dict[str, str]) -> str:
         title = str(chart.get("title") or "")
         charts.append((title, bar_chart(title, chart.get("groups") or {}, chart.get("format"), result, colours)))
     for run, points in (result.get("curves") or {}).items():
-        caption = f"Training loss: {_label(result, run)}"
+        caption = f"Training loss: {model_label(result, run)}"
         charts.append((caption, loss_chart(run, points or [], result, colours[run])))
     figures = "".join(f"<figure><figcaption>{escape(c)}</figcaption>{svg}</figure>" for c, svg in charts if svg)
     return f'<section class="card"><h2>Plots</h2><div class="plots">{figures}</div></section>' if figures else ""
@@ -246,7 +246,7 @@ def _set_section(set_: dict, index: int, result: dict, colours: dict[str, str]) 
     rates = [(name, row) for name, row in pass_rates(set_, models) if any(row[m][1] for m in models)]
     summary = f"{len(examples)} example{'s' * (len(examples) != 1)}"
     passed = dict(rates).get("passed", {})
-    summary += "".join(f" · {escape(_label(result, m))}: {p}/{n} passed" for m, (p, n) in passed.items() if n)
+    summary += "".join(f" · {escape(model_label(result, m))}: {p}/{n} passed" for m, (p, n) in passed.items() if n)
     rate_table = ""
     if rates:
         head = "<th>pass rate</th>" + "".join(_model_head(result, m, colours, ' class="num"') for m in models)
@@ -296,7 +296,7 @@ def _md_table(head: list[str], rows: list[list[str]], numbers: bool = True) -> l
 
 
 def _md_model(result: dict, model: str) -> str:
-    label = _label(result, model)
+    label = model_label(result, model)
     return _md(label if label == model else f"{label} ({model})")
 
 
@@ -389,7 +389,7 @@ def print_metrics(result: dict, console=None) -> None:
     table = Table(title=result.get("title"), title_justify="left")
     table.add_column("metric")
     for model in models:
-        table.add_column(_label(result, model) + ("" if _label(result, model) == model else f"\n{model}"), justify="right")
+        table.add_column(model_label(result, model) + ("" if model_label(result, model) == model else f"\n{model}"), justify="right")
     styles = {"better": "green", "worse": "red", "same": "dim"}
     for metric in result["metrics"]:
         values = metric["values"]

@@ -138,9 +138,9 @@ def _split_reference(prompt: Prompt, where: str) -> tuple[str | None, Prompt]:
 
 
 def _is_json(text: str) -> bool:
-    from .checks import _INVALID, parse_json
+    from .checks import INVALID_JSON, parse_json
 
-    return text.strip()[:1] in "{[" and parse_json(text) is not _INVALID
+    return text.strip()[:1] in "{[" and parse_json(text) is not INVALID_JSON
 
 
 def read_set_spec(spec: str, *, name: str) -> EvalSet | None:

@@ -34,7 +34,7 @@ from .errors import LiandanError
 from .gguf_tokenizer import add_tokenizer, gguf_vocab
 from .modelfile import modelfile_text
 from .models import load_model, release_model
-from .report import write_atomic
+from .files import write_atomic
 
 FORMATS = ("gguf",)
 QUANTS = ("f16", "q8_0")

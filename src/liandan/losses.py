@@ -23,14 +23,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-IGNORE = -100
+IGNORE_INDEX = -100
+"""The label (and target) value that marks a token as not trained: the value cross-entropy skips,
+as in PyTorch and transformers. The one name for it everywhere in liandan."""
 
 
 def next_token_targets(labels: list[int]) -> list[int]:
     """Shift aligned labels (label t = token t, or -100) to next-token targets (target t = the
     token the model should predict at position t). Done per example, so packed examples never
     ask the last token of one example to predict the first of the next."""
-    return labels[1:] + [IGNORE]
+    return labels[1:] + [IGNORE_INDEX]
 
 
 def dpo_loss(

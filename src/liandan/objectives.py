@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .batching import collate, trained_positions
-from .losses import IGNORE, dpo_loss, token_nll
+from .losses import IGNORE_INDEX, dpo_loss, token_nll
 
 
 @dataclass
@@ -55,12 +55,12 @@ def trained_token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch
         keep = trained_positions(targets)
         logits = model(**inputs, use_cache=False, logits_to_keep=keep).logits  # (B, K, V)
         kept = targets[:, keep]
-        trained = kept != IGNORE
+        trained = kept != IGNORE_INDEX
         rows = trained.nonzero()[:, 0]
         return F.cross_entropy(logits[trained].float(), kept[trained], reduction="none"), rows
     none = torch.empty(0, dtype=torch.long, device=targets.device)
     out = model(**inputs, use_cache=False, logits_to_keep=none, output_hidden_states=True)
-    trained = targets != IGNORE
+    trained = targets != IGNORE_INDEX
     hidden = out.hidden_states[-1][trained]  # (N, H): after the final norm
     return token_nll(hidden, head.weight, targets[trained]), trained.nonzero()[:, 0]
 
@@ -81,7 +81,7 @@ def sft_objective(packing: bool, pad_id: int, name: str = "sft") -> Objective:
     return Objective(
         name=name, packing=packing,
         collate=lambda examples: collate(examples, packing, pad_id),
-        count=lambda batch: int((batch["targets"] != IGNORE).sum()),
+        count=lambda batch: int((batch["targets"] != IGNORE_INDEX).sum()),
         loss=lambda model, batch: (micro_batch_loss(model, batch)[0], {}),
     )  # fmt: skip
 
@@ -123,7 +123,7 @@ def dpo_objective(pad_id: int, beta: float, label_smoothing: float, kind: str, s
         losses, chosen, rejected = dpo_loss(policy[:n], policy[n:], ref[:n], ref[n:], beta, label_smoothing, kind)
         if sft_weight:
             # NLL per token of the chosen reply: keeps the chosen text likely, not just relatively so
-            tokens = (batch["targets"][:n] != IGNORE).sum(-1).clamp(min=1)
+            tokens = (batch["targets"][:n] != IGNORE_INDEX).sum(-1).clamp(min=1)
             losses = losses - sft_weight * policy[:n] / tokens
         stats = {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
                  "margin": (chosen - rejected).sum(), "accuracy": (chosen > rejected).float().sum()}  # fmt: skip

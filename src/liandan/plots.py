@@ -32,14 +32,14 @@ MINUS = "\u2212"
 # Values, shared with eval_report's tables
 
 
-def _num(value) -> float | None:
+def finite_number(value) -> float | None:
     """A finite float, or None for null, NaN, infinities and non-numbers (nothing to show)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     return float(value) if math.isfinite(value) else None
 
 
-def _sig3(v: float) -> str:
+def three_digits(v: float) -> str:
     """Three significant digits without exponents for everyday sizes: 2.31, 23.1, 0.0421, 1234."""
     if v == 0:
         return "0"
@@ -49,13 +49,13 @@ def _sig3(v: float) -> str:
 
 
 def format_value(value, fmt: str | None) -> str:
-    v = _num(value)
+    v = finite_number(value)
     if v is None:
         return DASH
-    return f"{v * 100:.1f}%" if fmt == "percent" else _sig3(v)
+    return f"{v * 100:.1f}%" if fmt == "percent" else three_digits(v)
 
 
-def _label(result: dict, model: str) -> str:
+def model_label(result: dict, model: str) -> str:
     return (result.get("labels") or {}).get(model) or model
 
 
@@ -166,7 +166,7 @@ def _wrap(text: str, max_width: float, lines: int = 3) -> list[str]:
 
 def bar_chart(title: str, groups: dict, fmt: str | None, result: dict, colours: dict[str, str]) -> str:
     """Grouped bars, one group per category or metric and one bar per model; "" if nothing to draw."""
-    groups = {str(g): {m: _num(v) for m, v in (values or {}).items()} for g, values in groups.items()}
+    groups = {str(g): {m: finite_number(v) for m, v in (values or {}).items()} for g, values in groups.items()}
     models = [m for m in colours if any(values.get(m) is not None for values in groups.values())]
     groups = {g: values for g, values in groups.items() if any(values.get(m) is not None for m in models)}
     if not groups:
@@ -179,7 +179,7 @@ def bar_chart(title: str, groups: dict, fmt: str | None, result: dict, colours: 
     width = LEFT + max(488, len(groups) * (len(models) * 14 + 28)) + RIGHT
     slot = (width - RIGHT - LEFT) / len(groups)
     bar = min(36.0, slot * 0.6 / len(models))
-    legend, top = _legend([(_label(result, m), colours[m], "bar") for m in models], width)
+    legend, top = _legend([(model_label(result, m), colours[m], "bar") for m in models], width)
     top += 14  # room for the value printed above the tallest bar
     names = {group: _wrap(group, slot - 6) for group in groups}
     bottom = 20 + 13 * max(len(lines) for lines in names.values())
@@ -194,11 +194,11 @@ def bar_chart(title: str, groups: dict, fmt: str | None, result: dict, colours: 
             v = vals[model]
             # A measured zero still gets a 2-unit stub, so it is not mistaken for "not measured".
             y_top, y_bottom = min(y(v), y(0) - 2), max(y(v), y(0))
-            tip = escape(f"{_label(result, model)}, {group}: {format_value(v, fmt)}")
+            tip = escape(f"{model_label(result, model)}, {group}: {format_value(v, fmt)}")
             body.append(f'<rect x="{x0 + j * bar + 1:.1f}" y="{y_top:.1f}" width="{bar - 2:.1f}" '
                         f'height="{y_bottom - y_top:.1f}" fill="{colours[model]}"><title>{tip}</title></rect>')  # fmt: skip
             if bar >= 24:  # narrower bars keep the value in their tooltip only
-                short = f"{v * 100:.0f}%" if fmt == "percent" else _sig3(v)
+                short = f"{v * 100:.0f}%" if fmt == "percent" else three_digits(v)
                 body.append(f'<text x="{x0 + (j + 0.5) * bar:.1f}" y="{y_top - 4:.1f}" text-anchor="middle" '
                             f'font-size="10">{short}</text>')  # fmt: skip
         for k, line in enumerate(names[group]):
@@ -222,7 +222,7 @@ def loss_chart(run: str, points: list, result: dict, colour: str) -> str:
     """Training loss against step in the run's colour, eval loss as dots on a dashed line; "" if no data."""
     series = {}
     for key in ("loss", "eval_loss"):
-        pairs = [(_num(p.get("step")), _num(p.get(key))) for p in points if isinstance(p, dict)]
+        pairs = [(finite_number(p.get("step")), finite_number(p.get(key))) for p in points if isinstance(p, dict)]
         series[key] = sorted((s, v) for s, v in pairs if s is not None and v is not None)
     pairs = series["loss"] + series["eval_loss"]
     if not pairs:
@@ -246,4 +246,4 @@ def loss_chart(run: str, points: list, result: dict, colour: str) -> str:
         # Dots mark eval points (few, irregular) and a lone training point a line cannot show.
         if key == "eval_loss" or len(series[key]) == 1:
             body += [f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="3.5" fill="{paint}"/>' for s, v in series[key]]
-    return _svg(width, height, f"Training loss of {_label(result, run)}", body)
+    return _svg(width, height, f"Training loss of {model_label(result, run)}", body)

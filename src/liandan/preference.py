@@ -21,7 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import _MISSING, _RecordError, as_object, describe, field_error, read_records, read_turns
+from .data import MISSING, RecordError, as_object, describe, field_error, read_records, read_turns
 from .errors import LiandanError
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
@@ -47,7 +47,7 @@ def read_pairs(paths: list[str | Path] | str | Path) -> list[PreferencePair]:
             count += 1
             try:
                 pairs.append(normalise_pair(as_object(where, record), where))
-            except _RecordError as exc:
+            except RecordError as exc:
                 raise LiandanError(str(exc)) from None
         if count == 0:
             raise LiandanError(f"{path}: has no records")
@@ -88,8 +88,8 @@ def read_reply(value: object, name: str, where: str) -> str:
         value = value[0]
     if isinstance(value, dict):
         if value.get("role") != "assistant":
-            raise field_error(where, f"{name}.role", f"expected 'assistant'; got {describe(value.get('role', _MISSING))}")
-        value = value.get("content", _MISSING)
+            raise field_error(where, f"{name}.role", f"expected 'assistant'; got {describe(value.get('role', MISSING))}")
+        value = value.get("content", MISSING)
     if not isinstance(value, str) or not value.strip():
         raise field_error(where, name, f"expected a non-empty reply; got {describe(value)}")
     return value

@@ -19,7 +19,8 @@ from .chat import encode_chat_example, ensure_chat_template, stop_token_ids
 from .config import SFTConfig, save_config
 from .data import read_examples, split_examples, summarize_skipped
 from .errors import LiandanError
-from .models import file_sha256, load_model, resolve_model
+from .files import file_sha256
+from .models import load_model, resolve_model
 from .objectives import sft_objective
 from .replay import replay_examples
 

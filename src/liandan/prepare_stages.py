@@ -15,7 +15,7 @@ from typing import Any
 from .chat import encode_chat_example
 from .config import DPOConfig, PretrainConfig, save_config
 from .errors import LiandanError
-from .models import file_sha256
+from .files import file_sha256
 from .objectives import dpo_objective, precompute_reference, sft_objective
 from .prepare import PreparedRun, attach_trainable, build_manifest, load_trainable_base, pad_id
 from .preference import PreferencePair, read_pairs

@@ -22,8 +22,7 @@ from typing import Any
 from .config import SFTConfig
 from .data import Example, read_examples
 from .errors import LiandanError
-from .models import file_sha256, liandan_home
-from .report import write_atomic
+from .files import file_sha256, liandan_home, write_atomic
 
 
 def replay_examples(config: SFTConfig, tokenizer: Any, task_count: int, *,

@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import html
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from .errors import LiandanError
+from .files import write_atomic
 from .generate import CompareResult, Generation
 
 FORMATS = (".html", ".md", ".jsonl")
@@ -88,20 +87,6 @@ def write_comparison(result: CompareResult, path: str | Path) -> Path:
         raise LiandanError(f"--out {path}: directory '{path.parent}' does not exist")
     write_atomic(path, render(result))
     return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def to_jsonl(result: CompareResult) -> str:

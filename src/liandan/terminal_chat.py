@@ -46,7 +46,7 @@ from .chat import chat_stop_ids, has_chat_template, render_chat
 from .errors import LiandanError
 from .generate import SamplingConfig, generation_config, streamable_length
 from .models import context_length
-from .report import write_atomic
+from .files import write_atomic
 
 PROMPT = "you> "
 HELP = """commands:

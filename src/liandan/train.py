@@ -34,6 +34,7 @@ import torch
 from .attention import use_training_attention
 from .batching import plan_batches
 from .config import SFTConfig, save_config
+from .devices import cpu_supports_bf16
 from .errors import LiandanError
 from .lora_fusion import fuse_lora_layers
 
@@ -252,8 +253,6 @@ def check_trackers(names: list[str]) -> None:
 def resolve_precision(choice: str) -> str:
     if choice != "auto":
         return choice
-    from .models import cpu_supports_bf16
-
     if torch.cuda.is_available():
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_supports_bf16() else "no"

@@ -41,10 +41,14 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     directory, its tokenizer with a pad token (eos where it has none) beside it."""
     check_gguf_file(gguf_path)
     where, name = str(gguf_path.parent), gguf_path.name
-    tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
+    except Exception as exc:  # transformers raises many types for a damaged file; one line for the user
+        first = str(exc).strip().splitlines()
+        raise LiandanError(f"could not read the GGUF model '{gguf_path}': {first[0] if first else type(exc).__name__}") from exc
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, dtype=torch.float32)
     drop_quantizer(model)
     model.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

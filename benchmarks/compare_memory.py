@@ -17,7 +17,8 @@ CHILD = r"""
 import json, resource, sys
 import transformers
 transformers.logging.set_verbosity_error(); transformers.utils.logging.disable_progress_bar()
-from liandan.generate import SamplingConfig, compare, generate
+from liandan.comparison import compare
+from liandan.generation import SamplingConfig, generate
 from liandan.default_model import default_model_dir
 from liandan.models import load_model
 which = sys.argv[1]

@@ -30,7 +30,7 @@ def main() -> None:
     import transformers
 
     from liandan.chat import stop_token_ids
-    from liandan.generate import SamplingConfig, count_until_stop, generate
+    from liandan.generation import SamplingConfig, count_until_stop, generate
     from liandan.models import load_model
 
     transformers.logging.set_verbosity_error()

@@ -6,7 +6,8 @@ read the converted copy from LIANDAN_HOME.
 
 import pytest
 
-from liandan.generate import SamplingConfig, compare
+from liandan.comparison import compare
+from liandan.generation import SamplingConfig
 
 pytestmark = pytest.mark.model
 

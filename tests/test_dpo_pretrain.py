@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from conftest import write_jsonl
 
 from liandan.cli import app
-from liandan.config import DPOConfig, PretrainConfig
+from liandan.config import DPOConfig, PretrainConfig, load_config
 from liandan.errors import LiandanError
 from liandan.train import train_dpo, train_pretrain
 
@@ -36,7 +36,7 @@ def dpo_config(model, data, out, **kw):
 def test_lora_reference_is_the_base_model_with_adapters_off(tmp_path, chat_model_dir, pairs_file):
     from liandan.models import load_model
     from liandan.objectives import pair_logps, reference_logps
-    from liandan.prepare_stages import prepare_dpo
+    from liandan.prepare import prepare_dpo
 
     run = prepare_dpo(dpo_config(chat_model_dir, pairs_file, tmp_path / "r"), tmp_path / "r", main_process=True, resume=False)
     batch = run.objective.collate(run.train[:3])
@@ -72,7 +72,7 @@ def test_dpo_raises_held_out_preference_accuracy(tmp_path, chat_model_dir, pairs
 def test_full_dpo_precomputes_the_reference(tmp_path, chat_model_dir, pairs_file):
     from liandan.models import load_model
     from liandan.objectives import pair_logps
-    from liandan.prepare_stages import prepare_dpo
+    from liandan.prepare import prepare_dpo
 
     config = dpo_config(chat_model_dir, pairs_file, tmp_path / "r", full=True, lr=1e-3, max_steps=2)
     run = prepare_dpo(config, tmp_path / "r", main_process=True, resume=False)
@@ -89,8 +89,8 @@ def test_dpo_settings_are_checked():
         DPOConfig(beta=0)
     with pytest.raises(LiandanError, match="loss must be sigmoid or ipo"):
         DPOConfig(loss="hinge")
-    with pytest.raises(LiandanError, match="replay is an SFT setting"):
-        DPOConfig(replay="self")
+    with pytest.raises(LiandanError, match=r"dpo: unknown setting 'replay' \(a setting of sft, which dpo does not use\)"):
+        load_config(DPOConfig, None, ["replay=self"])
 
 
 def test_pretrain_perplexity_on_its_own_text_falls(tmp_path, chat_model_dir):
@@ -110,7 +110,7 @@ def test_pretrain_perplexity_on_its_own_text_falls(tmp_path, chat_model_dir):
 
 def test_pretrain_blocks_cover_the_text_with_eos_between_documents(chat_model_dir):
     from liandan.models import load_model
-    from liandan.prepare_stages import text_blocks
+    from liandan.encoding import text_blocks
 
     _, tok = load_model(str(chat_model_dir))
     docs = [("a", "Hello world!"), ("b", "The quick brown fox.")]
@@ -141,10 +141,10 @@ def test_dpo_and_pretrain_cli(tmp_path, chat_model_dir, pairs_file):
 
 
 def test_eval_reports_preference_accuracy_and_text_perplexity(tmp_path, chat_model_dir, pairs_file):
-    from liandan.evaluate import EvalConfig, evaluate
+    from liandan.evaluation import EvalConfig, evaluate
     from liandan.models import load_model
     from liandan.objectives import collate_pairs, pair_logps
-    from liandan.prepare_stages import encode_pair
+    from liandan.encoding import encode_pair
     from liandan.preference import read_pairs
 
     text = tmp_path / "held.txt"

@@ -3,7 +3,7 @@ import re
 
 import pytest
 
-from liandan import eval_report, report
+from liandan import eval_report, files
 from liandan.errors import LiandanError
 from liandan.eval_report import format_delta, render_html, render_markdown, write_eval_report
 from liandan.plots import PALETTE
@@ -177,7 +177,7 @@ def test_write_failure_keeps_the_old_file_and_leaves_no_temp_files(tmp_path, mon
     if fail_in == "render_html":
         monkeypatch.setattr(eval_report, "render_html", boom)
     else:  # the text is fully written to the temporary file; the rename fails
-        monkeypatch.setattr(report.os, "replace", boom)
+        monkeypatch.setattr(files.os, "replace", boom)
     with pytest.raises(RuntimeError, match="boom"):
         write_eval_report(make_result(), target)
     assert target.read_text() == "old report" and [p.name for p in tmp_path.iterdir()] == ["eval.html"]

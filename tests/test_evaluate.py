@@ -9,7 +9,7 @@ from conftest import write_jsonl
 
 from liandan.cli import app
 from liandan.errors import LiandanError
-from liandan.evaluate import EvalConfig, answer_nll, evaluate, read_eval_set, read_general_prompts, read_set_spec, repetition
+from liandan.evaluation import EvalConfig, answer_nll, evaluate, read_eval_set, read_general_prompts, read_set_spec, repetition
 
 runner = CliRunner()
 
@@ -74,7 +74,7 @@ def test_shipped_sets_are_valid_and_large_enough():
 
 
 def test_kept_counts_only_what_the_baseline_passed():
-    from liandan.evaluate import add_kept
+    from liandan.evaluation import add_kept
 
     def outs(*passed):
         return [{"passed": p} for p in passed]

@@ -1,7 +1,8 @@
 import pytest
 
 from liandan.errors import LiandanError
-from liandan.generate import SamplingConfig, compare, count_until_stop, generate
+from liandan.comparison import compare
+from liandan.generation import SamplingConfig, count_until_stop, generate
 from liandan.models import load_model
 
 PROMPTS = ["What is the capital of France?", "hello", "The quick brown fox jumps over the lazy dog. " * 3]

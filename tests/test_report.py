@@ -4,9 +4,10 @@ import pytest
 from rich.console import Console
 
 from liandan.errors import LiandanError
-from liandan.generate import CompareResult, Generation, SamplingConfig
+from liandan.comparison import CompareResult
+from liandan.generation import Generation, SamplingConfig
 from liandan.prompts import Prompt
-from liandan.report import print_comparison, to_html, to_markdown, write_comparison
+from liandan.comparison import print_comparison, to_html, to_markdown, write_comparison
 
 
 def make_result():
@@ -66,7 +67,7 @@ def test_one_token_output_has_no_speed_and_files_are_not_private(tmp_path):
     g = Generation(model="m", mode="raw", prompt_index=0, sample=0, prompt="p", text="", new_tokens=1,
                    stopped=True, seconds=0.5, first_token_seconds=0.5)  # fmt: skip
     assert g.tokens_per_second is None
-    from liandan.report import status_line
+    from liandan.comparison import status_line
 
     assert status_line(g) == "1 token · stopped · — tok/s"
     path = write_comparison(make_result(), tmp_path / "a.md")

@@ -19,7 +19,7 @@ from openai import OpenAI
 
 from liandan.chat import render_chat
 from liandan.errors import LiandanError
-from liandan.generate import SamplingConfig, find_stop, generate, streamable_length
+from liandan.generation import SamplingConfig, find_stop, generate, streamable_length
 from liandan.models import load_model
 from liandan.serve import create_app, default_model_name
 

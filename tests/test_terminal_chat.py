@@ -16,7 +16,7 @@ import torch
 from liandan.chat import render_chat
 from liandan.data import read_examples
 from liandan.errors import LiandanError
-from liandan.generate import SamplingConfig
+from liandan.generation import SamplingConfig
 from liandan.models import load_model
 from liandan.terminal_chat import NO_TEMPLATE_NOTE, PROMPT, chat_session, chat_stop_ids, run_chat
 

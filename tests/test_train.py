@@ -8,7 +8,7 @@ from conftest import chat_row, write_jsonl
 from liandan.batching import collate, plan_batches
 from liandan.config import SFTConfig
 from liandan.errors import LiandanError
-from liandan.generate import SamplingConfig, generate
+from liandan.generation import SamplingConfig, generate
 from liandan.merge import merge
 from liandan.models import load_adapter_model, load_model
 from liandan.objectives import micro_batch_loss
@@ -54,9 +54,9 @@ def test_plan_batches_respects_the_token_budget():
 
 def test_one_process_with_accumulation_sees_what_two_processes_see():
     cfg = SFTConfig(data=["x"], batch_tokens=64, max_length=32, grad_accum=2)
-    one = StepStream([20] * 12, cfg, processes=1, rank=0)
+    one = StepStream([20] * 12, cfg, processes=1, rank=0, packing=cfg.packing)
     cfg2 = SFTConfig(data=["x"], batch_tokens=64, max_length=32, grad_accum=1)
-    two = [StepStream([20] * 12, cfg2, processes=2, rank=r) for r in (0, 1)]
+    two = [StepStream([20] * 12, cfg2, processes=2, rank=r, packing=cfg2.packing) for r in (0, 1)]
     for step in range(3):
         assert one.step(step) == two[0].step(step) + two[1].step(step)
 

@@ -18,6 +18,8 @@ import functools
 from typing import Any
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 PACKED = "liandan_packed"
 
@@ -25,8 +27,6 @@ PACKED = "liandan_packed"
 def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     """transformers attention interface: query (B, H, T, D), key/value (B, H_kv, T, D);
     returns (B, T, H, D). Without ``cu_seq_lens_q`` it is plain SDPA (padded rows, generation)."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     starts = kwargs.pop("cu_seq_lens_q", None)
     if starts is None or query.shape[0] != 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
@@ -71,8 +71,6 @@ def causal_bias(t: int, groups: int, dtype: torch.dtype, device: torch.device) -
 
 
 def register() -> None:
-    from transformers import AttentionInterface
-
     AttentionInterface.register(PACKED, packed_attention)
 
 

@@ -27,8 +27,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from .chat import render_chat
+from .checks import parse_checks, run_checks
+from .config import SFTConfig, load_config
 from .errors import LiandanError
+from .eval_report import print_metrics, write_eval_report
+from .evaluation import EvalConfig, Evaluation
 from .files import write_atomic
+from .generation import SamplingConfig, generate
+from .models import load_model, release_model
+from .prompts import builtin_path, read_general_prompts
+from .train import train_sft
 
 
 @dataclass
@@ -74,13 +87,6 @@ def read_system_prompt(value: str) -> str:
 
 
 def bake(config: BakeConfig, console: Any = None) -> dict:
-    from rich.console import Console
-
-    from .config import SFTConfig, load_config
-    from .eval_report import print_metrics, write_eval_report
-    from .evaluate import EvalConfig, Evaluation, builtin_path, read_general_prompts
-    from .train import train_sft
-
     console = console or Console()
     system = read_system_prompt(config.system)
     prompts = read_general_prompts(config.prompts, "general")
@@ -129,8 +135,6 @@ def bake(config: BakeConfig, console: Any = None) -> dict:
 
 def _teacher_checks(config: BakeConfig, evaluation) -> Any:
     """The checks a teacher answer must pass: --check, else the checks every task record shares."""
-    from .checks import parse_checks
-
     if config.checks:
         return parse_checks(config.checks, where="--check")
     specs = {json.dumps(item.prompt.meta.get("checks"), sort_keys=True) for item in evaluation.task.items}
@@ -141,12 +145,6 @@ def _teacher_checks(config: BakeConfig, evaluation) -> Any:
 
 def teacher_answers(config: BakeConfig, system: str, prompts: list, checks, console) -> tuple[list[dict], dict]:
     """Training records (prompt WITHOUT system -> teacher answer) and teacher statistics."""
-    from rich.progress import Progress
-
-    from .checks import run_checks
-    from .generate import SamplingConfig, generate
-    from .models import load_model, release_model
-
     model, tokenizer = load_model(config.model)
     kept: dict[int, str] = {}
     greedy: dict[int, str] = {}  # the first, greedy answers that stopped: the prompt's plain effect
@@ -194,11 +192,6 @@ def teacher_answers(config: BakeConfig, system: str, prompts: list, checks, cons
 def prompt_cost(config: BakeConfig, system: str, prompts: list, run_dir: Path) -> dict:
     """What the system prompt costs per request: its tokens, and the prefill time it adds, measured
     as the median over ``prompts`` of one forward pass with it minus one without it."""
-    import torch
-
-    from .chat import render_chat
-    from .models import load_model, release_model
-
     model, tokenizer = load_model(str(run_dir))
     extra, with_ms, without_ms = [], [], []
     try:

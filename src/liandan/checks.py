@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from .errors import LiandanError
 
 CHECKS = {
@@ -193,3 +195,18 @@ def _strings(value: Any, here: str) -> list[str]:
     if not isinstance(values, list) or not values or not all(isinstance(v, str) and v for v in values):
         raise LiandanError(f"{here}: expected a non-empty string or list of strings (got {value!r})")
     return values
+
+
+def parse_check_options(items: list[str]) -> dict:
+    """``--check KEY=VALUE`` pairs; the value is read as YAML (true, lists) when it parses."""
+    checks = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise LiandanError(f"--check {item!r}: expected KEY=VALUE, e.g. 'regex=^Arr' or json=true")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            parsed = value
+        checks[key.strip()] = parsed if isinstance(parsed, (bool, list)) else value
+    return checks

@@ -113,8 +113,8 @@ def compare(
 ) -> None:
     """Run the same prompts through several models and modes, side by side."""
     with user_errors():
-        from .generate import SamplingConfig
-        from .generate import compare as run_compare
+        from .comparison import compare as run_compare
+        from .generation import SamplingConfig
 
         config = SamplingConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
@@ -126,7 +126,7 @@ def compare(
         modes = mode or ["chat"]
         prepare_models(models)
         if out is not None:
-            from .report import FORMATS
+            from .comparison import FORMATS
 
             if out.suffix.lower() not in FORMATS:  # fail before spending minutes generating
                 raise LiandanError(f"--out {out}: expected a file ending in {', '.join(FORMATS)}")
@@ -137,7 +137,7 @@ def compare(
             total=len(models) * len(modes) * len(collected),
             device=device, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
         )  # fmt: skip
-        from .report import print_comparison, write_comparison
+        from .comparison import print_comparison, write_comparison
 
         print_comparison(result, console)
         if out is not None:
@@ -220,6 +220,7 @@ def bake(
     with user_errors():
         from .bake import BakeConfig
         from .bake import bake as run_bake
+        from .checks import parse_check_options
 
         quiet_libraries()
         config = BakeConfig(model=model, system=system, prompts=prompts, task=task, checks=parse_check_options(check or []),
@@ -247,8 +248,9 @@ def eval_command(
 ) -> None:
     """Evaluate models before vs after fine-tuning: task score, stop rate, retention and drift."""
     with user_errors():
+        from .checks import parse_check_options
         from .eval_report import print_metrics, write_eval_report
-        from .evaluate import EvalConfig, Evaluation, evaluate
+        from .evaluation import EvalConfig, Evaluation, evaluate
 
         config = EvalConfig(models=model or ["default"], task=str(task) if task else None, schema=str(schema) if schema else None,
                             checks=parse_check_options(check or []), probes=probes, drift=drift, system=system,
@@ -264,23 +266,6 @@ def eval_command(
         print_metrics(result, console)
         for path in out or []:
             console.print(f"Wrote {write_eval_report(result, path)}")
-
-
-def parse_check_options(items: list[str]) -> dict:
-    """``--check KEY=VALUE`` pairs; the value is read as YAML (true, lists) when it parses."""
-    import yaml
-
-    checks = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise LiandanError(f"--check {item!r}: expected KEY=VALUE, e.g. 'regex=^Arr' or json=true")
-        try:
-            parsed = yaml.safe_load(value)
-        except yaml.YAMLError:
-            parsed = value
-        checks[key.strip()] = parsed if isinstance(parsed, (bool, list)) else value
-    return checks
 
 
 @app.command()
@@ -399,7 +384,7 @@ def chat(
 ) -> None:
     """Chat with a model in the terminal, replies streamed (/help inside for /reset, /system, /save)."""
     with user_errors():
-        from .generate import SamplingConfig
+        from .generation import SamplingConfig
         from .terminal_chat import run_chat
 
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -465,44 +450,29 @@ def inspect_data(
     with user_errors():
         from rich.text import Text
 
-        from .chat import encode_chat_example, ensure_chat_template, explain_mask
-        from .data import read_examples, summarize_skipped
-        from .models import load_tokenizer, resolve_model
+        from .data_inspection import inspect_data as run_inspection
 
         quiet_libraries()
         prepare_models([model])
-        tokenizer = load_tokenizer(resolve_model(model))
-        ensure_chat_template(tokenizer)
-        result = read_examples(data, format=format, purpose="sft", skip_invalid=skip_invalid)
-        totals = {"tokens": 0, "trained": 0, "truncated": 0, "empty": 0, "no_stop": 0}
-        for n, example in enumerate(result.examples):
-            try:
-                enc = encode_chat_example(tokenizer, example.messages, max_length)
-            except LiandanError as exc:
-                raise LiandanError(f"{example.source}: {exc}") from None
-            totals["tokens"] += len(enc.input_ids)
-            totals["trained"] += enc.trained_tokens
-            totals["truncated"] += enc.truncated
-            totals["empty"] += enc.trained_tokens == 0
-            totals["no_stop"] += not enc.ends_with_stop
-            if n < show:
-                text = Text(f"── {example.source} ──\n", style="bold")
-                for piece, trained in explain_mask(tokenizer, enc.input_ids, enc.labels):
-                    text.append(piece, style="black on green" if trained else "dim")
-                console.print(text)
-        console.print(
-            f"{len(result.examples)} records ({result.format}), {totals['tokens']} tokens, {totals['trained']} trained "
-            f"(green); {totals['truncated']} truncated, {totals['empty']} with no trained token"
-            + (f", {len(result.skipped)} dropped: {summarize_skipped(result.skipped)}" if result.skipped else ""),
-            highlight=False,
-        )
-        verdict = "every assistant turn ends in a trained stop token" if totals["no_stop"] == 0 else f"{totals['no_stop']} examples lose a stop token (truncated)"
-        console.print(verdict, style="green" if totals["no_stop"] == 0 else "bold red")
+        report = run_inspection(data, model=model, format=format, max_length=max_length, show=show, skip_invalid=skip_invalid)
+        for example in report.shown:
+            text = Text(f"── {example.source} ──\n", style="bold")
+            for piece, trained in example.pieces:
+                text.append(piece, style="black on green" if trained else "dim")
+            console.print(text)
+        console.print(report.summary(), highlight=False)
+        console.print(report.verdict(), style="green" if report.stops_kept else "bold red")
 
 
 def _run_with_progress(job, total: int, **load_options):
     """Run ``job(load, progress)`` under a Rich progress bar that counts finished prompts."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     from .models import load_model, resolve_model
 

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -42,15 +42,18 @@ class LoraConfig:
 
 
 @dataclass
-class SFTConfig:
+class TrainConfig:
+    """What every training stage shares: the model, the data files, the run directory, LoRA or
+    full fine-tuning, the optimizer and schedule, batching, precision and logging. Each stage's
+    config adds only the settings that stage uses, so a setting it would ignore is refused."""
+
+    stage: ClassVar[str] = "train"
+    """The command this config is for, as error messages name it."""
+
     model: str = "default"
     """Base model: default, a model directory, a .gguf file or a hub id."""
     data: list[str] = field(default_factory=list)
     """Training data files (JSONL, JSON, CSV, Parquet)."""
-    format: str | None = None
-    """Force a data format (messages, sharegpt, alpaca, prompt_completion); detected if unset."""
-    skip_invalid: bool = False
-    """Drop invalid records (and report them) instead of stopping at the first one."""
     output_dir: str = "runs/sft"
     """Run directory: config, manifest, metrics, checkpoints and the final adapter or model."""
     full: bool = False
@@ -75,9 +78,6 @@ class SFTConfig:
     """Micro-batches per optimizer step."""
     max_length: int = 1024
     """Longest example in tokens; longer ones are truncated (and reported)."""
-    packing: bool = True
-    """Pack several examples into one row without padding: position ids restart at each example
-    and attention never crosses examples, so no compute is spent on padding tokens."""
     attention: str = "auto"
     """Attention kernel for training: auto (packed rows on a CPU: per-example SDPA; otherwise the
     model's default), eager, sdpa or flash_attention_2."""
@@ -87,8 +87,6 @@ class SFTConfig:
     """auto (bf16 where supported), no, bf16 or fp16."""
     seed: int = 0
     """Seed for shuffling, dropout and LoRA init."""
-    eval_fraction: float = 0.0
-    """Fraction of the data held out to measure eval loss (0 = none)."""
     eval_every: int = 0
     """Evaluate every N steps (0 = only at the end, when there is an eval split)."""
     save_every: int = 0
@@ -99,15 +97,6 @@ class SFTConfig:
     """Prompts to generate from at the end of the run (saved in samples.jsonl)."""
     report_to: list[str] = field(default_factory=list)
     """Extra trackers through accelerate: tensorboard, wandb (when installed)."""
-    replay: str | None = None
-    """Mix general data in against forgetting: "self" (the base model's own answers to general
-    prompts, generated before training and cached) or a data file."""
-    replay_ratio: float = 0.5
-    """Replay examples per task example (at most 1: replay must not outweigh the task)."""
-    replay_prompts: str = "default"
-    """Prompts the base model answers for replay "self": "default" (shipped) or a .jsonl/.txt file."""
-    replay_max_new_tokens: int = 256
-    """Longest self-replay answer; answers that do not stop within it are left out."""
     trust_remote_code: bool = False
     """Allow model code from the model's repository to run."""
 
@@ -123,15 +112,104 @@ class SFTConfig:
             (self.max_length >= 8, f"max_length must be at least 8 (got {self.max_length})"),
             (self.batch_tokens >= self.max_length, f"batch_tokens ({self.batch_tokens}) must be at least max_length ({self.max_length})"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})"),
-            (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction})"),
             (self.attention in ("auto", "eager", "sdpa", "flash_attention_2"), f"attention must be auto, eager, sdpa or flash_attention_2 (got {self.attention!r})"),
             (self.mixed_precision in ("auto", "no", "bf16", "fp16"), f"mixed_precision must be auto, no, bf16 or fp16 (got {self.mixed_precision!r})"),
+        ]  # fmt: skip
+        raise_first(checks)
+
+
+@dataclass
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning on conversations: only the assistant's replies are trained."""
+
+    stage: ClassVar[str] = "sft"
+    format: str | None = None
+    """Force a data format (messages, sharegpt, alpaca, prompt_completion); detected if unset."""
+    skip_invalid: bool = False
+    """Drop invalid records (and report them) instead of stopping at the first one."""
+    packing: bool = True
+    """Pack several examples into one row without padding: position ids restart at each example
+    and attention never crosses examples, so no compute is spent on padding tokens."""
+    eval_fraction: float = 0.0
+    """Fraction of the data held out to measure eval loss (0 = none)."""
+    replay: str | None = None
+    """Mix general data in against forgetting: "self" (the base model's own answers to general
+    prompts, generated before training and cached) or a data file."""
+    replay_ratio: float = 0.5
+    """Replay examples per task example (at most 1: replay must not outweigh the task)."""
+    replay_prompts: str = "default"
+    """Prompts the base model answers for replay "self": "default" (shipped) or a .jsonl/.txt file."""
+    replay_max_new_tokens: int = 256
+    """Longest self-replay answer; answers that do not stop within it are left out."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        raise_first([
+            (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction})"),
             (0 <= self.replay_ratio <= 1, f"replay_ratio must be between 0 and 1: replay examples per task example, and replay must not outweigh the task (got {self.replay_ratio})"),
             (self.replay_max_new_tokens >= 1, f"replay_max_new_tokens must be at least 1 (got {self.replay_max_new_tokens})"),
-        ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise LiandanError(message)
+        ])  # fmt: skip
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Preference alignment (DPO) on chosen / rejected pairs."""
+
+    stage: ClassVar[str] = "dpo"
+
+    lr: float = 5e-5
+    """Peak learning rate (AdamW); DPO wants a gentler one than SFT."""
+    epochs: float = 2.0
+    """Passes over the pairs (ignored when max_steps > 0)."""
+    output_dir: str = "runs/dpo"
+    """Run directory."""
+    eval_data: list[str] = field(default_factory=list)
+    """Held-out preference pairs: eval loss, rewards and preference accuracy during training."""
+    eval_fraction: float = 0.0
+    """Without eval_data: the fraction of the pairs held out instead (0 = none)."""
+    beta: float = 0.1
+    """How far the policy may move from the reference: larger keeps it closer."""
+    label_smoothing: float = 0.0
+    """Conservative DPO: the share of pairs assumed to be labelled the wrong way round (0 = plain DPO)."""
+    loss: str = "sigmoid"
+    """sigmoid (DPO) or ipo."""
+    sft_weight: float = 0.0
+    """Weight of an extra NLL term on the chosen reply (0 = off)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        raise_first([
+            (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction})"),
+            (self.beta > 0, f"beta must be above 0 (got {self.beta})"),
+            (0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5) (got {self.label_smoothing})"),
+            (self.loss in ("sigmoid", "ipo"), f"loss must be sigmoid or ipo (got {self.loss!r})"),
+            (self.sft_weight >= 0, f"sft_weight must be 0 or more (got {self.sft_weight})"),
+        ])  # fmt: skip
+
+
+@dataclass
+class PretrainConfig(TrainConfig):
+    """Continued pre-training on raw text; max_length is the block size."""
+
+    stage: ClassVar[str] = "pretrain"
+
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    epochs: float = 1.0
+    """Passes over the text (ignored when max_steps > 0)."""
+    max_length: int = 512
+    """Block size: the text is concatenated (EOS between documents) and cut into blocks of this many tokens."""
+    output_dir: str = "runs/pretrain"
+    """Run directory."""
+    eval_data: list[str] = field(default_factory=list)
+    """Held-out text: eval loss (and perplexity) during training."""
+
+
+def raise_first(checks: list[tuple[bool, str]]) -> None:
+    """Raise the message of the first check that failed, worded for the command line."""
+    for ok, message in checks:
+        if not ok:
+            raise LiandanError(message)
 
 
 def to_dict(config: Any) -> dict:
@@ -186,43 +264,53 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
     data[last] = value
 
 
-def build(cls: type, data: dict, prefix: str):
-    """Instantiate a config dataclass from a dict, checking names and types field by field."""
+def build(cls: type, data: dict, prefix: str, stage: str | None = None):
+    """Instantiate a config dataclass from a dict, checking names and types field by field.
+    ``stage`` names the command in errors (a training config's own; nested groups inherit it)."""
+    stage = getattr(cls, "stage", None) or stage
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
-            raise LiandanError(unknown_key(prefix + key, [prefix + name for name in fields]))
-        kwargs[key] = coerce(value, hints[key], prefix + key)
+            raise LiandanError(unknown_key(prefix + key, [prefix + name for name in fields], stage))
+        kwargs[key] = coerce(value, hints[key], prefix + key, stage)
     return cls(**kwargs)
 
 
-def unknown_key(key: str, valid: list[str]) -> str:
+def unknown_key(key: str, valid: list[str], stage: str | None = None) -> str:
+    """The error for a setting ``stage`` does not have: the stage that has it, if another one
+    does, and the nearest valid key."""
+    where = f"{stage}: " if stage else ""
+    owners = [c.stage for c in STAGES if c.stage != stage and key in {f.name for f in dataclasses.fields(c)}]
+    elsewhere = f" (a setting of {' and '.join(owners)}, which {stage} does not use)" if owners and stage else ""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
-    return f"unknown setting '{key}'{hint}"
+    if close:
+        return f"{where}unknown setting '{key}'{elsewhere}; did you mean '{close[0]}'?"
+    nearest = difflib.get_close_matches(key, valid, n=1, cutoff=0.0)
+    hint = f"; the nearest valid key is '{nearest[0]}' (all: {', '.join(valid)})" if nearest else ""
+    return f"{where}unknown setting '{key}'{elsewhere}{hint}"
 
 
-def coerce(value: Any, hint: Any, key: str) -> Any:
+def coerce(value: Any, hint: Any, key: str, stage: str | None = None) -> Any:
     """Check a value against a field's type; ints become floats and a string becomes a list."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
         (hint,) = [a for a in args if a is not type(None)]
-        return coerce(value, hint, key)
+        return coerce(value, hint, key, stage)
     if dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
         if not isinstance(value, dict):
             raise LiandanError(f"setting '{key}': expected a group of settings, got {value!r}")
-        return build(hint, value, key + ".")
+        return build(hint, value, key + ".", stage)
     if origin is list:
         items = [value] if isinstance(value, str) else value
         if not isinstance(items, list):
             raise LiandanError(f"setting '{key}': expected a list, got {value!r}")
-        return [coerce(item, args[0], f"{key}[{i}]") for i, item in enumerate(items)]
+        return [coerce(item, args[0], f"{key}[{i}]", stage) for i, item in enumerate(items)]
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if hint is float and isinstance(value, str):
@@ -243,58 +331,5 @@ def save_config(config: Any, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-@dataclass
-class DPOConfig(SFTConfig):
-    """Preference alignment: every SFT setting, plus the DPO loss's own."""
-
-    lr: float = 5e-5
-    """Peak learning rate (AdamW); DPO wants a gentler one than SFT."""
-    epochs: float = 2.0
-    """Passes over the pairs (ignored when max_steps > 0)."""
-    output_dir: str = "runs/dpo"
-    """Run directory."""
-    eval_data: list[str] = field(default_factory=list)
-    """Held-out preference pairs: eval loss, rewards and preference accuracy during training."""
-    beta: float = 0.1
-    """How far the policy may move from the reference: larger keeps it closer."""
-    label_smoothing: float = 0.0
-    """Conservative DPO: the share of pairs assumed to be labelled the wrong way round (0 = plain DPO)."""
-    loss: str = "sigmoid"
-    """sigmoid (DPO) or ipo."""
-    sft_weight: float = 0.0
-    """Weight of an extra NLL term on the chosen reply (0 = off)."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        checks = [
-            (self.beta > 0, f"beta must be above 0 (got {self.beta})"),
-            (0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5) (got {self.label_smoothing})"),
-            (self.loss in ("sigmoid", "ipo"), f"loss must be sigmoid or ipo (got {self.loss!r})"),
-            (self.sft_weight >= 0, f"sft_weight must be 0 or more (got {self.sft_weight})"),
-            (not self.replay, "replay is an SFT setting; DPO trains on preference pairs only"),
-        ]  # fmt: skip
-        for ok, message in checks:
-            if not ok:
-                raise LiandanError(message)
-
-
-@dataclass
-class PretrainConfig(SFTConfig):
-    """Continued pre-training on raw text: every SFT setting; max_length is the block size."""
-
-    lr: float = 1e-4
-    """Peak learning rate (AdamW)."""
-    epochs: float = 1.0
-    """Passes over the text (ignored when max_steps > 0)."""
-    max_length: int = 512
-    """Block size: the text is concatenated (EOS between documents) and cut into blocks of this many tokens."""
-    output_dir: str = "runs/pretrain"
-    """Run directory."""
-    eval_data: list[str] = field(default_factory=list)
-    """Held-out text: eval loss (and perplexity) during training."""
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.replay:
-            raise LiandanError("replay is an SFT setting; pretrain trains on raw text only")
-
+STAGES: tuple[type[TrainConfig], ...] = (SFTConfig, DPOConfig, PretrainConfig)
+"""Every training stage's config, to say which stage a refused setting belongs to."""

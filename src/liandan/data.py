@@ -38,8 +38,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LiandanError
-from .models import HUB_ID
 from .prompts import ROLES
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+"""A Hugging Face Hub id (owner/name), for data sets and models alike."""
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
 CONVERSATION_FORMATS = FORMATS[:-1]
@@ -472,3 +474,19 @@ def split_examples(examples: list[Example], eval_fraction: float, seed: int) -> 
     eval_indices = set(order[:n_eval])
     train = [e for i, e in enumerate(examples) if i not in eval_indices]
     return train, [e for i, e in enumerate(examples) if i in eval_indices]
+
+
+def read_texts(paths: list[str]) -> list[tuple[str, str]]:
+    """(source, text) documents: a .txt file is one document; other files hold `text` records."""
+    documents = []
+    for path in paths:
+        if Path(path).suffix.lower() == ".txt":
+            if not Path(path).is_file():
+                raise LiandanError(f"data file '{path}' does not exist")
+            text = Path(path).read_text(encoding="utf-8-sig")
+            if not text.strip():
+                raise LiandanError(f"{path}: has no text")
+            documents.append((path, text))
+        else:
+            documents += [(e.source, e.text) for e in read_examples([path], purpose="text").examples]
+    return documents

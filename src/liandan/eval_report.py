@@ -19,10 +19,22 @@ import json
 from html import escape
 from pathlib import Path
 
+from rich.console import Console
+from rich.table import Table
+
 from .errors import LiandanError
 from .files import write_atomic
-from .plots import DASH, MINUS, bar_chart, format_value, loss_chart, model_colours, model_label, finite_number, three_digits
-
+from .plots import (
+    DASH,
+    MINUS,
+    bar_chart,
+    finite_number,
+    format_value,
+    loss_chart,
+    model_colours,
+    model_label,
+    three_digits,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Values
@@ -381,9 +393,6 @@ def write_eval_report(result: dict, path: str | Path) -> Path:
 
 def print_metrics(result: dict, console=None) -> None:
     """The headline table in the terminal: each metric, each model, the change against the first."""
-    from rich.console import Console
-    from rich.table import Table
-
     console = console or Console()
     models = result["models"]
     table = Table(title=result.get("title"), title_justify="left")

@@ -29,12 +29,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+from gguf import (
+    GGML_QUANT_VERSION,
+    GGMLQuantizationType,
+    GGUFWriter,
+    LlamaFileType,
+    quants,
+)
+
 from .chat import has_chat_template, render_chat, stop_token_ids
 from .errors import LiandanError
+from .files import write_atomic
 from .gguf_tokenizer import add_tokenizer, gguf_vocab
 from .modelfile import modelfile_text
 from .models import load_model, release_model
-from .files import write_atomic
 
 FORMATS = ("gguf",)
 QUANTS = ("f16", "q8_0")
@@ -272,9 +282,6 @@ def llama_tensors(model: Any) -> list[tuple[str, Any]]:
 def encode_tensor(array: Any, quant: str) -> tuple[Any, Any]:
     """``(data, ggml type)``: vectors (norms) stay f32, as llama.cpp keeps them; matrices become
     f16 or Q8_0, and Q8_0 falls back to f16 for rows that are not a whole number of blocks."""
-    import numpy as np
-    from gguf import GGMLQuantizationType, quants
-
     if array.ndim == 1:
         return array.astype(np.float32), GGMLQuantizationType.F32
     if quant == "q8_0" and array.shape[-1] % QK_BLOCK == 0:
@@ -284,8 +291,6 @@ def encode_tensor(array: Any, quant: str) -> tuple[Any, Any]:
 
 def write_gguf(model: Any, tokenizer: Any, vocab: dict, path: Path, quant: str) -> list[str]:
     """Write the GGUF file; returns notes for the result (tensors that could not be quantized)."""
-    from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
-
     config = model.config
     writer = GGUFWriter(str(path), arch="llama")
     writer.add_name(Path(model.liandan_source.name).name)
@@ -378,8 +383,6 @@ def compare_probe(source: Any, exported: Any, tokenizer: Any, prompt: str, text:
     Up to the first token where the exported model's argmax differs, both models have seen the
     same text, so the count of leading agreements is exactly how far their greedy outputs agree.
     """
-    import torch
-
     # As liandan generates: a chat render holds its own special tokens, raw text gets them added.
     ids = tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
     continuation = greedy(source, ids, stops)
@@ -398,8 +401,6 @@ def compare_probe(source: Any, exported: Any, tokenizer: Any, prompt: str, text:
 
 def greedy(model: Any, ids: list[int], stops: set[int], max_new_tokens: int = GREEDY_TOKENS) -> list[int]:
     """The model's greedy continuation of ``ids``, up to a stop token (included) or ``max_new_tokens``."""
-    import torch
-
     out: list[int] = []
     step, cache = torch.tensor([ids]), None
     with torch.inference_mode():

@@ -27,15 +27,12 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from peft.tuners.lora.layer import Linear as LoraLinear
 
 
 def fuse_lora_layers(model: Any) -> Callable[[], None]:
     """Give every eligible LoRA layer of ``model`` the fused forward; return the function that
     puts PEFT's forward back."""
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:  # no PEFT, no LoRA layers
-        return lambda: None
     fused = [m for m in model.modules() if type(m) is LoraLinear and eligible(m)]
     for module in fused:
         module.forward = functools.partial(fused_lora_forward, module, module.active_adapters[0], LoraLinear.forward)

@@ -13,8 +13,16 @@ import os
 import tempfile
 from pathlib import Path
 
+import torch
+
 from .errors import LiandanError
-from .models import cast_weights, load_adapter_model, load_tokenizer, release_model, resolve_model
+from .models import (
+    cast_weights,
+    load_adapter_model,
+    load_tokenizer,
+    release_model,
+    resolve_model,
+)
 
 
 def merge(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
@@ -26,7 +34,6 @@ def merge(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -
         raise LiandanError(f"'{run_dir}' is not a LoRA run directory (no adapter_config.json); a full fine-tuning run is already a standalone model")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LiandanError(f"output directory '{out_dir}' is not empty; choose another")
-    import torch
 
     source = resolve_model(str(run_dir))
     tokenizer = load_tokenizer(source)

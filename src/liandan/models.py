@@ -22,7 +22,6 @@ import ctypes
 import gc
 import json
 import os
-import re
 import socket
 import sys
 from dataclasses import dataclass
@@ -35,7 +34,13 @@ from huggingface_hub import constants, try_to_load_from_cache
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from .default_model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
+from .data import HUB_ID
+from .default_model import (
+    DEFAULT_MODEL,
+    DEFAULT_MODEL_NAME,
+    default_model_dir,
+    ensure_default_model,
+)
 from .devices import pick_device, pick_dtype
 from .errors import LiandanError
 from .gguf_reading import check_gguf_file, drop_quantizer
@@ -43,7 +48,6 @@ from .gguf_reading import check_gguf_file, drop_quantizer
 # Files that hold weights, by how they are read.
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 PICKLED_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclass(frozen=True)

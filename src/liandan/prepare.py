@@ -1,9 +1,13 @@
-"""Everything a training run needs before its first step: model, tokenizer, encoded data,
-LoRA or full fine-tuning, and the manifest that makes the run directory describe itself.
+"""Everything a training run needs before its first step, for every stage: the model and
+tokenizer, the encoded data, LoRA or full fine-tuning, the objective, and the manifest that makes
+the run directory describe itself.
 
     from liandan.prepare import prepare_sft
     run = prepare_sft(config, Path(config.output_dir), main_process=True, resume=False)
     run.train[0]["input_ids"], run.train[0]["labels"]
+
+`prepare_dpo` and `prepare_pretrain` do the same for preference pairs and raw text; the loop in
+`liandan.train` takes any of them.
 """
 
 from __future__ import annotations
@@ -15,13 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .chat import encode_chat_example, ensure_chat_template, stop_token_ids
-from .config import SFTConfig, save_config
-from .data import read_examples, split_examples, summarize_skipped
+import accelerate
+import peft
+import torch
+import transformers
+from peft import LoraConfig, get_peft_model
+from rich.console import Console
+
+from . import __version__
+from .chat import ensure_chat_template, stop_token_ids
+from .config import DPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
+from .data import read_examples, read_texts, split_examples, summarize_skipped
+from .encoding import encode_all, encode_pair, pad_id, text_blocks
 from .errors import LiandanError
 from .files import file_sha256
 from .models import load_model, resolve_model
-from .objectives import sft_objective
+from .objectives import dpo_objective, precompute_reference, sft_objective
+from .preference import read_pairs
 from .replay import replay_examples
 
 
@@ -36,9 +50,6 @@ class PreparedRun:
     unit: str = "trained_tokens"
     """What the loss is normalised by, as logged in metrics.jsonl."""
     manifest: dict = field(default_factory=dict)
-    restore_model: Callable[[], None] = lambda: None
-    """Undoes the training loop's speed-ups on the model (`liandan.train.speed_up_training`)
-    before it is saved or generates."""
 
     def write_manifest(self, out_dir: Path) -> None:
         (out_dir / "manifest.json").write_text(json.dumps(self.manifest, indent=2, ensure_ascii=False) + "\n")
@@ -60,16 +71,74 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
     manifest = build_manifest(config, tokenizer, sft_data_manifest(data, train_stats, len(evals)), added_template)
     if replay_info:
         manifest["replay"] = replay_info
+    run = PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals,
+                      objective=sft_objective(config.packing, pad_id(tokenizer)), manifest=manifest)  # fmt: skip
+    return finish(run, config, out_dir, main_process, resume, lambda: print_data_summary(data, train_stats, len(evals), replay_info))
+
+
+def prepare_dpo(config: DPOConfig, out_dir: Path, *, main_process: bool, resume: bool, device: Any = "cpu") -> PreparedRun:
+    model, tokenizer, added, new_ids = load_trainable_base(config, out_dir, main_process, resume)
+    pairs = read_pairs(config.data)
+    if config.eval_data:
+        held_out = read_pairs(config.eval_data)
+    else:
+        pairs, held_out = split_examples(pairs, config.eval_fraction, config.seed)
+    train = [encode_pair(tokenizer, p, config.max_length) for p in pairs]
+    evals = [encode_pair(tokenizer, p, config.max_length) for p in held_out]
+    model = attach_trainable(model, config, new_ids)
+    pad = pad_id(tokenizer)
+    if config.full:  # no adapters to switch off: the reference log-probs are computed now, once
+        precompute_reference(model, train + evals, pad)
+    data = {"files": file_hashes([*config.data, *config.eval_data]), "train_pairs": len(train), "eval_pairs": len(evals)}  # fmt: skip
+    manifest = build_manifest(config, tokenizer, data, added)
+    manifest["dpo"] = {"beta": config.beta, "loss": config.loss, "label_smoothing": config.label_smoothing,
+                       "sft_weight": config.sft_weight,
+                       "reference": "precomputed (full fine-tuning)" if config.full else "the policy with adapters disabled"}  # fmt: skip
+    objective = dpo_objective(pad, config.beta, config.label_smoothing, config.loss, config.sft_weight)
+    run = PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals, objective=objective, unit="pairs", manifest=manifest)
+    return finish(run, config, out_dir, main_process, resume, lambda: say(f"data: {len(train)} preference pairs ({len(evals)} held out)"))
+
+
+def prepare_pretrain(config: PretrainConfig, out_dir: Path, *, main_process: bool, resume: bool, device: Any = "cpu") -> PreparedRun:
+    model, tokenizer, added, new_ids = load_trainable_base(config, out_dir, main_process, resume)
+    documents = read_texts(config.data)
+    train, tokens = text_blocks(tokenizer, documents, config.max_length)
+    evals, eval_tokens = text_blocks(tokenizer, read_texts(config.eval_data), config.max_length) if config.eval_data else ([], 0)
+    if not train:
+        raise LiandanError(f"{', '.join(config.data)}: too little text for one block of {config.max_length} tokens")
+    model = attach_trainable(model, config, new_ids)
+    data = {"files": file_hashes([*config.data, *config.eval_data]), "documents": len(documents), "tokens": tokens, "blocks": len(train), "block_size": config.max_length,
+            "eval_tokens": eval_tokens, "eval_blocks": len(evals),
+            "text_sha256": hashlib.sha256("".join(t for _, t in documents).encode()).hexdigest()}  # fmt: skip
+    manifest = build_manifest(config, tokenizer, data, added)
+    run = PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals,
+                      objective=sft_objective(False, pad_id(tokenizer), name="pretrain"), manifest=manifest)  # fmt: skip
+    summary = (f"data: {len(documents)} documents, {tokens} tokens in {len(train)} blocks of {config.max_length} "
+               f"({len(evals)} held-out blocks)")  # fmt: skip
+    return finish(run, config, out_dir, main_process, resume, lambda: say(summary))
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the stages
+
+
+def finish(run: PreparedRun, config: TrainConfig, out_dir: Path, main_process: bool, resume: bool,
+           show_summary: Callable[[], None]) -> PreparedRun:  # fmt: skip
+    """On the main process: the run directory with the settings (written first, so that
+    ``--resume -o DIR`` finds them), and the data summary."""
     if main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-        if not resume:  # written first, so `liandan sft --resume -o DIR` can find the settings
+        if not resume:
             save_config(config, out_dir / "config.yaml")
-        print_data_summary(data, train_stats, len(evals), replay_info)
-    objective = sft_objective(config.packing, pad_id(tokenizer))
-    return PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals, objective=objective, manifest=manifest)
+        show_summary()
+    return run
 
 
-def load_trainable_base(config, out_dir: Path, main_process: bool, resume: bool):
+def say(line: str) -> None:
+    Console(stderr=True).print(line, highlight=False)
+
+
+def load_trainable_base(config: TrainConfig, out_dir: Path, main_process: bool, resume: bool):
     """The model in fp32 with its chat template, and the ids of tokens the template added. A run
     directory given as the model is loaded merged: DPO after SFT trains a new adapter on top of
     the SFT model, which is also the reference."""
@@ -83,10 +152,6 @@ def load_trainable_base(config, out_dir: Path, main_process: bool, resume: bool)
     return model, tokenizer, added, list(range(vocab_before, len(tokenizer)))
 
 
-def pad_id(tokenizer: Any) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-
 def check_output_dir(out_dir: Path, resume: bool) -> None:
     """Never overwrite a finished or running run by accident."""
     if resume:
@@ -98,35 +163,12 @@ def check_output_dir(out_dir: Path, resume: bool) -> None:
         )
 
 
-def encode_all(tokenizer: Any, examples: list, max_length: int) -> tuple[list[dict], dict]:
-    """Encode every example; examples with nothing to train are reported and dropped."""
-    encoded, stats = [], {"examples": 0, "tokens": 0, "trained_tokens": 0, "truncated": 0,
-                          "no_trained_tokens": [], "stop_cut_off": 0}  # fmt: skip
-    for example in examples:
-        try:
-            item = encode_chat_example(tokenizer, example.messages, max_length)
-        except LiandanError as exc:
-            raise LiandanError(f"{example.source}: {exc}") from None
-        stats["truncated"] += item.truncated
-        stats["stop_cut_off"] += not item.ends_with_stop
-        if item.trained_tokens == 0:
-            stats["no_trained_tokens"].append(example.source)
-            continue
-        stats["examples"] += 1
-        stats["tokens"] += len(item.input_ids)
-        stats["trained_tokens"] += item.trained_tokens
-        encoded.append({"input_ids": item.input_ids, "labels": item.labels})
-    return encoded, stats
-
-
-def attach_trainable(model: Any, config: SFTConfig, new_token_ids: list[int]) -> Any:
+def attach_trainable(model: Any, config: TrainConfig, new_token_ids: list[int]) -> Any:
     """LoRA adapters through PEFT (the base frozen), or every weight trainable with ``full``.
     Rows of newly added tokens (a base model given ChatML) are trained in both cases."""
     if config.full:
         model.requires_grad_(True)
         return model
-    from peft import LoraConfig, get_peft_model
-
     targets = config.lora.target_modules
     lora = LoraConfig(
         r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
@@ -136,15 +178,8 @@ def attach_trainable(model: Any, config: SFTConfig, new_token_ids: list[int]) ->
     return get_peft_model(model, lora)
 
 
-def build_manifest(config, tokenizer, data: dict, added_template: bool) -> dict:
+def build_manifest(config: TrainConfig, tokenizer: Any, data: dict, added_template: bool) -> dict:
     """What a run directory says about itself: versions, base model, template, tokens, data."""
-    import accelerate
-    import peft
-    import torch
-    import transformers
-
-    from . import __version__
-
     source = resolve_model(config.model)
     template = tokenizer.chat_template or ""
     return {
@@ -162,11 +197,16 @@ def build_manifest(config, tokenizer, data: dict, added_template: bool) -> dict:
 
 
 def sft_data_manifest(data, stats: dict, eval_count: int) -> dict:
-    return {"files": {f: file_sha256(Path(f)) for f in data.files if Path(f).is_file()},
+    return {"files": file_hashes(data.files),
             "format": data.format, "records": len(data.examples) + len(data.skipped),
             "skipped": len(data.skipped), "train_examples": stats["examples"], "eval_examples": eval_count,
             "train_tokens": stats["tokens"], "trained_tokens": stats["trained_tokens"],
             "truncated": stats["truncated"], "no_trained_tokens": len(stats["no_trained_tokens"])}  # fmt: skip
+
+
+def file_hashes(paths: list[str]) -> dict[str, str]:
+    """The SHA-256 of each data file (a Hub data set has none), for the manifest."""
+    return {f: file_sha256(Path(f)) for f in paths if Path(f).is_file()}
 
 
 def weights_hash(source) -> str | None:
@@ -178,8 +218,6 @@ def weights_hash(source) -> str | None:
 
 
 def print_data_summary(data, stats: dict, eval_count: int, replay_info: dict) -> None:
-    from rich.console import Console
-
     console = Console(stderr=True)
     replay = f", {replay_info['examples']} of them replay ({replay_info['source']})" if replay_info else ""
     console.print(

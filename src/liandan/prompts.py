@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from .errors import LiandanError
 
 ROLES = ("system", "user", "assistant", "tool")
+BUILTIN = {"probes": "probes.jsonl", "drift": "drift_prompts.jsonl", "general": "general_prompts.jsonl"}
+"""Prompt sets shipped with liandan (in ``liandan/resources``), by the name settings use."""
 
 
 @dataclass(frozen=True)
@@ -125,3 +128,19 @@ def check_messages(messages: object, where: str) -> list[dict]:
             raise LiandanError(f"{where}: field '{field_name}.content': expected a string, got {type(content).__name__}")
         checked.append({"role": role, "content": content})
     return checked
+
+
+# ---------------------------------------------------------------------------------------------
+# Sets shipped with liandan
+
+
+def builtin_path(name: str) -> Path:
+    """The path of a set shipped with liandan (probes, drift or general prompts)."""
+    return Path(str(resources.files("liandan.resources") / BUILTIN[name]))
+
+
+def read_general_prompts(spec: str, name: str = "drift") -> list[Prompt] | None:
+    """A prompts setting: ``"none"`` -> None, ``"default"`` -> the shipped set ``name``, else a file."""
+    if spec == "none":
+        return None
+    return read_prompts(builtin_path(name) if spec == "default" else spec)

@@ -22,8 +22,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+)
+
+from .comparison import compare, print_comparison, write_comparison
+from .config import SFTConfig, load_config
 from .errors import LiandanError
+from .eval_report import print_metrics, write_eval_report
+from .evaluation import EvalConfig, Evaluation
 from .files import write_atomic
+from .generation import SamplingConfig
+from .train import train_sft
 
 EXAMPLE = Path("examples") / "extract"
 
@@ -70,13 +85,6 @@ def check_inputs(config: QuickstartConfig) -> Path:
 
 
 def quickstart(config: QuickstartConfig, console: Any = None) -> dict:
-    from rich.console import Console
-
-    from .config import SFTConfig, load_config
-    from .eval_report import print_metrics, write_eval_report
-    from .evaluate import EvalConfig, Evaluation
-    from .train import train_sft
-
     console = console or Console()
     out = check_inputs(config)
     sft_config = load_config(SFTConfig, None, config.sft_overrides, model=config.model, data=[config.train],
@@ -116,9 +124,6 @@ def quickstart(config: QuickstartConfig, console: Any = None) -> dict:
 
 
 def compare_task(config: QuickstartConfig, evaluation, out: Path, console) -> None:
-    from .generate import SamplingConfig, compare
-    from .report import print_comparison, write_comparison
-
     prompts = [item.prompt for item in evaluation.task.items[: config.compare_prompts]]
     result = compare([config.model], prompts, modes=["chat", "raw"], config=SamplingConfig(max_new_tokens=80, batch_size=8))
     print_comparison(result, console, max_chars=300)
@@ -126,8 +131,6 @@ def compare_task(config: QuickstartConfig, evaluation, out: Path, console) -> No
 
 
 def _run_eval(evaluation, spec: str, label: str) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     total = evaluation.units()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
         task = bar.add_task(label, total=total)

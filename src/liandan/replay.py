@@ -19,10 +19,15 @@ import random
 from pathlib import Path
 from typing import Any
 
+from rich.progress import Progress
+
 from .config import SFTConfig
 from .data import Example, read_examples
 from .errors import LiandanError
 from .files import file_sha256, liandan_home, write_atomic
+from .generation import SamplingConfig, generate
+from .models import load_model, release_model
+from .prompts import read_general_prompts
 
 
 def replay_examples(config: SFTConfig, tokenizer: Any, task_count: int, *,
@@ -46,8 +51,6 @@ def replay_examples(config: SFTConfig, tokenizer: Any, task_count: int, *,
 
 def self_replay_file(config: SFTConfig, tokenizer: Any, weights_sha256: str | None, device: Any) -> Path:
     """The cached file of the base model's own answers, generated now if missing."""
-    from .evaluate import read_general_prompts
-
     prompts = read_general_prompts(config.replay_prompts, "general")
     key = json.dumps({
         "weights": weights_sha256 or config.model,
@@ -70,11 +73,6 @@ def generate_answers(config: SFTConfig, prompts: list, device: Any) -> list[dict
     """Greedy answers of the untrained model, loaded for inference (bf16 where the hardware has
     it) beside the fp32 copy being trained. An answer that never stopped is left out, since
     training on it would teach the model not to stop."""
-    from rich.progress import Progress
-
-    from .generate import SamplingConfig, generate
-    from .models import load_model, release_model
-
     sampling = SamplingConfig(max_new_tokens=config.replay_max_new_tokens, batch_size=64)
     model, tokenizer = load_model(config.model, device=str(device), trust_remote_code=config.trust_remote_code)
     try:

@@ -26,7 +26,7 @@ One worker thread owns the model and runs requests one at a time from a queue: s
 request gets exactly the output it would get alone. Bad requests get a 4xx answer in OpenAI's
 error shape ``{"error": {"message", "type", "param", "code"}}``, never a 500. The wire format
 (typed requests, errors, event chunks) lives in `liandan.openai_api`; stop strings in
-`liandan.generate`.
+`liandan.generation`.
 """
 
 from __future__ import annotations
@@ -42,15 +42,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+import uvicorn
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .chat import chat_stop_ids, render_chat, stop_token_ids
+from .chat import chat_stop_ids, has_chat_template, render_chat, stop_token_ids
 from .errors import LiandanError
-from .generate import find_stop, streamable_length
-from .models import context_length
+from .generation import find_stop, streamable_length
+from .models import context_length, load_model
 from .openai_api import (
     UNSET,
     UNSUPPORTED,
@@ -127,8 +129,6 @@ class _Tracker:
         self.choices = [Choice(job.first_index + i) for i in range(job.n)]
 
     def __call__(self, input_ids, scores, **kwargs):
-        import torch
-
         for choice, token in zip(self.choices, input_ids[:, -1].tolist()):
             if choice.finish_reason is None:  # finished rows only receive padding
                 self._advance(choice, token)
@@ -210,8 +210,6 @@ class _Worker:
             return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
     def _run(self, job: Job) -> list[Choice]:
-        import torch
-
         # Seeded per request, so the same request with the same seed gives the same output.
         if job.seed is None:
             torch.seed()
@@ -471,11 +469,6 @@ def serve(spec: str = "default", *, host: str = "127.0.0.1", port: int = 8000, a
           dtype: str = "auto", device: str = "auto", model_name: str | None = None,
           max_prompt_tokens: int | None = None) -> None:  # fmt: skip
     """Load ``spec`` with `liandan.models.load_model` and serve it on ``host:port`` until interrupted."""
-    import uvicorn
-
-    from .chat import has_chat_template
-    from .models import load_model
-
     if not 0 < port < 65536:
         raise LiandanError(f"--port {port}: expected a port number from 1 to 65535")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:

@@ -1,6 +1,6 @@
 """A multi-turn chat with a model in the terminal, replies streamed token by token.
 
-    from liandan.generate import SamplingConfig
+    from liandan.generation import SamplingConfig
     from liandan.terminal_chat import run_chat
     messages = run_chat("runs/my-sft", sampling=SamplingConfig(max_new_tokens=256), system="Be brief.")
 
@@ -42,11 +42,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+from rich.console import Console
+from rich.text import Text
+
 from .chat import chat_stop_ids, has_chat_template, render_chat
 from .errors import LiandanError
-from .generate import SamplingConfig, generation_config, streamable_length
-from .models import context_length
 from .files import write_atomic
+from .generation import SamplingConfig, generation_config, streamable_length
+from .models import context_length, load_model, release_model
 
 PROMPT = "you> "
 HELP = """commands:
@@ -104,8 +108,6 @@ def chat_session(
 ) -> list[dict]:
     """Chat until ``/quit``, ``/exit`` or end of input; returns the final messages (system
     prompt first, if any), as ``/save`` would write them."""
-    import torch
-
     if sampling.num_samples != 1:
         raise LiandanError(f"--num-samples {sampling.num_samples}: chat writes one reply per turn")
     if not has_chat_template(tokenizer):
@@ -223,8 +225,6 @@ def stream_reply(model, tokenizer, prompt_ids: list[int], sampling: SamplingConf
                  max_new_tokens: int, write: Callable[[str], None]) -> Reply:  # fmt: skip
     """Generate one reply, writing its text as it comes. Ctrl-C ends the reply early and keeps
     what was written so far."""
-    import torch
-
     config = generation_config(sampling, stops, tokenizer.pad_token_id, max_new_tokens=max_new_tokens)
     input_ids = torch.tensor([prompt_ids], device=model.device)  # (1, T)
     streamer = ReplyStreamer(tokenizer, stops, write)
@@ -302,11 +302,6 @@ def run_chat(
 ) -> list[dict]:
     """Load a model (anything `liandan.models.load_model` takes: default, a model or merged
     directory, a run directory, a .gguf file, a hub id) and chat with it on a Rich console."""
-    from rich.console import Console
-    from rich.text import Text
-
-    from .models import load_model, release_model
-
     console = console or Console()
     if read_line is None:
         try:

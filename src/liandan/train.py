@@ -30,13 +30,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import (
+    DistributedType,
+    is_tensorboard_available,
+    is_wandb_available,
+    set_seed,
+)
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from .attention import use_training_attention
 from .batching import plan_batches
-from .config import SFTConfig, save_config
+from .config import DPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
 from .devices import cpu_supports_bf16
 from .errors import LiandanError
+from .generation import SamplingConfig, generate
 from .lora_fusion import fuse_lora_layers
+from .prepare import PreparedRun, prepare_dpo, prepare_pretrain, prepare_sft
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -62,10 +79,10 @@ class StepStream:
     with accumulation 2 sees exactly the batches two processes with accumulation 1 see together.
     """
 
-    def __init__(self, lengths: list[int], config: SFTConfig, processes: int, rank: int, packing: bool | None = None):
+    def __init__(self, lengths: list[int], config: TrainConfig, processes: int, rank: int, packing: bool):
         self.lengths, self.config = lengths, config
         self.processes, self.rank = processes, rank
-        self.packing = config.packing if packing is None else packing
+        self.packing = packing
         self.per_epoch = len(plan_batches(lengths, config.batch_tokens, self.packing, config.seed, config.batch_size))
         self._plans: dict[int, list[list[int]]] = {}
 
@@ -83,7 +100,7 @@ class StepStream:
         return mine
 
 
-def total_steps(config: SFTConfig, per_epoch: int, processes: int) -> int:
+def total_steps(config: TrainConfig, per_epoch: int, processes: int) -> int:
     if config.max_steps > 0:
         return config.max_steps
     return max(1, math.ceil(config.epochs * per_epoch / (config.grad_accum * processes)))
@@ -107,26 +124,20 @@ def train_sft(config: SFTConfig, *, resume: bool = False, stop_after: int | None
     ``stop_after`` ends the run after that many steps as if it were interrupted (used to test
     resume); the learning-rate schedule still follows the full run.
     """
-    from .prepare import prepare_sft
-
     return train(config, prepare_sft, resume=resume, stop_after=stop_after)
 
 
-def train_dpo(config, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+def train_dpo(config: DPOConfig, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
     """Preference alignment (DPO) of ``config.model`` on the pairs in ``config.data``."""
-    from .prepare_stages import prepare_dpo
-
     return train(config, prepare_dpo, resume=resume, stop_after=stop_after)
 
 
-def train_pretrain(config, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+def train_pretrain(config: PretrainConfig, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
     """Continued pre-training of ``config.model`` on the raw text in ``config.data``."""
-    from .prepare_stages import prepare_pretrain
-
     return train(config, prepare_pretrain, resume=resume, stop_after=stop_after)
 
 
-def train(config: SFTConfig, prepare, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+def train(config: TrainConfig, prepare, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
     """The loop, for any stage: ``prepare(config, out_dir, ...)`` returns a `PreparedRun` whose
     objective turns micro-batches into a loss (SFT, DPO, pre-training)."""
     try:
@@ -135,15 +146,10 @@ def train(config: SFTConfig, prepare, *, resume: bool = False, stop_after: int |
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             # accelerate keeps its settings in a process-wide singleton; forget them, so a later
             # run in the same Python process (quickstart, bake, a notebook) may use other ones.
-            from accelerate.state import AcceleratorState
-
             AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _loop(config: SFTConfig, prepare, resume: bool, stop_after: int | None) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
+def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) -> TrainResult:
     out_dir = Path(config.output_dir)
     check_trackers(config.report_to)
     # Several processes without CUDA (accelerate launch on CPUs): accelerate only sets up gloo
@@ -159,7 +165,7 @@ def _loop(config: SFTConfig, prepare, resume: bool, stop_after: int | None) -> T
     with accelerator.main_process_first():
         run = prepare(config, out_dir, main_process=accelerator.is_main_process, resume=resume, device=accelerator.device)
     model, tokenizer, objective = run.model, run.tokenizer, run.objective
-    run.restore_model = speed_up_training(model, config, accelerator, objective.packing)
+    restore_model = speed_up_training(model, config, accelerator, objective.packing)
     stream = StepStream([item_length(e) for e in run.train], config, accelerator.num_processes, accelerator.process_index,
                         packing=objective.packing)  # fmt: skip
     steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
@@ -232,15 +238,13 @@ def _loop(config: SFTConfig, prepare, resume: bool, stop_after: int | None) -> T
         save_checkpoint(accelerator, out_dir, last)
         accelerator.end_training()
         return result
-    save_final(accelerator, model, tokenizer, config, out_dir, run)
+    save_final(accelerator, model, tokenizer, config, out_dir, run, restore_model)
     accelerator.end_training()
     return result
 
 
 def check_trackers(names: list[str]) -> None:
     """Fail before any work if a requested tracker is not installed (accelerate would only warn)."""
-    from accelerate.utils import is_tensorboard_available, is_wandb_available
-
     available = {"tensorboard": is_tensorboard_available, "wandb": is_wandb_available}
     for name in names:
         if name not in available:
@@ -259,7 +263,7 @@ def resolve_precision(choice: str) -> str:
 
 
 @torch.no_grad()
-def evaluate(model, examples: list[dict], objective, config: SFTConfig, accelerator) -> dict[str, float]:
+def evaluate(model, examples: list[dict], objective, config: TrainConfig, accelerator) -> dict[str, float]:
     """The objective's loss and statistics on the held-out split: ``eval_loss``, ``eval_<stat>``."""
     model.eval()
     total, units, sums = 0.0, 0, {}
@@ -275,7 +279,7 @@ def evaluate(model, examples: list[dict], objective, config: SFTConfig, accelera
     return {"eval_loss": total / max(units, 1), **{f"eval_{k}": v / max(units, 1) for k, v in sums.items()}}
 
 
-def speed_up_training(model, config: SFTConfig, accelerator, packing: bool) -> Callable[[], None]:
+def speed_up_training(model, config: TrainConfig, accelerator, packing: bool) -> Callable[[], None]:
     """What the loop changes on the model for speed, all in one place; returns the function that
     puts the model back as loaded (its attention, PEFT's LoRA forward and input casts) before it
     is saved or generates. Frozen bf16 weights stay bf16: only the adapters are saved."""
@@ -309,8 +313,6 @@ def freeze_in_bf16(model) -> None:
 def sharded(accelerator) -> bool:
     """FSDP and DeepSpeed manage parameter dtypes themselves (FSDP wants one dtype per flattened
     unit), so frozen weights stay as loaded there."""
-    from accelerate.utils import DistributedType
-
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
@@ -332,8 +334,6 @@ def item_length(item: dict) -> int:
 
 
 def make_progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     return Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("{task.fields[tps]:.0f} tok/s"),
@@ -376,13 +376,15 @@ def load_checkpoint(accelerator, out_dir: Path) -> int:
     return json.loads((checkpoint / STATE_FILE).read_text())["step"]
 
 
-def save_final(accelerator, model, tokenizer, config: SFTConfig, out_dir: Path, run) -> None:
-    """The adapter (LoRA) or the full model, in safetensors, with the tokenizer and its template."""
+def save_final(accelerator, model, tokenizer, config: TrainConfig, out_dir: Path, run: PreparedRun,
+               restore_model: Callable[[], None]) -> None:  # fmt: skip
+    """The adapter (LoRA) or the full model, in safetensors, with the tokenizer and its template.
+    ``restore_model`` undoes `speed_up_training` first: the model as loaded, to save and generate."""
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:
         return
     unwrapped = accelerator.unwrap_model(model)
-    run.restore_model()  # the model as loaded again, to save and generate
+    restore_model()
     unwrapped.save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
     run.write_manifest(out_dir)
@@ -393,8 +395,6 @@ def save_final(accelerator, model, tokenizer, config: SFTConfig, out_dir: Path, 
 
 def write_samples(model, tokenizer, prompts: list[str], path: Path) -> None:
     """A few greedy generations from the trained model, so the run shows what it learned."""
-    from .generate import SamplingConfig, generate
-
     model.eval()
     outputs = generate(model, tokenizer, prompts, mode="chat", config=SamplingConfig(max_new_tokens=128), model_name="run")
     path.write_text("".join(json.dumps({"prompt": prompts[g.prompt_index], "text": g.text, "stopped": g.stopped},

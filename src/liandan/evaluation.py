@@ -1,6 +1,6 @@
 """Evaluate models before vs after fine-tuning: task score, generation health, retention, drift.
 
-    from liandan.evaluate import EvalConfig, evaluate
+    from liandan.evaluation import EvalConfig, evaluate
     result = evaluate(EvalConfig(models=["default", "runs/extract"],
                                  task="examples/extract/test.jsonl", schema="examples/extract/schema.json"))
     result["metrics"][0]   # {'key': 'task.score', 'values': {'default': 0.0, 'runs/extract': 0.93}, ...}
@@ -23,15 +23,24 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .checks import parse_checks, run_checks
-from .errors import LiandanError
-from .prompts import Prompt, read_prompts
+import torch
 
-BUILTIN = {"probes": "probes.jsonl", "drift": "drift_prompts.jsonl", "general": "general_prompts.jsonl"}
+from .batching import collate
+from .chat import encode_chat_example
+from .checks import INVALID_JSON, parse_checks, parse_json, run_checks
+from .data import read_texts
+from .encoding import encode_pair, pad_id, text_blocks
+from .errors import LiandanError
+from .eval_report import render_html
+from .generation import SamplingConfig, generate
+from .losses import IGNORE_INDEX
+from .models import load_model, release_model
+from .objectives import collate_pairs, micro_batch_loss, pair_logps
+from .preference import read_pairs
+from .prompts import Prompt, builtin_path, read_general_prompts, read_prompts
 
 
 @dataclass
@@ -86,11 +95,6 @@ class EvalConfig:
 # Sets
 
 
-def builtin_path(name: str) -> Path:
-    """The path of a set shipped with liandan (probes, drift or general prompts)."""
-    return Path(str(resources.files("liandan.resources") / BUILTIN[name]))
-
-
 def read_eval_set(path: str | Path, *, name: str, extra_checks: dict | None = None, schema: str | None = None) -> EvalSet:
     """Read a JSONL set of ``prompt``/``messages`` records with ``checks``, ``reference``, ``id``,
     ``category``. A conversation that ends with an assistant turn has that turn as its reference.
@@ -138,8 +142,6 @@ def _split_reference(prompt: Prompt, where: str) -> tuple[str | None, Prompt]:
 
 
 def _is_json(text: str) -> bool:
-    from .checks import INVALID_JSON, parse_json
-
     return text.strip()[:1] in "{[" and parse_json(text) is not INVALID_JSON
 
 
@@ -152,12 +154,6 @@ def read_set_spec(spec: str, *, name: str) -> EvalSet | None:
     if not result.items:
         raise LiandanError(f"{name} set '{path}' is empty")
     return result
-
-
-def read_general_prompts(spec: str, name: str = "drift") -> list[Prompt] | None:
-    if spec == "none":
-        return None
-    return read_prompts(builtin_path(name) if spec == "default" else spec)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,17 +198,11 @@ def repetition(text: str, n: int = 4) -> float:
 def answer_nll(model: Any, tokenizer: Any, prompts: list[Prompt], answers: list[str], batch_size: int = 8) -> float:
     """Mean negative log-likelihood per token of ``answers`` (stop token included) given their
     prompts, under ``model``. exp() of it is the perplexity the drift metric reports."""
-    import torch
-
-    from .batching import collate
-    from .chat import encode_chat_example
-    from .objectives import micro_batch_loss
-
     encoded = []
     for prompt, answer in zip(prompts, answers, strict=True):
         item = encode_chat_example(tokenizer, [*prompt.chat_messages(), {"role": "assistant", "content": answer}])
         encoded.append({"input_ids": item.input_ids, "labels": item.labels})
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     total, count = 0.0, 0
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
@@ -226,12 +216,6 @@ def answer_nll(model: Any, tokenizer: Any, prompts: list[Prompt], answers: list[
 def preference_accuracy(model: Any, tokenizer: Any, pairs: list, batch_size: int = 8) -> dict:
     """The share of pairs whose chosen reply the model finds more likely than the rejected one
     (summed reply log-probs), and the mean log-prob margin."""
-    import torch
-
-    from .objectives import collate_pairs, pair_logps
-    from .prepare import pad_id
-    from .prepare_stages import encode_pair
-
     encoded = [encode_pair(tokenizer, p, max_length=4096) for p in pairs]
     margins: list[float] = []
     per_token: list[float] = []
@@ -239,7 +223,7 @@ def preference_accuracy(model: Any, tokenizer: Any, pairs: list, batch_size: int
         for start in range(0, len(encoded), batch_size):
             batch = {k: v.to(model.device) for k, v in collate_pairs(encoded[start : start + batch_size], pad_id(tokenizer)).items()}
             logps = pair_logps(model, batch).float()
-            means = logps / (batch["targets"] != -100).sum(-1).clamp(min=1)
+            means = logps / (batch["targets"] != IGNORE_INDEX).sum(-1).clamp(min=1)
             n = logps.shape[0] // 2
             margins += (logps[:n] - logps[n:]).tolist()
             per_token += (means[:n] - means[n:]).tolist()
@@ -251,13 +235,6 @@ def preference_accuracy(model: Any, tokenizer: Any, pairs: list, batch_size: int
 
 def text_nll(model: Any, tokenizer: Any, documents: list, block: int = 512) -> float:
     """Mean negative log-likelihood per token of held-out text, in blocks of ``block`` tokens."""
-    import torch
-
-    from .batching import collate
-    from .objectives import micro_batch_loss
-    from .prepare import pad_id
-    from .prepare_stages import text_blocks
-
     blocks, _ = text_blocks(tokenizer, documents, block)
     total, count = 0.0, 0
     with torch.inference_mode():
@@ -280,7 +257,7 @@ def _mean(values) -> float | None:
 Progress = Callable[[str, int], None]
 
 
-def evaluate(config: EvalConfig, *, progress: Progress | None = None, load=None, evaluation: Evaluation | None = None) -> dict:
+def evaluate(config: EvalConfig, *, progress: Progress | None = None, load=None, evaluation: Evaluation | None = None) -> EvalResult:
     """Run every set through every model (one model in memory at a time); see the module doc.
     ``evaluation`` is an `Evaluation` of ``config`` already made (its sets read and checked)."""
     evaluation = evaluation or Evaluation(config)
@@ -305,8 +282,6 @@ class Evaluation:
         self.task = read_eval_set(config.task, name="task", extra_checks=config.checks, schema=config.schema) if config.task else None
         self.probes = read_set_spec(config.probes, name="probes")
         self.drift_prompts = read_general_prompts(config.drift)
-        from .preference import read_pairs
-        from .prepare_stages import read_texts
 
         self.pairs = read_pairs(config.pairs) if config.pairs else None
         self.texts = read_texts([config.text]) if config.text else None
@@ -321,8 +296,6 @@ class Evaluation:
             load=None) -> dict:  # fmt: skip
         """Evaluate one model; ``name`` labels it in the result (default: ``spec``); ``system``
         overrides the config's system prompt for the task set. Returns its scores."""
-        from .models import load_model, release_model
-
         load = load or (lambda s: load_model(s, device=self.config.device, dtype=self.config.dtype))
         step = progress or (lambda label, n: None)
         name = name or spec
@@ -336,8 +309,6 @@ class Evaluation:
         return self.per_model[name]
 
     def _score(self, model, tokenizer, name: str, system: str | None, step) -> dict:
-        from .generate import SamplingConfig, generate
-
         config, scores, gens = self.config, {}, []
         for eval_set, limit, sys_prompt in ((self.task, config.max_new_tokens, system), (self.probes, config.probe_max_new_tokens, None)):
             if eval_set is None:
@@ -372,7 +343,7 @@ class Evaluation:
         baseline_answers = len(self.drift_prompts or []) if self.drift_answers is None and models else 0
         return models * per_model + baseline_answers
 
-    def result(self) -> dict:
+    def result(self) -> EvalResult:
         return build_result(self.config, self.per_model, self.outputs, self.task, self.probes, self.specs)
 
 
@@ -391,8 +362,16 @@ METRICS = [  # key, label, better, format
 ]
 
 
+class EvalResult(dict):
+    """The result of `evaluate`: a plain JSON-ready dict (``models``, ``metrics``, ``scores``,
+    ``sets``, ...) that Jupyter shows as the page ``liandan eval --out eval.html`` writes."""
+
+    def _repr_html_(self) -> str:
+        return render_html(self)
+
+
 def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalSet | None, probes: EvalSet | None,
-                 specs: dict[str, str]) -> dict:  # fmt: skip
+                 specs: dict[str, str]) -> EvalResult:  # fmt: skip
     models = list(per_model)
     if probes is not None and models:
         add_kept(per_model, outputs["probes"], models[0])
@@ -410,7 +389,7 @@ def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalS
         groups = {c: {m: per_model[m]["probes"]["by_category"].get(c) for m in models}
                   for c in per_model[models[0]]["probes"].get("by_category", {})}  # fmt: skip
         bars.append({"title": "Retention by probe category", "format": "percent", "groups": groups})
-    return {
+    return EvalResult({
         "title": "liandan eval",
         "models": models,
         "labels": {m: ("before" if i == 0 else "after") for i, m in enumerate(models)} if len(models) > 1 else {},
@@ -422,7 +401,7 @@ def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalS
         "settings": {"max_new_tokens": config.max_new_tokens, "probe_max_new_tokens": config.probe_max_new_tokens,
                      "drift_max_new_tokens": config.drift_max_new_tokens, "decoding": "greedy",
                      "probes": config.probes, "drift": config.drift},  # fmt: skip
-    }
+    })
 
 
 def add_kept(per_model: dict, probe_outputs: dict, baseline: str) -> None:

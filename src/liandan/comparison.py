@@ -1,8 +1,12 @@
-"""Show and save comparisons: a Rich table in the terminal, or HTML / Markdown / JSONL files.
+"""The same prompts through several models and modes, side by side: run them, show them in the
+terminal, save them as HTML / Markdown / JSONL, or display them in a notebook.
 
-    from liandan.report import print_comparison, write_comparison
+    from liandan.comparison import compare, print_comparison, write_comparison
+    result = compare(["default", "runs/my-sft"], ["Translate to English: 你好"],
+                     modes=["chat", "raw"], config=SamplingConfig(max_new_tokens=64))
     print_comparison(result)                      # side-by-side table
     write_comparison(result, "cmp.html")          # format chosen by the extension
+    result                                        # in Jupyter: the same page, inline
 
 Files are written to a temporary name and renamed, so a failed write never leaves a half file.
 """
@@ -11,13 +15,84 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
 
 from .errors import LiandanError
 from .files import write_atomic
-from .generate import CompareResult, Generation
+from .generation import MODES, Generation, SamplingConfig, as_prompts, generate
+from .models import load_model, release_model
+from .prompts import Prompt
 
 FORMATS = (".html", ".md", ".jsonl")
+
+
+@dataclass
+class CompareResult:
+    """Every output of a comparison, with the axes it was run over."""
+
+    models: list[str]
+    modes: list[str]
+    prompts: list[Prompt]
+    config: SamplingConfig
+    generations: list[Generation] = field(default_factory=list)
+
+    def cell(self, model: str, mode: str, prompt_index: int) -> list[Generation]:
+        """The outputs (one per sample) of one model and mode for one prompt."""
+        return [
+            g for g in self.generations
+            if g.model == model and g.mode == mode and g.prompt_index == prompt_index
+        ]  # fmt: skip
+
+    def _repr_html_(self) -> str:
+        """Jupyter shows a comparison as the page `write_comparison` writes, inline."""
+        return to_html(self)
+
+
+def compare(
+    models: Sequence[str],
+    prompts: Sequence[Prompt | str],
+    *,
+    modes: Sequence[str] = ("chat",),
+    system: str | None = None,
+    config: SamplingConfig | None = None,
+    load: Callable[[str], tuple[Any, Any]] | None = None,
+    progress: Callable[[str, int], None] | None = None,
+) -> CompareResult:
+    """The same prompts through each model and mode.
+
+    Models are loaded one at a time and released (accelerator cache included) before the next
+    loads, so peak memory is that of the largest model, not of all of them.
+    ``load(spec)`` defaults to `liandan.models.load_model`; ``progress(label, n)`` is told about
+    each finished batch.
+    """
+    config = config or SamplingConfig()
+    prompts = as_prompts(prompts)
+    models = list(models) or ["default"]
+    for mode in modes:
+        if mode not in MODES:
+            raise LiandanError(f"--mode {mode}: expected one of {', '.join(MODES)}")
+    result = CompareResult(models=models, modes=list(modes), prompts=prompts, config=config)
+    load = load or load_model
+    for spec in models:
+        model, tokenizer = load(spec)
+        try:
+            for mode in modes:
+                step = (lambda n, label=f"{spec} · {mode}": progress(label, n)) if progress else None
+                result.generations += generate(
+                    model, tokenizer, prompts, mode=mode, system=system, config=config,
+                    model_name=spec, on_batch=step,
+                )  # fmt: skip
+        finally:
+            release_model(model)
+            del model
+    return result
 
 
 def columns(result: CompareResult) -> list[tuple[str, str]]:
@@ -38,10 +113,6 @@ def status_line(g: Generation) -> str:
 
 def print_comparison(result: CompareResult, console=None, max_chars: int = 600) -> None:
     """One table per prompt, a column per model and mode; long outputs are shortened."""
-    from rich.console import Console
-    from rich.table import Table
-    from rich.text import Text
-
     console = console or Console()
     for index, prompt in enumerate(result.prompts):
         title = Text(f"Prompt {index + 1}: {shorten(prompt.display, 120)}", style="bold")
@@ -60,8 +131,6 @@ def print_comparison(result: CompareResult, console=None, max_chars: int = 600) 
 
 
 def _terminal_cell(g: Generation, max_chars: int):
-    from rich.text import Text
-
     cell = Text(shorten(g.text, max_chars) or "(empty)")
     cell.append("\n" + status_line(g), style="green" if g.stopped else "bold red")
     if g.note:

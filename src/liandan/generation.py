@@ -1,10 +1,9 @@
-"""Batched generation, and the same prompts through several models side by side.
+"""Batched generation from a loaded model, with the stop bookkeeping every command shares.
 
-    from liandan.generate import SamplingConfig, compare
-    result = compare(["default", "runs/my-sft"], ["Translate to English: 你好"],
-                     modes=["chat", "raw"], config=SamplingConfig(max_new_tokens=64))
-    for g in result.generations:
-        print(g.model, g.mode, g.stopped, g.text)
+    from liandan.generation import SamplingConfig, generate
+    outputs = generate(model, tokenizer, ["Translate to English: 你好"], mode="chat",
+                       config=SamplingConfig(max_new_tokens=64))
+    outputs[0].text, outputs[0].stopped
 
 Each output records whether the model *stopped by itself* (produced an end-of-turn or eos
 token) or ran into ``max_new_tokens``: the quickest tell of a base model, or of an SFT run that
@@ -15,8 +14,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList
 
 from .chat import chat_stop_ids, has_chat_template, render_chat, stop_token_ids
 from .errors import LiandanError
@@ -112,24 +114,6 @@ class Generation:
         }  # fmt: skip
 
 
-@dataclass
-class CompareResult:
-    """Every output of a comparison, with the axes it was run over."""
-
-    models: list[str]
-    modes: list[str]
-    prompts: list[Prompt]
-    config: SamplingConfig
-    generations: list[Generation] = field(default_factory=list)
-
-    def cell(self, model: str, mode: str, prompt_index: int) -> list[Generation]:
-        """The outputs (one per sample) of one model and mode for one prompt."""
-        return [
-            g for g in self.generations
-            if g.model == model and g.mode == mode and g.prompt_index == prompt_index
-        ]  # fmt: skip
-
-
 def as_prompts(prompts: Iterable[Prompt | str]) -> list[Prompt]:
     items = list(prompts)
     if not items:
@@ -163,8 +147,6 @@ def generate(
 
     ``on_batch(n)`` is called after each batch with the number of prompts it held (for progress).
     """
-    import torch
-
     config = config or SamplingConfig()
     prompts = as_prompts(prompts)
     name = model_name or getattr(getattr(model, "liandan_source", None), "name", "model")
@@ -237,8 +219,6 @@ def generation_config(sampling: SamplingConfig, stops: Sequence[int], pad_token_
     """transformers' GenerationConfig for a `SamplingConfig`: greedy at temperature 0, else
     sampling with its temperature, top-p and top-k; stopping at ``stops``. ``overrides`` replace
     fields (``max_new_tokens`` when the room left is smaller, ``num_return_sequences``)."""
-    from transformers import GenerationConfig
-
     options = {} if sampling.is_greedy else {
         "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or None,
     }  # fmt: skip
@@ -251,9 +231,6 @@ def generation_config(sampling: SamplingConfig, stops: Sequence[int], pad_token_
 def _generate_batch(model, tokenizer, texts, config, stops, add_special) -> tuple[list[list[int]], list[float]]:
     """Run one left-padded batch; returns each row's new token ids, and the step times of
     `_StepClock` (an output of n tokens took ``times[n - 1]`` seconds)."""
-    import torch
-    from transformers import LogitsProcessorList
-
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens must follow the prompt directly in every row
     try:
@@ -282,45 +259,3 @@ def count_until_stop(ids: list[int], stops: Sequence[int]) -> tuple[int, bool]:
         if token in stop_set:
             return i + 1, True
     return len(ids), False
-
-
-def compare(
-    models: Sequence[str],
-    prompts: Sequence[Prompt | str],
-    *,
-    modes: Sequence[str] = ("chat",),
-    system: str | None = None,
-    config: SamplingConfig | None = None,
-    load: Callable[[str], tuple[Any, Any]] | None = None,
-    progress: Callable[[str, int], None] | None = None,
-) -> CompareResult:
-    """The same prompts through each model and mode.
-
-    Models are loaded one at a time and released (accelerator cache included) before the next
-    loads, so peak memory is that of the largest model, not of all of them.
-    ``load(spec)`` defaults to `liandan.models.load_model`; ``progress(label, n)`` is told about
-    each finished batch.
-    """
-    from .models import load_model, release_model
-
-    config = config or SamplingConfig()
-    prompts = as_prompts(prompts)
-    models = list(models) or ["default"]
-    for mode in modes:
-        if mode not in MODES:
-            raise LiandanError(f"--mode {mode}: expected one of {', '.join(MODES)}")
-    result = CompareResult(models=models, modes=list(modes), prompts=prompts, config=config)
-    load = load or load_model
-    for spec in models:
-        model, tokenizer = load(spec)
-        try:
-            for mode in modes:
-                step = (lambda n, label=f"{spec} · {mode}": progress(label, n)) if progress else None
-                result.generations += generate(
-                    model, tokenizer, prompts, mode=mode, system=system, config=config,
-                    model_name=spec, on_batch=step,
-                )  # fmt: skip
-        finally:
-            release_model(model)
-            del model
-    return result

@@ -1,0 +1,77 @@
+"""Records to token ids and labels, for every training stage and for evaluation.
+
+    from liandan.encoding import encode_all, encode_pair, text_blocks
+    train, stats = encode_all(tokenizer, examples, max_length=1024)   # SFT conversations
+    pair = encode_pair(tokenizer, preference_pair, max_length=1024)   # DPO: chosen and rejected
+    blocks, tokens = text_blocks(tokenizer, documents, block=512)     # continued pre-training
+
+Each encoded item is ``{"input_ids", "labels"}`` (a pair holds one of each per reply), labels
+``IGNORE_INDEX`` where a token is not trained. Conversations are masked by the model's own chat
+template (`liandan.chat`): only the assistant's replies and the stop token after each are trained.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .chat import encode_chat_example
+from .data import Example
+from .errors import LiandanError
+from .preference import PreferencePair
+
+
+def pad_id(tokenizer: Any) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def encode_all(tokenizer: Any, examples: list[Example], max_length: int) -> tuple[list[dict], dict]:
+    """Encode every example; examples with nothing to train are reported and dropped."""
+    encoded, stats = [], {"examples": 0, "tokens": 0, "trained_tokens": 0, "truncated": 0,
+                          "no_trained_tokens": [], "stop_cut_off": 0}  # fmt: skip
+    for example in examples:
+        try:
+            item = encode_chat_example(tokenizer, example.messages, max_length)
+        except LiandanError as exc:
+            raise LiandanError(f"{example.source}: {exc}") from None
+        stats["truncated"] += item.truncated
+        stats["stop_cut_off"] += not item.ends_with_stop
+        if item.trained_tokens == 0:
+            stats["no_trained_tokens"].append(example.source)
+            continue
+        stats["examples"] += 1
+        stats["tokens"] += len(item.input_ids)
+        stats["trained_tokens"] += item.trained_tokens
+        encoded.append({"input_ids": item.input_ids, "labels": item.labels})
+    return encoded, stats
+
+
+def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int) -> dict:
+    """Both replies after the same prompt; only the reply and its stop token are scored (earlier
+    assistant turns of the prompt are context)."""
+    context = [{**m, "train": False} if m["role"] == "assistant" else m for m in pair.prompt]
+    item: dict = {}
+    for side in ("chosen", "rejected"):
+        try:
+            enc = encode_chat_example(tokenizer, [*context, {"role": "assistant", "content": getattr(pair, side)}], max_length)
+        except LiandanError as exc:
+            raise LiandanError(f"{pair.source}: {exc}") from None
+        if enc.trained_tokens == 0:
+            raise LiandanError(f"{pair.source}: field '{side}': no reply token is left after truncation to "
+                               f"max_length={max_length}; raise max_length or shorten the prompt")  # fmt: skip
+        item[side] = {"input_ids": enc.input_ids, "labels": enc.labels}
+    item["length"] = 2 * max(len(item["chosen"]["input_ids"]), len(item["rejected"]["input_ids"]))
+    return item
+
+
+def text_blocks(tokenizer: Any, documents: list[tuple[str, str]], block: int) -> tuple[list[dict], int]:
+    """Documents tokenized, joined with EOS between them and cut into blocks of ``block`` tokens
+    (every token trained). The tail shorter than a block is kept when it has at least 16 tokens.
+    Returns the blocks and the total token count."""
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    for _, text in documents:
+        ids += tokenizer(text, add_special_tokens=False).input_ids + ([eos] if eos is not None else [])
+    blocks = [ids[i : i + block] for i in range(0, len(ids), block)]
+    if blocks and len(blocks[-1]) < min(16, block):
+        blocks.pop()
+    return [{"input_ids": b, "labels": list(b)} for b in blocks], len(ids)

@@ -55,26 +55,10 @@ def user_errors():
         raise typer.Exit(2) from None
 
 
-def collect_prompts(prompt: list[str] | None, prompts: Path | None):
-    from .prompts import prompts_from_strings, read_prompts
+def check_models(specs: list[str]) -> None:
+    from .models import check_models as check
 
-    collected = prompts_from_strings(prompt or [])
-    if prompts is not None:
-        collected += read_prompts(prompts)
-    if not collected:
-        raise LiandanError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
-    return collected
-
-
-def prepare_models(models: list[str]) -> None:
-    """Check every model argument before any work, and fetch the default model if needed (its
-    first-time conversion shows its own progress, which cannot nest inside the generation bar)."""
-    from .default_model import ensure_default_model
-    from .models import resolve_model
-
-    sources = [resolve_model(spec) for spec in models]
-    if any(source.kind == "default" for source in sources):
-        ensure_default_model()
+    check(specs)
 
 
 def quiet_libraries() -> None:
@@ -115,16 +99,17 @@ def compare(
     with user_errors():
         from .comparison import compare as run_compare
         from .generation import SamplingConfig
+        from .prompts import collect_prompts
 
         config = SamplingConfig(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
             repetition_penalty=repetition_penalty, seed=seed,
             num_samples=num_samples, batch_size=batch_size,
         )  # fmt: skip
-        collected = collect_prompts(prompt, prompts)
+        collected = collect_prompts(prompt or [], prompts)
         models = model or ["default"]
         modes = mode or ["chat"]
-        prepare_models(models)
+        check_models(models)
         if out is not None:
             from .comparison import FORMATS
 
@@ -178,9 +163,9 @@ def generate(
 @app.command()
 def quickstart(
     model: Annotated[str, typer.Option("--model", "-m", help="Model to fine-tune.")] = "default",
-    train: Annotated[str, typer.Option(help="Task training set.")] = "examples/extract/train.jsonl",
-    test: Annotated[str, typer.Option(help="Held-out task set.")] = "examples/extract/test.jsonl",
-    schema: Annotated[str, typer.Option(help="JSON Schema of the task's answers ('none' for a task that is not JSON).")] = "examples/extract/schema.json",
+    train: Annotated[Optional[str], typer.Option(help="Task training set [default: the shipped examples/extract/train.jsonl].")] = None,
+    test: Annotated[Optional[str], typer.Option(help="Held-out task set [default: the shipped examples/extract/test.jsonl].")] = None,
+    schema: Annotated[Optional[str], typer.Option(help="JSON Schema of the answers, or 'none' [default: the shipped examples/extract/schema.json].")] = None,
     out: Annotated[str, typer.Option("--out", "-o", help="Output directory.")] = "quickstart",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing quickstart output directory.")] = False,
     replay: Annotated[str, typer.Option(help="Against forgetting: self, a data file, or none.")] = "self",
@@ -195,10 +180,11 @@ def quickstart(
         from .quickstart import quickstart as run_quickstart
 
         quiet_libraries()
-        config = QuickstartConfig(model=model, train=train, test=test, schema=None if schema == "none" else schema, out=out,
-                                  overwrite=overwrite, replay=replay, replay_ratio=replay_ratio, epochs=epochs, lr=lr,
-                                  sft_overrides=set_ or [])  # fmt: skip
-        prepare_models([model])
+        given = {k: v for k, v in {"train": train, "test": test, "schema": schema}.items() if v is not None}
+        config = QuickstartConfig(model=model, **given, out=out, overwrite=overwrite, replay=replay, replay_ratio=replay_ratio,
+                                  epochs=epochs, lr=lr, sft_overrides=set_ or [])  # fmt: skip
+        config.schema = None if config.schema == "none" else config.schema
+        check_models([model])
         run_quickstart(config, console)
 
 
@@ -225,7 +211,7 @@ def bake(
         quiet_libraries()
         config = BakeConfig(model=model, system=system, prompts=prompts, task=task, checks=parse_check_options(check or []),
                             output_dir=output_dir, tries=tries, epochs=epochs, lr=lr, probes=probes, sft_overrides=set_ or [])  # fmt: skip
-        prepare_models([model])
+        check_models([model])
         run_bake(config, console)
 
 
@@ -260,7 +246,7 @@ def eval_command(
             if path.suffix not in (".html", ".md", ".json"):
                 raise LiandanError(f"--out {path}: expected a file ending in .html, .md or .json")
         evaluation = Evaluation(config)  # reads and checks every set before any model loads
-        prepare_models(config.models)
+        check_models(config.models)
         result = _run_with_progress(lambda load, progress: evaluate(config, progress=progress, load=load, evaluation=evaluation),
                                     evaluation.units(len(config.models)), device=device, dtype=dtype)  # fmt: skip
         print_metrics(result, console)
@@ -347,7 +333,7 @@ def _train(cls, train_fn, config: Optional[Path], set_, resume: bool, **values):
         config = Path(output_dir) / "config.yaml"  # resume with the settings the run started with
     quiet_libraries()
     cfg = load_config(cls, config, set_, **values)
-    prepare_models([cfg.model])
+    check_models([cfg.model])
     result = train_fn(cfg, resume=resume)
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     console.print(f"Finished {result.steps} steps (last loss {last}); run directory: {result.output_dir}")
@@ -389,7 +375,7 @@ def chat(
 
         sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                   top_k=top_k, repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
-        prepare_models([model])
+        check_models([model])
         quiet_libraries()
         run_chat(model, sampling=sampling, system=system, dtype=dtype, device=device,
                  trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)  # fmt: skip
@@ -411,7 +397,7 @@ def serve(
     with user_errors():
         from .serve import serve as run_server
 
-        prepare_models([model])
+        check_models([model])
         quiet_libraries()
         run_server(model, host=host, port=port, api_key=api_key, dtype=dtype, device=device,
                    model_name=model_name, max_prompt_tokens=max_prompt_tokens)  # fmt: skip
@@ -430,11 +416,23 @@ def export(
     with user_errors():
         from .export import export as export_model
 
-        prepare_models([model])
+        check_models([model])
         quiet_libraries()
         result = export_model(model, out, format=format, quant=quant, force=force)
         for line in result.summary():
             console.print(line, highlight=False)
+
+
+@app.command()
+def examples(
+    out: Annotated[Path, typer.Argument(help="A new or empty directory to copy them into.")] = Path("examples"),
+) -> None:
+    """Copy the examples shipped with liandan (data, recipes, task sets) into ./examples, so the
+    README's commands (liandan sft --config examples/sft-pirate.yaml, ...) run here as written."""
+    with user_errors():
+        from .prompts import copy_examples
+
+        console.print(f"Copied {copy_examples(out)} files to {out}/ (see {out}/README.md)")
 
 
 @app.command("inspect-data")
@@ -453,7 +451,7 @@ def inspect_data(
         from .data_inspection import inspect_data as run_inspection
 
         quiet_libraries()
-        prepare_models([model])
+        check_models([model])
         report = run_inspection(data, model=model, format=format, max_length=max_length, show=show, skip_invalid=skip_invalid)
         for example in report.shown:
             text = Text(f"── {example.source} ──\n", style="bold")

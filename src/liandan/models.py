@@ -93,6 +93,16 @@ def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
     )
 
 
+def check_models(specs: list[str]) -> list[ModelSource]:
+    """Check every model argument before any work, and fetch the default model now if one of them
+    is ``default`` (its first-time conversion shows its own progress, which cannot nest inside a
+    command's progress bar)."""
+    sources = [resolve_model(spec) for spec in specs]
+    if any(source.kind == "default" for source in sources):
+        ensure_default_model()
+    return sources
+
+
 def check_model_dir(path: Path) -> None:
     """A model directory needs a config and weights; pickled-only weights are flagged here."""
     if not (path / "config.json").is_file():

@@ -13,6 +13,9 @@ Every problem is reported as ``FILE:LINE: field: what is wrong``.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,8 +23,8 @@ from pathlib import Path
 from .errors import LiandanError
 
 ROLES = ("system", "user", "assistant", "tool")
-BUILTIN = {"probes": "probes.jsonl", "drift": "drift_prompts.jsonl", "general": "general_prompts.jsonl"}
-"""Prompt sets shipped with liandan (in ``liandan/resources``), by the name settings use."""
+BUILTIN = {"probes": "general/probes.jsonl", "drift": "general/drift_prompts.jsonl", "general": "general/general_prompts.jsonl"}
+"""Prompt sets shipped with liandan (in its examples), by the name settings use."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,16 @@ def prompts_from_strings(texts: list[str]) -> list[Prompt]:
             raise LiandanError(f"--prompt number {i} is empty")
         prompts.append(Prompt(text=text, source=f"--prompt {i}"))
     return prompts
+
+
+def collect_prompts(texts: list[str], path: str | Path | None = None) -> list[Prompt]:
+    """Prompts given as text (``--prompt``, repeatable) followed by those of a file (``--prompts``)."""
+    collected = prompts_from_strings(texts)
+    if path is not None:
+        collected += read_prompts(path)
+    if not collected:
+        raise LiandanError("no prompts: give --prompt TEXT (repeatable) or --prompts FILE")
+    return collected
 
 
 def read_prompts(path: str | Path) -> list[Prompt]:
@@ -134,9 +147,16 @@ def check_messages(messages: object, where: str) -> list[dict]:
 # Sets shipped with liandan
 
 
+def shipped_example(relative: str) -> Path:
+    """A file of the examples shipped inside the package (``examples/`` in the repository), so
+    ``liandan quickstart`` and the README's recipes work from any directory after a plain install:
+    ``shipped_example("extract/train.jsonl")``."""
+    return Path(str(resources.files("liandan"))) / "examples" / relative
+
+
 def builtin_path(name: str) -> Path:
     """The path of a set shipped with liandan (probes, drift or general prompts)."""
-    return Path(str(resources.files("liandan.resources") / BUILTIN[name]))
+    return shipped_example(BUILTIN[name])
 
 
 def read_general_prompts(spec: str, name: str = "drift") -> list[Prompt] | None:
@@ -144,3 +164,19 @@ def read_general_prompts(spec: str, name: str = "drift") -> list[Prompt] | None:
     if spec == "none":
         return None
     return read_prompts(builtin_path(name) if spec == "default" else spec)
+
+
+def copy_examples(out: Path) -> int:
+    """Copy the shipped examples (data, recipes, task sets) into ``out``, a new or empty directory,
+    so the README's commands run there as written. Returns the number of files copied. Written
+    to a temporary directory beside ``out`` and renamed: a failure leaves nothing half-copied."""
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise LiandanError(f"'{out}' already exists and is not an empty directory; choose another directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        staged = Path(tmp) / "examples"
+        shutil.copytree(shipped_example(""), staged, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        if out.exists():
+            out.rmdir()
+        os.replace(staged, out)
+    return sum(1 for p in out.rglob("*") if p.is_file())

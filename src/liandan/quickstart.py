@@ -38,20 +38,22 @@ from .eval_report import print_metrics, write_eval_report
 from .evaluation import EvalConfig, Evaluation
 from .files import write_atomic
 from .generation import SamplingConfig
+from .prompts import shipped_example
 from .train import train_sft
 
-EXAMPLE = Path("examples") / "extract"
+EXAMPLE = "extract"
+"""The shipped example task: notes to JSON that follows a schema (`examples/extract`)."""
 
 
 @dataclass
 class QuickstartConfig:
     model: str = "default"
     """The model to fine-tune."""
-    train: str = str(EXAMPLE / "train.jsonl")
+    train: str = str(shipped_example(f"{EXAMPLE}/train.jsonl"))
     """Task training set (conversations)."""
-    test: str = str(EXAMPLE / "test.jsonl")
+    test: str = str(shipped_example(f"{EXAMPLE}/test.jsonl"))
     """Held-out task set: conversations ending in the reference answer, or prompts with checks."""
-    schema: str | None = str(EXAMPLE / "schema.json")
+    schema: str | None = str(shipped_example(f"{EXAMPLE}/schema.json"))
     """JSON Schema the task's answers must follow (none for a task that is not JSON)."""
     out: str = "quickstart"
     """Output directory: compare.html, report.html, results.json, summary.json and run/."""
@@ -73,8 +75,7 @@ def check_inputs(config: QuickstartConfig) -> Path:
     """Every input is checked before the first model loads; returns the output directory."""
     for label, path in (("--train", config.train), ("--test", config.test), ("--schema", config.schema)):
         if path and not Path(path).is_file():
-            hint = " (run from the liandan repository, or give --train, --test and --schema)" if str(EXAMPLE) in path else ""
-            raise LiandanError(f"{label} '{path}' does not exist{hint}")
+            raise LiandanError(f"{label} '{path}' does not exist")
     out = Path(config.out)
     if out.exists() and any(out.iterdir()):
         if not config.overwrite:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -89,3 +90,36 @@ def test_chat_command_scripted_session(tmp_path, stopping_model_dir):
     # /system starts a new conversation under the new prompt
     assert [m["role"] for m in messages] == ["system", "user", "assistant"]
     assert messages[0]["content"] == "Be brief." and messages[2]["content"] == "Fine."
+
+
+def test_a_setting_of_another_stage_is_refused_by_the_command(tmp_path, chat_model_dir):
+    text = tmp_path / "t.txt"
+    text.write_text("Some text. " * 50)
+    result = run("pretrain", "--model", chat_model_dir, "--data", text, "-o", tmp_path / "run", "--set", "packing=true")
+    assert result.exit_code == 2
+    assert "pretrain: unknown setting 'packing' (a setting of sft, which pretrain does not use)" in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
+
+
+def test_examples_are_copied_out_and_recipes_run_from_there(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = run("examples")
+    assert result.exit_code == 0, result.output
+    for name in ("sft-pirate.yaml", "pirate.jsonl", "extract/train.jsonl", "general/probes.jsonl", "persona/system.txt"):
+        assert (tmp_path / "examples" / name).is_file(), name
+    from liandan.config import SFTConfig, load_config
+
+    recipe = load_config(SFTConfig, "examples/sft-pirate.yaml")  # the README's command, from this directory
+    assert all(Path(p).is_file() for p in recipe.data)
+    again = run("examples")
+    assert again.exit_code == 2 and "already exists" in again.output
+    assert [p.name for p in tmp_path.iterdir()] == ["examples"]  # nothing half-copied beside it
+
+
+def test_quickstart_inputs_are_found_from_any_directory(tmp_path, monkeypatch):
+    from liandan.quickstart import QuickstartConfig, check_inputs
+
+    monkeypatch.chdir(tmp_path)  # not the repository: the shipped copies are used
+    config = QuickstartConfig(out=str(tmp_path / "qs"))
+    assert check_inputs(config) == tmp_path / "qs"
+    assert all(Path(p).is_file() for p in (config.train, config.test, config.schema))

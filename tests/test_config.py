@@ -1,7 +1,10 @@
+import dataclasses
+
 import pytest
 
-from liandan.config import LoraConfig, SFTConfig, load_config
+from liandan.config import DPOConfig, LoraConfig, PretrainConfig, SFTConfig, TrainConfig, load_config
 from liandan.errors import LiandanError
+from liandan.prompts import shipped_example
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -44,3 +47,44 @@ def test_bad_yaml_names_file_and_line(tmp_path):
     recipe.write_text("lr: 1\nlora: [\n")
     with pytest.raises(LiandanError, match=r"r\.yaml:\d+: not valid YAML"):
         load_config(SFTConfig, recipe)
+
+
+@pytest.mark.parametrize(
+    "cls, override, message",
+    [
+        (PretrainConfig, "packing=true", "pretrain: unknown setting 'packing' (a setting of sft, which pretrain does not use)"),
+        (DPOConfig, "format=alpaca", "dpo: unknown setting 'format' (a setting of sft, which dpo does not use)"),
+        (PretrainConfig, "beta=0.2", "pretrain: unknown setting 'beta' (a setting of dpo, which pretrain does not use)"),
+        (SFTConfig, "eval_data=x.jsonl", "sft: unknown setting 'eval_data' (a setting of dpo and pretrain, which sft does not use)"),
+        (SFTConfig, "warmup_ration=0.1", "sft: unknown setting 'warmup_ration'; did you mean 'warmup_ratio'?"),
+        (DPOConfig, "betta=0.2", "dpo: unknown setting 'betta'; did you mean 'beta'?"),
+        (PretrainConfig, "zzz=1", "pretrain: unknown setting 'zzz'; the nearest valid key is"),
+    ],
+)
+def test_a_setting_the_stage_does_not_use_is_refused_with_the_nearest_key(cls, override, message):
+    with pytest.raises(LiandanError) as info:
+        load_config(cls, None, [override])
+    assert message in str(info.value)
+
+
+def test_every_stage_setting_is_its_own_or_shared():
+    """Each stage has exactly the shared settings plus its own; none inherits another stage's."""
+    shared = {f.name for f in dataclasses.fields(TrainConfig)}
+    own = {cls: {f.name for f in dataclasses.fields(cls)} - shared for cls in (SFTConfig, DPOConfig, PretrainConfig)}
+    assert own[SFTConfig] == {"format", "skip_invalid", "packing", "eval_fraction", "replay", "replay_ratio",
+                              "replay_prompts", "replay_max_new_tokens"}  # fmt: skip
+    assert own[DPOConfig] == {"eval_data", "eval_fraction", "beta", "label_smoothing", "loss", "sft_weight"}
+    assert own[PretrainConfig] == {"eval_data"}
+    assert (DPOConfig().lr, PretrainConfig().max_length, SFTConfig().lr) == (5e-5, 512, 2e-4)
+
+
+def test_a_yaml_recipe_with_another_stages_setting_names_the_stage(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("data: [a.txt]\nreplay: self\n")
+    with pytest.raises(LiandanError, match="pretrain: unknown setting 'replay' \\(a setting of sft"):
+        load_config(PretrainConfig, recipe)
+
+
+def test_shipped_recipes_load_with_their_stage():
+    for cls, name in ((SFTConfig, "sft-pirate.yaml"), (DPOConfig, "dpo-onesent.yaml"), (PretrainConfig, "pretrain-veloria.yaml")):
+        assert load_config(cls, shipped_example(name)).data

@@ -55,7 +55,7 @@ def test_bad_yaml_names_file_and_line(tmp_path):
         (PretrainConfig, "packing=true", "pretrain: unknown setting 'packing' (a setting of sft, which pretrain does not use)"),
         (DPOConfig, "format=alpaca", "dpo: unknown setting 'format' (a setting of sft, which dpo does not use)"),
         (PretrainConfig, "beta=0.2", "pretrain: unknown setting 'beta' (a setting of dpo, which pretrain does not use)"),
-        (SFTConfig, "eval_data=x.jsonl", "sft: unknown setting 'eval_data' (a setting of dpo and pretrain, which sft does not use)"),
+        (SFTConfig, "beta=0.5", "sft: unknown setting 'beta' (a setting of dpo, which sft does not use)"),
         (SFTConfig, "warmup_ration=0.1", "sft: unknown setting 'warmup_ration'; did you mean 'warmup_ratio'?"),
         (DPOConfig, "betta=0.2", "dpo: unknown setting 'betta'; did you mean 'beta'?"),
         (PretrainConfig, "zzz=1", "pretrain: unknown setting 'zzz'; the nearest valid key is"),
@@ -71,10 +71,10 @@ def test_every_stage_setting_is_its_own_or_shared():
     """Each stage has exactly the shared settings plus its own; none inherits another stage's."""
     shared = {f.name for f in dataclasses.fields(TrainConfig)}
     own = {cls: {f.name for f in dataclasses.fields(cls)} - shared for cls in (SFTConfig, DPOConfig, PretrainConfig)}
-    assert own[SFTConfig] == {"format", "skip_invalid", "packing", "eval_fraction", "replay", "replay_ratio",
-                              "replay_prompts", "replay_max_new_tokens"}  # fmt: skip
-    assert own[DPOConfig] == {"eval_data", "eval_fraction", "beta", "label_smoothing", "loss", "sft_weight"}
-    assert own[PretrainConfig] == {"eval_data"}
+    assert own[SFTConfig] == {"format", "skip_invalid", "packing", "replay", "replay_ratio", "replay_prompts",
+                              "replay_max_new_tokens"}  # fmt: skip
+    assert own[DPOConfig] == {"beta", "label_smoothing", "loss", "sft_weight"}
+    assert own[PretrainConfig] == set()  # its own defaults only (max_length is the block size)
     assert (DPOConfig().lr, PretrainConfig().max_length, SFTConfig().lr) == (5e-5, 512, 2e-4)
 
 

@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
 
@@ -47,13 +47,15 @@ class TrainConfig:
     full fine-tuning, the optimizer and schedule, batching, precision and logging. Each stage's
     config adds only the settings that stage uses, so a setting it would ignore is refused."""
 
-    stage: ClassVar[str] = "train"
-    """The command this config is for, as error messages name it."""
-
     model: str = "default"
     """Base model: default, a model directory, a .gguf file or a hub id."""
     data: list[str] = field(default_factory=list)
-    """Training data files (JSONL, JSON, CSV, Parquet)."""
+    """Training data files (JSONL, JSON, CSV, Parquet; .txt for pretrain)."""
+    eval_data: list[str] = field(default_factory=list)
+    """Held-out data in the stage's own format (conversations, preference pairs or text): eval loss
+    and the stage's statistics during training."""
+    eval_fraction: float = 0.0
+    """Without eval_data: the fraction of the training data held out instead (0 = none)."""
     output_dir: str = "runs/sft"
     """Run directory: config, manifest, metrics, checkpoints and the final adapter or model."""
     full: bool = False
@@ -112,6 +114,7 @@ class TrainConfig:
             (self.max_length >= 8, f"max_length must be at least 8 (got {self.max_length})"),
             (self.batch_tokens >= self.max_length, f"batch_tokens ({self.batch_tokens}) must be at least max_length ({self.max_length})"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})"),
+            (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction})"),
             (self.attention in ("auto", "eager", "sdpa", "flash_attention_2"), f"attention must be auto, eager, sdpa or flash_attention_2 (got {self.attention!r})"),
             (self.mixed_precision in ("auto", "no", "bf16", "fp16"), f"mixed_precision must be auto, no, bf16 or fp16 (got {self.mixed_precision!r})"),
         ]  # fmt: skip
@@ -119,10 +122,23 @@ class TrainConfig:
 
 
 @dataclass
+class PretrainConfig(TrainConfig):
+    """Continued pre-training on raw text; max_length is the block size."""
+
+    lr: float = 1e-4
+    """Peak learning rate (AdamW)."""
+    epochs: float = 1.0
+    """Passes over the text (ignored when max_steps > 0)."""
+    max_length: int = 512
+    """Block size: the text is concatenated (EOS between documents) and cut into blocks of this many tokens."""
+    output_dir: str = "runs/pretrain"
+    """Run directory."""
+
+
+@dataclass
 class SFTConfig(TrainConfig):
     """Supervised fine-tuning on conversations: only the assistant's replies are trained."""
 
-    stage: ClassVar[str] = "sft"
     format: str | None = None
     """Force a data format (messages, sharegpt, alpaca, prompt_completion); detected if unset."""
     skip_invalid: bool = False
@@ -130,8 +146,6 @@ class SFTConfig(TrainConfig):
     packing: bool = True
     """Pack several examples into one row without padding: position ids restart at each example
     and attention never crosses examples, so no compute is spent on padding tokens."""
-    eval_fraction: float = 0.0
-    """Fraction of the data held out to measure eval loss (0 = none)."""
     replay: str | None = None
     """Mix general data in against forgetting: "self" (the base model's own answers to general
     prompts, generated before training and cached) or a data file."""
@@ -145,7 +159,6 @@ class SFTConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         raise_first([
-            (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction})"),
             (0 <= self.replay_ratio <= 1, f"replay_ratio must be between 0 and 1: replay examples per task example, and replay must not outweigh the task (got {self.replay_ratio})"),
             (self.replay_max_new_tokens >= 1, f"replay_max_new_tokens must be at least 1 (got {self.replay_max_new_tokens})"),
         ])  # fmt: skip
@@ -155,18 +168,12 @@ class SFTConfig(TrainConfig):
 class DPOConfig(TrainConfig):
     """Preference alignment (DPO) on chosen / rejected pairs."""
 
-    stage: ClassVar[str] = "dpo"
-
     lr: float = 5e-5
     """Peak learning rate (AdamW); DPO wants a gentler one than SFT."""
     epochs: float = 2.0
     """Passes over the pairs (ignored when max_steps > 0)."""
     output_dir: str = "runs/dpo"
     """Run directory."""
-    eval_data: list[str] = field(default_factory=list)
-    """Held-out preference pairs: eval loss, rewards and preference accuracy during training."""
-    eval_fraction: float = 0.0
-    """Without eval_data: the fraction of the pairs held out instead (0 = none)."""
     beta: float = 0.1
     """How far the policy may move from the reference: larger keeps it closer."""
     label_smoothing: float = 0.0
@@ -179,30 +186,11 @@ class DPOConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         raise_first([
-            (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction})"),
             (self.beta > 0, f"beta must be above 0 (got {self.beta})"),
             (0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5) (got {self.label_smoothing})"),
             (self.loss in ("sigmoid", "ipo"), f"loss must be sigmoid or ipo (got {self.loss!r})"),
             (self.sft_weight >= 0, f"sft_weight must be 0 or more (got {self.sft_weight})"),
         ])  # fmt: skip
-
-
-@dataclass
-class PretrainConfig(TrainConfig):
-    """Continued pre-training on raw text; max_length is the block size."""
-
-    stage: ClassVar[str] = "pretrain"
-
-    lr: float = 1e-4
-    """Peak learning rate (AdamW)."""
-    epochs: float = 1.0
-    """Passes over the text (ignored when max_steps > 0)."""
-    max_length: int = 512
-    """Block size: the text is concatenated (EOS between documents) and cut into blocks of this many tokens."""
-    output_dir: str = "runs/pretrain"
-    """Run directory."""
-    eval_data: list[str] = field(default_factory=list)
-    """Held-out text: eval loss (and perplexity) during training."""
 
 
 def raise_first(checks: list[tuple[bool, str]]) -> None:
@@ -267,7 +255,7 @@ def set_dotted(data: dict, key: str, value: Any) -> None:
 def build(cls: type, data: dict, prefix: str, stage: str | None = None):
     """Instantiate a config dataclass from a dict, checking names and types field by field.
     ``stage`` names the command in errors (a training config's own; nested groups inherit it)."""
-    stage = getattr(cls, "stage", None) or stage
+    stage = next((name for name, config in STAGES.items() if config is cls), stage)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     hints = typing.get_type_hints(cls)
     kwargs = {}
@@ -282,7 +270,7 @@ def unknown_key(key: str, valid: list[str], stage: str | None = None) -> str:
     """The error for a setting ``stage`` does not have: the stage that has it, if another one
     does, and the nearest valid key."""
     where = f"{stage}: " if stage else ""
-    owners = [c.stage for c in STAGES if c.stage != stage and key in {f.name for f in dataclasses.fields(c)}]
+    owners = [name for name, config in STAGES.items() if name != stage and key in {f.name for f in dataclasses.fields(config)}]
     elsewhere = f" (a setting of {' and '.join(owners)}, which {stage} does not use)" if owners and stage else ""
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
     if close:
@@ -331,5 +319,6 @@ def save_config(config: Any, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-STAGES: tuple[type[TrainConfig], ...] = (SFTConfig, DPOConfig, PretrainConfig)
-"""Every training stage's config, to say which stage a refused setting belongs to."""
+STAGES: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "pretrain": PretrainConfig}
+"""Every training stage's config by its command name, as errors name it (a refused setting names
+the stage that has it)."""

@@ -24,17 +24,7 @@ from rich.table import Table
 
 from .errors import LiandanError
 from .files import write_atomic
-from .plots import (
-    DASH,
-    MINUS,
-    bar_chart,
-    finite_number,
-    format_value,
-    loss_chart,
-    model_colours,
-    model_label,
-    three_digits,
-)
+from .plots import DASH, MINUS, bar_chart, finite_number, format_value, loss_chart, model_colours, model_label, three_digits
 
 # ---------------------------------------------------------------------------------------------
 # Values

@@ -60,7 +60,11 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
     the others, which find both in place."""
     model, tokenizer, added_template, new_token_ids = load_trainable_base(config, out_dir, main_process, resume)
     data = read_examples(config.data, format=config.format, purpose="sft", skip_invalid=config.skip_invalid)
-    train_examples, eval_examples = split_examples(data.examples, config.eval_fraction, config.seed)
+    if config.eval_data:
+        train_examples = data.examples
+        eval_examples = read_examples(config.eval_data, format=config.format, purpose="sft", skip_invalid=config.skip_invalid).examples
+    else:
+        train_examples, eval_examples = split_examples(data.examples, config.eval_fraction, config.seed)
     replay, replay_info = replay_examples(config, tokenizer, len(train_examples),
                                           weights_sha256=weights_hash(resolve_model(config.model)), device=device)  # fmt: skip
     train, train_stats = encode_all(tokenizer, train_examples + replay, config.max_length)
@@ -68,7 +72,7 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
     if not train:
         raise LiandanError("no training example has a trained token after encoding (see the report above)")
     model = attach_trainable(model, config, new_token_ids)
-    manifest = build_manifest(config, tokenizer, sft_data_manifest(data, train_stats, len(evals)), added_template)
+    manifest = build_manifest(config, tokenizer, sft_data_manifest(data, train_stats, len(evals), config.eval_data), added_template)
     if replay_info:
         manifest["replay"] = replay_info
     run = PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals,
@@ -103,9 +107,13 @@ def prepare_pretrain(config: PretrainConfig, out_dir: Path, *, main_process: boo
     model, tokenizer, added, new_ids = load_trainable_base(config, out_dir, main_process, resume)
     documents = read_texts(config.data)
     train, tokens = text_blocks(tokenizer, documents, config.max_length)
-    evals, eval_tokens = text_blocks(tokenizer, read_texts(config.eval_data), config.max_length) if config.eval_data else ([], 0)
     if not train:
         raise LiandanError(f"{', '.join(config.data)}: too little text for one block of {config.max_length} tokens")
+    if config.eval_data:
+        evals, eval_tokens = text_blocks(tokenizer, read_texts(config.eval_data), config.max_length)
+    else:  # held-out blocks of the training text
+        train, evals = split_examples(train, config.eval_fraction, config.seed)
+        eval_tokens = sum(len(block["input_ids"]) for block in evals)
     model = attach_trainable(model, config, new_ids)
     data = {"files": file_hashes([*config.data, *config.eval_data]), "documents": len(documents), "tokens": tokens, "blocks": len(train), "block_size": config.max_length,
             "eval_tokens": eval_tokens, "eval_blocks": len(evals),
@@ -196,8 +204,8 @@ def build_manifest(config: TrainConfig, tokenizer: Any, data: dict, added_templa
     }
 
 
-def sft_data_manifest(data, stats: dict, eval_count: int) -> dict:
-    return {"files": file_hashes(data.files),
+def sft_data_manifest(data, stats: dict, eval_count: int, eval_files: list[str]) -> dict:
+    return {"files": file_hashes([*data.files, *eval_files]),
             "format": data.format, "records": len(data.examples) + len(data.skipped),
             "skipped": len(data.skipped), "train_examples": stats["examples"], "eval_examples": eval_count,
             "train_tokens": stats["tokens"], "trained_tokens": stats["trained_tokens"],

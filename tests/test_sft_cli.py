@@ -91,11 +91,25 @@ def test_tensorboard_tracker_gets_the_metrics(tmp_path, chat_model_dir, sft_file
     assert events and events[0].stat().st_size > 100
 
 
-def test_lora_on_a_base_model_trains_the_added_chatml_rows(tmp_path, bare_base_model_dir, sft_file):
+def test_lora_on_a_base_model_trains_the_added_chatml_rows(tmp_path, bare_base_model_dir, sft_file, monkeypatch):
     """A base model given ChatML under LoRA: the new tokens' embedding rows train (PEFT's
     trainable token indices), the old rows stay frozen, and the run reloads with its tokens."""
+    import liandan.train
     from liandan.models import load_adapter_model, load_model
 
+    # The embedding rows as the model in memory sees them (base rows with the trained ones put in
+    # place), before the first step and after the last.
+    seen = {}
+    real_prepare = liandan.train.prepare_sft
+
+    def prepare_and_snapshot(*args, **kwargs):
+        run = real_prepare(*args, **kwargs)
+        seen["model"], seen["vocab"] = run.model, len(run.tokenizer)
+        with torch.no_grad():
+            seen["before"] = run.model.get_input_embeddings()(torch.arange(len(run.tokenizer))).clone()  # (V, H)
+        return run
+
+    monkeypatch.setattr(liandan.train, "prepare_sft", prepare_and_snapshot)
     out = tmp_path / "run"
     config = SFTConfig(model=str(bare_base_model_dir), data=[str(sft_file)], output_dir=str(out), max_steps=3,
                        batch_tokens=256, max_length=64, mixed_precision="no", lr=1e-2)  # fmt: skip
@@ -103,13 +117,19 @@ def test_lora_on_a_base_model_trains_the_added_chatml_rows(tmp_path, bare_base_m
     tok = load_model(str(out), dtype="float32")[1]
     new_ids = tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
     assert "<|im_start|>" in tok.chat_template and min(new_ids) >= 400 and len(tok) == 402
+    assert seen["vocab"] == 402
+    with torch.no_grad():
+        after = seen["model"].get_input_embeddings()(torch.arange(402))  # (V, H)
+    before = seen["before"]
+    assert torch.equal(after[:400], before[:400]), "old embedding rows changed in training"  # old rows frozen
+    assert (after[new_ids] - before[new_ids]).abs().amax(dim=-1).min() > 1e-4  # both new rows trained, in memory
     model = load_adapter_model(out, tokenizer=tok)
     ids = torch.tensor([[5, 6, 7, *new_ids]])
     with torch.no_grad():
         trained = model.get_input_embeddings()(ids)
         with model.disable_adapter():
             initial = model.get_input_embeddings()(ids)
-    torch.testing.assert_close(trained[:, :3], initial[:, :3])  # old rows frozen
+    torch.testing.assert_close(trained[0], after[[5, 6, 7, *new_ids]], rtol=0, atol=0)  # the run reloads as trained
     assert (trained[:, 3:] - initial[:, 3:]).abs().amax(dim=-1).min() > 1e-4  # both new rows trained
 
 

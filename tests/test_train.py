@@ -61,7 +61,27 @@ def test_one_process_with_accumulation_sees_what_two_processes_see():
         assert one.step(step) == two[0].step(step) + two[1].step(step)
 
 
-def test_loss_falls_and_only_lora_weights_change(tmp_path, chat_model_dir, sft_data):
+@pytest.fixture
+def watched(monkeypatch):
+    """What `train_sft` prepares, seen from outside: its model, and a copy of every parameter as
+    it was before the first step (and whether it was trainable), to compare after training."""
+    import liandan.train
+
+    seen = {}
+    real_prepare = liandan.train.prepare_sft
+
+    def prepare_and_snapshot(*args, **kwargs):
+        run = real_prepare(*args, **kwargs)
+        seen["model"] = run.model
+        seen["before"] = {name: p.detach().clone() for name, p in run.model.named_parameters()}
+        seen["trainable"] = {name for name, p in run.model.named_parameters() if p.requires_grad}
+        return run
+
+    monkeypatch.setattr(liandan.train, "prepare_sft", prepare_and_snapshot)
+    return seen
+
+
+def test_loss_falls_and_only_lora_weights_change(tmp_path, chat_model_dir, sft_data, watched):
     result = train_sft(config(chat_model_dir, sft_data, tmp_path / "run", max_steps=25, lr=1e-2, sample_prompts=["What is 3 plus 3?"]))
     assert result.losses[-1] < result.losses[0] * 0.92
     run = tmp_path / "run"
@@ -73,14 +93,25 @@ def test_loss_falls_and_only_lora_weights_change(tmp_path, chat_model_dir, sft_d
     assert [m["step"] for m in metrics] == list(range(1, 26))
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
     assert [s["prompt"] for s in samples] == ["What is 3 plus 3?"] and isinstance(samples[0]["stopped"], bool)
+    # The model in memory after training against the snapshot taken before its first step
+    # (mixed_precision "no": frozen weights are not cast to bf16, so they must be bit-identical).
+    before, after = watched["before"], dict(watched["model"].named_parameters())
+    assert after.keys() == before.keys()
+    lora = {name for name in before if "lora_" in name}
+    assert watched["trainable"] == lora and len(lora) == 2 * 7 * 2  # A and B of 7 linear layers, 2 blocks
+    frozen = sorted(before.keys() - lora)
+    assert "base_model.model.model.embed_tokens.weight" in frozen and "base_model.model.lm_head.weight" in frozen
+    for name in frozen:
+        assert after[name].dtype == before[name].dtype, name
+        assert torch.equal(after[name], before[name]), f"frozen weight changed: {name}"
+    for name in sorted(lora):
+        assert not torch.equal(after[name], before[name]), f"LoRA weight did not train: {name}"
+    # The saved adapter is exactly what trained.
     tuned = load_adapter_model(run)
-    base, _ = load_model(str(chat_model_dir), dtype="float32")
-    base_weights = dict(base.named_parameters())
-    for name, param in tuned.named_parameters():
-        if "lora_" in name:
-            continue
-        plain = name.replace("base_model.model.", "").replace(".base_layer", "")
-        assert torch.equal(param, base_weights[plain]), name  # frozen weights untouched
+    saved = {name: p for name, p in tuned.named_parameters() if "lora_" in name}
+    assert saved.keys() == lora
+    for name, param in saved.items():
+        assert torch.equal(param, after[name]), name
     assert any("lora_B" in n and p.abs().sum() > 0 for n, p in tuned.named_parameters())
 
 

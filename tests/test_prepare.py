@@ -93,6 +93,22 @@ def test_sft_holds_out_eval_fraction_and_drops_examples_without_a_trained_token(
     assert "1 examples have no trained token and were dropped" in err and f"{data}:9" in err
 
 
+def test_sft_eval_data_is_the_held_out_set_and_dropped_ones_are_reported(tmp_path, chat_model_dir, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat_row(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(4)])
+    long_question = "The quick brown fox jumps over the lazy dog. " * 4  # its reply starts after max_length
+    held = write_jsonl(tmp_path / "held.jsonl", [chat_row("What is 9 plus 9?", "It is 18."), chat_row(long_question, "Yes.")])
+    out = tmp_path / "run"
+    run = prepare_sft(sft(chat_model_dir, [data], out, eval_data=[str(held)], max_length=32), out, main_process=True, resume=False)
+    assert len(run.train) == 4 and len(run.eval) == 1  # every training record trains; the file is the held-out set
+    head, reply = chatml_ids(run.tokenizer, "What is 9 plus 9?", "It is 18.")
+    assert run.eval[0]["input_ids"][: len(head) + len(reply)] == head + reply
+    manifest = run.manifest["data"]
+    assert (manifest["eval_examples"], manifest["eval_no_trained_tokens"]) == (1, 1)
+    assert manifest["files"][str(held)] == sha256(held)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "1 held-out examples have no trained token and were left out of the eval loss" in err and f"{held}:2" in err
+
+
 def test_sft_without_a_trained_token_is_an_error(tmp_path, chat_model_dir):
     data = write_jsonl(tmp_path / "d.jsonl", [chat_row("The quick brown fox jumps over the lazy dog.", "Yes.")] * 3)
     out = tmp_path / "run"
@@ -349,3 +365,20 @@ def test_pretrain_with_too_little_text_is_an_error(tmp_path, chat_model_dir):
     with pytest.raises(LiandanError, match=f"{text}: too little text for one block of 64 tokens"):
         prepare_pretrain(config, out, main_process=True, resume=False)
     assert not out.exists()
+
+
+def test_pretrain_eval_fraction_holds_out_blocks_of_the_training_text(tmp_path, chat_model_dir):
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 20)
+    out = tmp_path / "run"
+    config = PretrainConfig(model=str(chat_model_dir), data=[str(text)], eval_fraction=0.25, output_dir=str(out),
+                            max_length=16, batch_tokens=64, max_steps=2, mixed_precision="no")  # fmt: skip
+    run = prepare_pretrain(config, out, main_process=True, resume=False)
+    ids = run.tokenizer(text.read_text(), add_special_tokens=False).input_ids + [IM_END]
+    blocks = [ids[i : i + 16] for i in range(0, len(ids), 16)]
+    blocks = blocks if len(blocks[-1]) >= 16 else blocks[:-1]
+    held_out = round(len(blocks) * 0.25)
+    assert len(run.eval) == held_out and len(run.train) == len(blocks) - held_out
+    assert sorted(map(tuple, (b["input_ids"] for b in run.train + run.eval))) == sorted(map(tuple, blocks))  # a split, nothing lost
+    assert run.manifest["data"]["eval_blocks"] == held_out
+    assert run.manifest["data"]["eval_tokens"] == sum(len(b["input_ids"]) for b in run.eval)

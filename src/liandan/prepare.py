@@ -68,16 +68,16 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
     replay, replay_info = replay_examples(config, tokenizer, len(train_examples),
                                           weights_sha256=weights_hash(resolve_model(config.model)), device=device)  # fmt: skip
     train, train_stats = encode_all(tokenizer, train_examples + replay, config.max_length)
-    evals, _ = encode_all(tokenizer, eval_examples, config.max_length)
+    evals, eval_stats = encode_all(tokenizer, eval_examples, config.max_length)
     if not train:
         raise LiandanError("no training example has a trained token after encoding (see the report above)")
     model = attach_trainable(model, config, new_token_ids)
-    manifest = build_manifest(config, tokenizer, sft_data_manifest(data, train_stats, len(evals), config.eval_data), added_template)
+    manifest = build_manifest(config, tokenizer, sft_data_manifest(data, train_stats, eval_stats, config.eval_data), added_template)
     if replay_info:
         manifest["replay"] = replay_info
     run = PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals,
                       objective=sft_objective(config.packing, pad_id(tokenizer)), manifest=manifest)  # fmt: skip
-    return finish(run, config, out_dir, main_process, resume, lambda: print_data_summary(data, train_stats, len(evals), replay_info))
+    return finish(run, config, out_dir, main_process, resume, lambda: print_data_summary(data, train_stats, eval_stats, replay_info))
 
 
 def prepare_dpo(config: DPOConfig, out_dir: Path, *, main_process: bool, resume: bool, device: Any = "cpu") -> PreparedRun:
@@ -204,12 +204,13 @@ def build_manifest(config: TrainConfig, tokenizer: Any, data: dict, added_templa
     }
 
 
-def sft_data_manifest(data, stats: dict, eval_count: int, eval_files: list[str]) -> dict:
+def sft_data_manifest(data, stats: dict, eval_stats: dict, eval_files: list[str]) -> dict:
     return {"files": file_hashes([*data.files, *eval_files]),
             "format": data.format, "records": len(data.examples) + len(data.skipped),
-            "skipped": len(data.skipped), "train_examples": stats["examples"], "eval_examples": eval_count,
+            "skipped": len(data.skipped), "train_examples": stats["examples"], "eval_examples": eval_stats["examples"],
             "train_tokens": stats["tokens"], "trained_tokens": stats["trained_tokens"],
-            "truncated": stats["truncated"], "no_trained_tokens": len(stats["no_trained_tokens"])}  # fmt: skip
+            "truncated": stats["truncated"], "no_trained_tokens": len(stats["no_trained_tokens"]),
+            "eval_no_trained_tokens": len(eval_stats["no_trained_tokens"])}  # fmt: skip
 
 
 def file_hashes(paths: list[str]) -> dict[str, str]:
@@ -225,11 +226,11 @@ def weights_hash(source) -> str | None:
     return None
 
 
-def print_data_summary(data, stats: dict, eval_count: int, replay_info: dict) -> None:
+def print_data_summary(data, stats: dict, eval_stats: dict, replay_info: dict) -> None:
     console = Console(stderr=True)
     replay = f", {replay_info['examples']} of them replay ({replay_info['source']})" if replay_info else ""
     console.print(
-        f"data: {stats['examples']} training examples{replay} ({eval_count} held out), {stats['tokens']} tokens, "
+        f"data: {stats['examples']} training examples{replay} ({eval_stats['examples']} held out), {stats['tokens']} tokens, "
         f"{stats['trained_tokens']} trained; format {data.format}", highlight=False,
     )  # fmt: skip
     if replay_info.get("note"):
@@ -240,3 +241,6 @@ def print_data_summary(data, stats: dict, eval_count: int, replay_info: dict) ->
         console.print(f"[yellow]{stats['truncated']} examples truncated to max_length[/]")
     if stats["no_trained_tokens"]:
         console.print(f"[yellow]{len(stats['no_trained_tokens'])} examples have no trained token and were dropped: {', '.join(stats['no_trained_tokens'][:5])}[/]")
+    if eval_stats["no_trained_tokens"]:
+        console.print(f"[yellow]{len(eval_stats['no_trained_tokens'])} held-out examples have no trained token and were left "
+                      f"out of the eval loss: {', '.join(eval_stats['no_trained_tokens'][:5])}[/]")  # fmt: skip

@@ -8,17 +8,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from liandan.plots import (
-    DASH,
-    MINUS,
-    bar_chart,
-    finite_number,
-    format_value,
-    loss_chart,
-    model_colours,
-    model_label,
-    three_digits,
-)
+from liandan.plots import DASH, MINUS, bar_chart, finite_number, format_value, loss_chart, model_colours, model_label, three_digits
 
 NASTY = 'a<b> & "c" \'d\''  # every character html.escape rewrites
 

@@ -1,9 +1,10 @@
 """Look at training data the way the trainer will see it, before spending compute on it.
 
     from liandan.data_inspection import inspect_data
-    report = inspect_data(["examples/pirate.jsonl"], model="default", show=2)
-    report.summary()              # '30 records (messages), 2934 tokens, 1187 trained; ...'
-    report.shown[0].pieces        # [("<|im_start|>user\\n...", False), ("Arr! ...<|im_end|>", True), ...]
+    report = inspect_data(["examples/pirate.jsonl"], model="default", show=1)
+    report.summary()          # '30 records (messages), 1548 tokens, 417 trained (green); 0 truncated, ...'
+    report.shown[0].pieces    # [('<|im_start|>system\\n...<|im_start|>assistant\\n', False),
+                              #  ('Arr! The capital of France be Paris, matey.<|im_end|>', True), ('\\n', False)]
 
 Records are read and validated as `liandan sft` reads them (`liandan.data`) and encoded with the
 model's own chat template (`liandan.encoding`): the trained tokens are exactly the ones training

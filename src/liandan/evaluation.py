@@ -14,7 +14,8 @@ The first model is "before"; every other model is compared with it.
 - **drift**: the first model answers general prompts; each model's perplexity on those answers
   says how far it moved from the original on everything the task did not cover.
 
-The result is a plain dict (JSON-ready) that `liandan.eval_report` renders.
+The result is a plain dict (JSON-ready) that `liandan.eval_report` renders, and that Jupyter
+shows as that report's page.
 """
 
 from __future__ import annotations

@@ -76,7 +76,8 @@ def test_bad_input_is_one_line_exit_2_no_traceback(tmp_path, chat_model_dir):
 def test_help_lists_commands():
     result = run("--help")
     assert result.exit_code == 0
-    for command in ("compare", "generate", "sft", "dpo", "pretrain", "merge", "inspect-data", "eval", "quickstart", "bake", "chat", "serve", "export"):
+    for command in ("compare", "generate", "sft", "dpo", "pretrain", "merge", "inspect-data", "eval", "quickstart", "bake", "chat", "serve",
+                    "export", "examples"):
         assert command in result.output, command
 
 

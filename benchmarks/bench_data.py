@@ -16,9 +16,9 @@ CORPUS = ROOT / "examples" / "corpus" / "train.txt"
 
 
 def chats(count: int = 48, shortest: int = 30, longest: int = 310) -> list[list[dict]]:
-    from importlib.resources import files
+    from liandan.prompts import builtin_path
 
-    prompts = [json.loads(line)["prompt"] for line in files("liandan.resources").joinpath("general_prompts.jsonl").read_text().splitlines() if line.strip()]
+    prompts = [json.loads(line)["prompt"] for line in builtin_path("general").read_text().splitlines() if line.strip()]
     words = CORPUS.read_text(encoding="utf-8").split()
     out, start = [], 0
     for i in range(count):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from importlib.resources import files
 
 
 def main() -> None:
@@ -32,9 +31,10 @@ def main() -> None:
     from liandan.chat import stop_token_ids
     from liandan.generation import SamplingConfig, count_until_stop, generate
     from liandan.models import load_model
+    from liandan.prompts import builtin_path
 
     transformers.logging.set_verbosity_error()
-    text = files("liandan.resources").joinpath("general_prompts.jsonl").read_text()
+    text = builtin_path("general").read_text()
     prompts = [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()][: args.prompts]
     model, tokenizer = load_model("default", dtype=args.dtype)
     stops = stop_token_ids(tokenizer, model.generation_config)

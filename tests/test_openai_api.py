@@ -133,6 +133,12 @@ def test_a_field_that_takes_a_string_or_a_list_says_both():
         "'messages.0.content': Input should be a valid string, or: Input should be a valid list (got 7)", param="messages")  # fmt: skip
 
 
+def test_a_field_is_not_mixed_up_with_another_that_starts_with_its_name():
+    error = refused(ChatRequest, {"model": "m", "messages": HELLO, "stream": "yes", "stream_options": {"include_usage": "no"}})
+    assert answer(validation_error(error)) == (400, openai_error(
+        "'stream': Input should be a valid boolean (got \"yes\")", param="stream"))  # fmt: skip
+
+
 def test_a_list_error_points_at_the_item():
     error = refused(CompletionRequest, {"model": "m", "prompt": ["a", 2]})
     assert answer(validation_error(error))[1] == openai_error(

@@ -55,7 +55,7 @@ def test_finite_number_keeps_only_real_finite_numbers():
     ("value", "text"),
     [(2.314, "2.31"), (23.14, "23.1"), (0.04213, "0.0421"), (1234.5, "1234"), (0.5, "0.500"), (100, "100"),
      (-2.314, "-2.31"), (0, "0"), (0.0, "0"), (1e-4, "0.000100"), (9.876e-05, "9.88e-05"), (-1.2345e-05, "-1.23e-05"),
-     (1e6, "1000000")],
+     (1e6, "1000000"), (9.999, "10.0"), (0.99996, "1.00"), (-99.96, "-100")],
 )  # fmt: skip
 def test_three_digits(value, text):
     assert three_digits(value) == text
@@ -142,6 +142,7 @@ def test_bars_follow_the_axis_for_numbers_below_and_above_zero():
     assert float(up.get("y")) == pytest.approx(axis["3"])
     assert float(up.get("y")) + float(up.get("height")) == pytest.approx(axis["0"])
     assert float(down.get("y")) + float(down.get("height")) == pytest.approx(axis[f"{MINUS}2"])
+    assert float(down.get("y")) == pytest.approx(axis["0"])  # a negative bar hangs from the zero line
     assert float(zero.get("height")) == 2.0  # a measured zero is a stub, not "not measured"
     assert zero.find("title").text == "m, zero: 0"
 

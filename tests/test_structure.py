@@ -117,3 +117,15 @@ def test_the_examples_ship_inside_the_package():
     for name in ("extract/train.jsonl", "extract/test.jsonl", "extract/schema.json", "persona/system.txt",
                  "general/probes.jsonl", "sft-pirate.yaml", "pirate.jsonl"):  # fmt: skip
         assert (shipped / name).is_file() and not (shipped / name).is_symlink(), name
+
+
+def test_the_benchmark_data_builds_from_the_shipped_files():
+    """benchmarks/ read liandan's shipped files too: a move inside the package must not break them."""
+    sys.path.insert(0, str(Path(__file__).parent.parent / "benchmarks"))
+    try:
+        import bench_data
+
+        chats = bench_data.chats(8)
+    finally:
+        sys.path.pop(0)
+    assert len(chats) == 8 and all(c[-1]["role"] == "assistant" and c[-1]["content"] for c in chats)

@@ -116,7 +116,8 @@ def validation_error(exc: RequestValidationError) -> JSONResponse:
     # A field that takes a string or a list fails once per alternative; say them all.
     by_path: dict[str, list[str]] = {}
     for error in errors:
-        if (where := field_path(error["loc"])).startswith(path) and error["msg"] not in by_path.get(where, []):
+        where = field_path(error["loc"])
+        if (where == path or where.startswith(path + ".")) and error["msg"] not in by_path.get(where, []):
             by_path.setdefault(where, []).append(error["msg"])
     got = first.get("input")
     shown = f" (got {json.dumps(got)[:60]})" if isinstance(got, (str, int, float, bool)) or got is None else ""

@@ -45,7 +45,8 @@ def three_digits(v: float) -> str:
         return "0"
     if abs(v) < 1e-4:
         return f"{v:.2e}"
-    return f"{v:.{max(0, 2 - math.floor(math.log10(abs(v))))}f}"
+    rounded = float(f"{v:.3g}")  # the decimals follow the rounded value: 9.999 is "10.0", not "10.00"
+    return f"{v:.{max(0, 2 - math.floor(math.log10(abs(rounded))))}f}"
 
 
 def format_value(value, fmt: str | None) -> str:
@@ -192,8 +193,9 @@ def bar_chart(title: str, groups: dict, fmt: str | None, result: dict, colours: 
             if vals.get(model) is None:
                 continue
             v = vals[model]
-            # A measured zero still gets a 2-unit stub, so it is not mistaken for "not measured".
-            y_top, y_bottom = min(y(v), y(0) - 2), max(y(v), y(0))
+            # A measured zero still gets a 2-unit stub, so it is not mistaken for "not measured";
+            # a negative bar hangs from the zero line.
+            y_top, y_bottom = (min(y(v), y(0) - 2), y(0)) if v >= 0 else (y(0), max(y(v), y(0) + 2))
             tip = escape(f"{model_label(result, model)}, {group}: {format_value(v, fmt)}")
             body.append(f'<rect x="{x0 + j * bar + 1:.1f}" y="{y_top:.1f}" width="{bar - 2:.1f}" '
                         f'height="{y_bottom - y_top:.1f}" fill="{colours[model]}"><title>{tip}</title></rect>')  # fmt: skip

@@ -124,3 +124,4 @@ def test_quickstart_inputs_are_found_from_any_directory(tmp_path, monkeypatch):
     config = QuickstartConfig(out=str(tmp_path / "qs"))
     assert check_inputs(config) == tmp_path / "qs"
     assert all(Path(p).is_file() for p in (config.train, config.test, config.schema))
+    assert QuickstartConfig(schema="none").schema is None  # --schema none: a task that is not JSON

@@ -180,10 +180,9 @@ def quickstart(
         from .quickstart import quickstart as run_quickstart
 
         quiet_libraries()
-        given = {k: v for k, v in {"train": train, "test": test, "schema": schema}.items() if v is not None}
-        config = QuickstartConfig(model=model, **given, out=out, overwrite=overwrite, replay=replay, replay_ratio=replay_ratio,
+        task = {k: v for k, v in {"train": train, "test": test, "schema": schema}.items() if v is not None}  # else shipped
+        config = QuickstartConfig(model=model, **task, out=out, overwrite=overwrite, replay=replay, replay_ratio=replay_ratio,
                                   epochs=epochs, lr=lr, sft_overrides=set_ or [])  # fmt: skip
-        config.schema = None if config.schema == "none" else config.schema
         check_models([model])
         run_quickstart(config, console)
 
@@ -464,13 +463,7 @@ def inspect_data(
 
 def _run_with_progress(job, total: int, **load_options):
     """Run ``job(load, progress)`` under a Rich progress bar that counts finished prompts."""
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from .models import load_model, resolve_model
 

@@ -31,13 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import (
-    GGML_QUANT_VERSION,
-    GGMLQuantizationType,
-    GGUFWriter,
-    LlamaFileType,
-    quants,
-)
+from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, quants
 
 from .chat import has_chat_template, render_chat, stop_token_ids
 from .errors import LiandanError

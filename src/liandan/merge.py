@@ -16,13 +16,7 @@ from pathlib import Path
 import torch
 
 from .errors import LiandanError
-from .models import (
-    cast_weights,
-    load_adapter_model,
-    load_tokenizer,
-    release_model,
-    resolve_model,
-)
+from .models import cast_weights, load_adapter_model, load_tokenizer, release_model, resolve_model
 
 
 def merge(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:

@@ -35,12 +35,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .data import HUB_ID
-from .default_model import (
-    DEFAULT_MODEL,
-    DEFAULT_MODEL_NAME,
-    default_model_dir,
-    ensure_default_model,
-)
+from .default_model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
 from .devices import pick_device, pick_dtype
 from .errors import LiandanError
 from .gguf_reading import check_gguf_file, drop_quantizer

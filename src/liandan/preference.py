@@ -21,15 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import (
-    MISSING,
-    RecordError,
-    as_object,
-    describe,
-    field_error,
-    read_records,
-    read_turns,
-)
+from .data import MISSING, RecordError, as_object, describe, field_error, read_records, read_turns
 from .errors import LiandanError
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}

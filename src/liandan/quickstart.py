@@ -23,13 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .comparison import compare, print_comparison, write_comparison
 from .config import SFTConfig, load_config
@@ -69,6 +63,10 @@ class QuickstartConfig:
     """Further SFT settings as key=value (see `liandan sft --help`)."""
     compare_prompts: int = 3
     """Task prompts shown chat vs raw in step 1."""
+
+    def __post_init__(self) -> None:
+        if self.schema == "none":  # as --schema none says it on the command line
+            self.schema = None
 
 
 def check_inputs(config: QuickstartConfig) -> Path:

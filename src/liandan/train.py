@@ -32,19 +32,8 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import (
-    DistributedType,
-    is_tensorboard_available,
-    is_wandb_available,
-    set_seed,
-)
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeRemainingColumn,
-)
+from accelerate.utils import DistributedType, is_tensorboard_available, is_wandb_available, set_seed
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from .attention import use_training_attention
 from .batching import plan_batches

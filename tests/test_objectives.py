@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from transformers import PretrainedConfig
 import torch.nn.functional as F
 
 from liandan.config import SFTConfig
@@ -154,8 +155,9 @@ def test_trained_token_nll_falls_back_to_logits_when_the_head_has_lora(loaded, c
 
 
 class Holder:
-    def __init__(self, head):
+    def __init__(self, head, **config):
         self.head = head
+        self.config = PretrainedConfig(**config)
 
     def get_output_embeddings(self):
         return self.head
@@ -166,6 +168,15 @@ def test_plain_output_head_is_the_models_bias_free_linear_head(loaded):
     assert plain_output_head(model) is model.lm_head
     assert plain_output_head(SimpleNamespace(module=model)) is model.lm_head  # DDP-style wrapper
     assert plain_output_head(Holder(torch.nn.Linear(4, 6, bias=False))) is not None
+
+
+def test_plain_output_head_is_none_when_the_family_scales_its_logits():
+    """Cohere's logit_scale, Granite's logits_scaling: not reproduced by token_nll, so the
+    model's own logits are used."""
+    head = torch.nn.Linear(4, 6, bias=False)
+    assert plain_output_head(Holder(head, logit_scale=0.0625)) is None
+    assert plain_output_head(Holder(head, logits_scaling=8.0)) is None
+    assert plain_output_head(Holder(head, logits_scaling=1.0)) is head
 
 
 def test_plain_output_head_keeps_the_head_under_lora_on_the_other_layers(loaded):

@@ -6,68 +6,155 @@
 A packed row holds several examples one after another; each may attend only to itself. Given
 only position ids, transformers builds one (T x T) block-diagonal mask for the whole row, and
 SDPA on a CPU then computes every score of the row and masks most away: the cost grows with
-the square of the row, not of the examples. `packed_attention` instead runs causal SDPA on each
-example's slice (``cu_seq_lens_q``, written by `liandan.batching.collate`), so attention costs
-sum(len_i^2) and no mask is built. On CUDA, flash attention (``attention: flash_attention_2``)
-does the same natively from the position ids.
+the square of the row, not of the examples. `packed_attention` instead runs causal attention on
+each example's slice (``cu_seq_lens_q``, written by `liandan.batching.collate`), so attention
+costs sum(len_i^2) and no mask is built. On CUDA, flash attention (``attention:
+flash_attention_2``) does the same natively from the position ids.
+
+It computes what the model's own attention module computes, for every family liandan trains:
+the module's ``scaling`` (Gemma's ``query_pre_attn_scalar``), a ``sliding_window`` (Mistral,
+Gemma 2/3, Qwen with sliding layers: a query sees itself and the ``window - 1`` keys before it),
+logit soft-capping ``softcap * tanh(scores / softcap)`` (Gemma 2) and attention sinks ``s_aux``
+(one extra logit per head that takes probability mass but has no value; gpt-oss). An argument it
+does not know makes it run the model's own eager attention on each example instead, and say so
+once: never a silently different function.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from rich.console import Console
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 PACKED = "liandan_packed"
 
-
-def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """transformers attention interface: query (B, H, T, D), key/value (B, H_kv, T, D);
-    returns (B, T, H, D). Without ``cu_seq_lens_q`` it is plain SDPA (padded rows, generation)."""
-    starts = kwargs.pop("cu_seq_lens_q", None)
-    if starts is None or query.shape[0] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    lengths = starts.diff().tolist()
-    outputs = []
-    # split (not slicing) so that backward concatenates the slices' gradients instead of adding
-    # zero-padded copies of the whole row
-    for q, k, v in zip(query.split(lengths, 2), key.split(lengths, 2), value.split(lengths, 2)):
-        if q.shape[2] <= EAGER_MAX and not (dropout and module.training):
-            outputs.append(causal_attention(q, k, v, scaling if scaling is not None else q.shape[-1] ** -0.5))
-        else:
-            outputs.append(sdpa_attention_forward(module, q, k, v, None, dropout=dropout, scaling=scaling, is_causal=True)[0])
-    return torch.cat(outputs, dim=1), None  # (1, T, H, D)
-
+IGNORED = {"position_ids", "use_cache", "output_router_logits", "cu_seq_lens_k", "max_length_q", "max_length_k",
+           "output_attentions", "output_hidden_states", "return_dict"}  # fmt: skip
+"""Arguments a model passes through to its attention function that do not change attention."""
 
 EAGER_MAX = 512
 """Examples up to this many tokens use `causal_attention`: on a CPU, SDPA's fused kernel is slow
 in the backward pass for short sequences (65 vs 41 ms per layer for eight examples of 60 to
 450 tokens, forward and backward, bf16); longer ones use SDPA, whose memory does not grow with
-the square of the length."""
+the square of the length (when neither soft-capping nor sinks are asked for, which SDPA lacks)."""
+
+_warned: set[str] = set()
 
 
-def causal_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float) -> torch.Tensor:
+def packed_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers attention interface: query (B, H, T, D), key/value (B, H_kv, T, D); returns
+    (B, T, H, D). Each example of a packed row (``cu_seq_lens_q``), or each row of a batch without
+    it (right-padded rows: padding comes after every real token, so causal attention never sees it),
+    attends causally to itself."""
+    starts = kwargs.pop("cu_seq_lens_q", None)
+    if query.shape[2] != key.shape[2]:
+        raise RuntimeError("liandan's packed training attention runs whole sequences only (no cache); "
+                           "generation must use the model's own attention")  # fmt: skip
+    if starts is None:  # one example per row
+        lengths, rows = [query.shape[2]], query.shape[0]
+    else:
+        lengths, rows = starts.diff().tolist(), 1
+    window = kwargs.pop("sliding_window", None)
+    softcap = kwargs.pop("softcap", None)
+    sinks = kwargs.pop("s_aux", None)
+    if kwargs.get("is_causal", True) is True:  # False (bidirectional) is not what this computes
+        kwargs.pop("is_causal", None)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    unknown = sorted(k for k, v in kwargs.items() if k not in IGNORED and v is not None and v is not False)
+    if unknown:
+        return own_attention_per_example(module, query, key, value, lengths, rows, dropout, scaling, window, softcap, sinks, kwargs, unknown)
+    dropout = dropout if module.training else 0.0
+    outputs = []
+    # split (not slicing) so that backward concatenates the slices' gradients instead of adding
+    # zero-padded copies of the whole row
+    for row in range(rows):
+        r = slice(row, row + 1)
+        for q, k, v in zip(query[r].split(lengths, 2), key[r].split(lengths, 2), value[r].split(lengths, 2)):
+            if q.shape[2] <= EAGER_MAX or softcap is not None or sinks is not None:
+                outputs.append(causal_attention(q, k, v, scaling, window, softcap, sinks, dropout))
+            else:
+                mask = None if window is None or window >= q.shape[2] else allowed(q.shape[2], window, q.device)[None, None]
+                outputs.append(sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=mask is None)[0])
+    out = torch.cat(outputs, dim=1)  # (1, rows*T, H, D) or (1, T, H, D)
+    return out.view(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+
+
+def causal_attention(query, key, value, scaling: float, window: int | None = None, softcap: float | None = None,
+                     sinks: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:  # fmt: skip
     """Causal attention of one example as batched matmuls, each key/value head with its group
     of query heads. query (1, H, t, D), key/value (1, H_kv, t, D); returns (1, t, H, D).
-    The scale and the causal mask are folded into one ``baddbmm``."""
+
+    scores = q k^T * scaling; with ``softcap``: softcap * tanh(scores / softcap) (before the mask,
+    as Gemma 2 does); masked to the causal ``window`` (a query sees the ``window - 1`` tokens before
+    it and itself); with ``sinks`` (H,): one more logit per head in the softmax, whose probability
+    is then dropped."""
     _, heads, t, dim = query.shape
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     grouped = query.reshape(kv_heads, groups * t, dim)  # (H_kv, g*t, D)
-    bias = causal_bias(t, groups, query.dtype, query.device)  # (g*t, t)
-    scores = torch.baddbmm(bias, grouped, key[0].transpose(1, 2), alpha=scaling)  # (H_kv, g*t, t)
-    out = torch.bmm(scores.softmax(-1), value[0])  # (H_kv, g*t, D)
+    bias = causal_bias(t, groups, window if window is not None and window < t else None, query.dtype, query.device)  # (g*t, t)
+    if softcap is None:  # the scale and the mask folded into one baddbmm
+        scores = torch.baddbmm(bias, grouped, key[0].transpose(1, 2), alpha=scaling)  # (H_kv, g*t, t)
+    else:
+        scores = torch.bmm(grouped, key[0].transpose(1, 2)) * scaling
+        scores = torch.tanh(scores / softcap) * softcap + bias
+    if sinks is None:
+        probs = scores.softmax(-1)
+    else:
+        sink = sinks.to(scores.dtype).view(kv_heads, groups, 1, 1).expand(kv_heads, groups, t, 1).reshape(kv_heads, groups * t, 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :-1]
+    if dropout:
+        probs = F.dropout(probs, dropout, training=True)
+    out = torch.bmm(probs, value[0])  # (H_kv, g*t, D)
     return out.view(1, heads, t, dim).transpose(1, 2)  # (1, t, H, D)
 
 
+def allowed(t: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """(t, t) bool: query i may attend key j when j <= i and i - j < window, as transformers'
+    sliding-window mask (``kv_idx > q_idx - sliding_window``)."""
+    i = torch.arange(t, device=device)
+    distance = i[:, None] - i[None, :]
+    ok = distance >= 0
+    if window is not None:
+        ok &= distance < window
+    return ok
+
+
 @functools.lru_cache(maxsize=64)
-def causal_bias(t: int, groups: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """0 where a query may attend, -inf above the diagonal; one (t, t) block per query head of a group."""
-    future = torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
-    return torch.zeros(t, t, dtype=dtype, device=device).masked_fill(future, float("-inf")).repeat(groups, 1)
+def causal_bias(t: int, groups: int, window: int | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """0 where a query may attend, -inf elsewhere; one (t, t) block per query head of a group."""
+    bias = torch.zeros(t, t, dtype=dtype, device=device).masked_fill(~allowed(t, window, device), float("-inf"))
+    return bias.repeat(groups, 1)
+
+
+def own_attention_per_example(module, query, key, value, lengths, rows, dropout, scaling, window, softcap, sinks, kwargs, unknown):
+    """The model's own eager attention on each example, with its causal (and windowed) mask: for
+    attention arguments `packed_attention` does not reproduce."""
+    name = type(module).__name__
+    if name not in _warned:
+        _warned.add(name)
+        Console(stderr=True).print(f"[yellow]packed attention: {name} passes {', '.join(unknown)}, which liandan's packed "
+                                   "attention does not reproduce; using the model's own eager attention for each example[/]")  # fmt: skip
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if eager is None:
+        raise RuntimeError(f"{name}: its attention takes {', '.join(unknown)} and its module has no eager_attention_forward; "
+                           "train with packing off (--set packing=false)")  # fmt: skip
+    extra = {k: v for k, v in (("sliding_window", window), ("softcap", softcap), ("s_aux", sinks)) if v is not None}
+    outputs = []
+    for row in range(rows):
+        r = slice(row, row + 1)
+        for q, k, v in zip(query[r].split(lengths, 2), key[r].split(lengths, 2), value[r].split(lengths, 2)):
+            mask = torch.zeros(q.shape[2], q.shape[2], dtype=q.dtype, device=q.device)
+            mask = mask.masked_fill(~allowed(q.shape[2], window, q.device), torch.finfo(q.dtype).min)[None, None]
+            outputs.append(eager(module, q, k, v, mask, dropout=dropout, scaling=scaling, **extra, **kwargs)[0])
+    out = torch.cat(outputs, dim=1)
+    return out.view(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
 
 
 def register() -> None:
@@ -77,11 +164,13 @@ def register() -> None:
 def use_training_attention(model: Any, choice: str, packing: bool, device: torch.device) -> str:
     """Set the attention implementation for training and return the model's original one (to
     put back before the model is saved or generates). ``choice`` "auto": packed rows on a CPU
-    use `packed_attention`; everything else keeps the model's own."""
+    use `packed_attention`; everything else keeps the model's own. A model with bidirectional
+    attention layers keeps its own (packed rows then need flash attention or a mask)."""
     inner = getattr(model, "module", model)
     original = inner.config._attn_implementation
     if choice == "auto":
-        choice = PACKED if packing and device.type == "cpu" else original
+        causal = all(getattr(m, "is_causal", True) for m in inner.modules())
+        choice = PACKED if packing and device.type == "cpu" and causal else original
     if choice == PACKED:
         register()
     if choice != original:

@@ -80,20 +80,20 @@ class _TokenNLL(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk):
+    def forward(ctx, hidden, weight, targets, chunk, softcap):
         weight_c = weight.to(hidden.dtype)
         nll = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         keep_grad = hidden.requires_grad and not weight.requires_grad
         grad_hidden = torch.empty_like(hidden) if keep_grad else None
-        buffers = _ChunkBuffers(min(chunk, hidden.shape[0]), weight.shape[0], hidden.dtype, hidden.device)
+        buffers = _ChunkBuffers(min(chunk, hidden.shape[0]), weight.shape[0], hidden.dtype, hidden.device, softcap)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             target = targets[rows].unsqueeze(-1)  # (C, 1)
             logits, logp = buffers.log_softmax(hidden[rows], weight_c)
             nll[rows] = -logp.gather(-1, target).squeeze(-1)
             if keep_grad:
-                torch.mm(logits.copy_(_softmax_minus_onehot(logp, target)), weight_c, out=grad_hidden[rows])  # (C, H)
-        ctx.chunk, ctx.kept = chunk, keep_grad
+                torch.mm(logits.copy_(buffers.grad_logits(logp, target)), weight_c, out=grad_hidden[rows])  # (C, H)
+        ctx.chunk, ctx.kept, ctx.softcap = chunk, keep_grad, softcap
         ctx.save_for_backward(*((grad_hidden,) if keep_grad else (hidden, weight, targets)))
         return nll
 
@@ -101,40 +101,57 @@ class _TokenNLL(torch.autograd.Function):
     def backward(ctx, grad_nll):
         if ctx.kept:
             (grad_hidden,) = ctx.saved_tensors
-            return grad_hidden * grad_nll.unsqueeze(-1).to(grad_hidden.dtype), None, None, None
+            return grad_hidden * grad_nll.unsqueeze(-1).to(grad_hidden.dtype), None, None, None, None
         hidden, weight, targets = ctx.saved_tensors
         weight_c = weight.to(hidden.dtype)
         grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if ctx.needs_input_grad[1] else None
-        buffers = _ChunkBuffers(min(ctx.chunk, hidden.shape[0]), weight.shape[0], hidden.dtype, hidden.device)
+        buffers = _ChunkBuffers(min(ctx.chunk, hidden.shape[0]), weight.shape[0], hidden.dtype, hidden.device, ctx.softcap)
         for start in range(0, hidden.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             logits, logp = buffers.log_softmax(hidden[rows], weight_c)
-            grad_logits = _softmax_minus_onehot(logp, targets[rows].unsqueeze(-1))
+            grad_logits = buffers.grad_logits(logp, targets[rows].unsqueeze(-1))
             grad_logits = logits.copy_(grad_logits.mul_(grad_nll[rows].unsqueeze(-1)))  # in the compute dtype
             if grad_h is not None:
                 torch.mm(grad_logits, weight_c, out=grad_h[rows])
             if grad_w is not None:
                 grad_w += (grad_logits.t() @ hidden[rows]).float()  # (V, H)
-        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None
+        return grad_h, None if grad_w is None else grad_w.to(weight.dtype), None, None, None
 
 
 class _ChunkBuffers:
-    """One chunk's logits (compute dtype) and fp32 log-probs, allocated once per call."""
+    """One chunk's logits (compute dtype) and fp32 log-probs, allocated once per call.
 
-    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device):
+    With ``softcap`` c (Gemma 2's final logit soft-capping) the scores are c * tanh(logits / c),
+    computed in fp32, and the gradient with respect to the logits carries the factor
+    1 - tanh^2 = 1 - (scores / c)^2."""
+
+    def __init__(self, rows: int, vocab: int, dtype: torch.dtype, device: torch.device, softcap: float | None = None):
+        self.softcap = softcap
         self.logits = torch.empty(rows, vocab, dtype=dtype, device=device)
-        self.scores = torch.empty(rows, vocab, dtype=torch.float32, device=device) if dtype != torch.float32 else None
+        separate = dtype != torch.float32 or softcap is not None
+        self.scores = torch.empty(rows, vocab, dtype=torch.float32, device=device) if separate else None
         self.logp = torch.empty(rows, vocab, dtype=torch.float32, device=device)
+        self.n = 0
 
     def log_softmax(self, hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logits, fp32 log-probs) of ``hidden`` (C, H): views of the buffers, valid until the next call."""
-        n = hidden.shape[0]
+        n = self.n = hidden.shape[0]
         logits, logp = self.logits[:n], self.logp[:n]
         torch.mm(hidden, weight.t(), out=logits)
         scores = logits if self.scores is None else self.scores[:n].copy_(logits)
+        if self.softcap is not None:
+            scores.div_(self.softcap).tanh_().mul_(self.softcap)
         torch.log_softmax(scores, dim=-1, out=logp)
         return logits, logp
+
+    def grad_logits(self, logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """d(-log p[target]) / d logits of the last chunk, overwriting ``logp`` (and the scores)."""
+        grad = _softmax_minus_onehot(logp, target)
+        if self.softcap is not None:
+            slope = self.scores[: self.n].div_(self.softcap).square_().neg_().add_(1.0)  # 1 - tanh^2
+            grad.mul_(slope)
+        return grad
 
 
 def _softmax_minus_onehot(logp: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -143,7 +160,8 @@ def _softmax_minus_onehot(logp: torch.Tensor, target: torch.Tensor) -> torch.Ten
     return probs.scatter_add_(-1, target, torch.full(target.shape, -1.0, dtype=probs.dtype, device=probs.device))
 
 
-def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
+def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int | None = None,
+              softcap: float | None = None) -> torch.Tensor:  # fmt: skip
     """Per-token negative log-likelihood of ``targets`` under logits ``hidden @ weight.T``,
     computed ``chunk`` rows at a time (default: 256 on a CPU, where a chunk's logits should stay
     near the caches; 2048 elsewhere), log-softmax in fp32. The head's matmuls run in autocast's
@@ -152,7 +170,8 @@ def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
 
     hidden: (N, H) final hidden states at trained positions; weight: (V, H) output head;
     targets: (N,) token ids (no -100 here: select trained positions first). Returns (N,) fp32.
-    Equal to ``F.cross_entropy(hidden @ weight.T, targets, reduction="none")`` up to rounding.
+    Equal to ``F.cross_entropy(hidden @ weight.T, targets, reduction="none")`` up to rounding;
+    with ``softcap`` c, to the cross-entropy of ``c * tanh(hidden @ weight.T / c)``.
     """
     device = hidden.device.type
     if chunk is None:
@@ -160,4 +179,4 @@ def token_nll(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     if torch.is_autocast_enabled(device):
         # e.g. hidden states that accelerate converted back to fp32: the head matmul in bf16
         hidden = hidden.to(torch.get_autocast_dtype(device))
-    return _TokenNLL.apply(hidden, weight, targets, chunk)
+    return _TokenNLL.apply(hidden, weight, targets, chunk, softcap)

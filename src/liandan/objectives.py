@@ -62,13 +62,28 @@ def trained_token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch
     out = model(**inputs, use_cache=False, logits_to_keep=none, output_hidden_states=True)
     trained = targets != IGNORE_INDEX
     hidden = out.hidden_states[-1][trained]  # (N, H): after the final norm
-    return token_nll(hidden, head.weight, targets[trained]), trained.nonzero()[:, 0]
+    return token_nll(hidden, head.weight, targets[trained], softcap=final_logit_softcap(model)), trained.nonzero()[:, 0]
+
+
+UNREPRODUCED_LOGIT_SETTINGS = ("logit_scale", "logits_scaling", "output_multiplier_scale")
+"""Config fields with which a family transforms its logits in a way `token_nll` does not
+reproduce (Cohere, Granite, ...): such models get their logits from their own forward."""
 
 
 def plain_output_head(model: Any) -> torch.nn.Linear | None:
+    """The output head when the model's logits are ``hidden @ head.weight.T`` (soft-capped at most)."""
     inner = getattr(model, "module", model)  # DDP / accelerate wrapper
+    config = inner.config.get_text_config()
+    if any(getattr(config, name, None) not in (None, 1, 1.0) for name in UNREPRODUCED_LOGIT_SETTINGS):
+        return None
     head = inner.get_output_embeddings()
     return head if type(head) is torch.nn.Linear and head.bias is None else None
+
+
+def final_logit_softcap(model: Any) -> float | None:
+    """Gemma 2's final logit soft-capping, c in logits = c * tanh(logits / c), or None."""
+    inner = getattr(model, "module", model)
+    return getattr(inner.config.get_text_config(), "final_logit_softcapping", None)
 
 
 def micro_batch_loss(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:

@@ -175,7 +175,7 @@ def test_manifest_records_data_template_tokens_and_method(tmp_path, chat_model_d
     assert manifest["data"]["records"] == 3 and manifest["data"]["format"] == "messages"
     run.write_manifest(out)
     assert json.loads((out / "manifest.json").read_text()) == manifest
-    full = build_manifest(sft(chat_model_dir, [first], out, full=True), run.tokenizer, {"files": {}}, True)
+    full = build_manifest(sft(chat_model_dir, [first], out, full=True), run.model, run.tokenizer, {"files": {}}, True)
     assert full["method"] == "full" and full["chat_template_added"] is True and full["data"] == {"files": {}}
 
 
@@ -244,11 +244,15 @@ def test_lora_on_a_base_model_given_chatml_trains_the_added_rows(tmp_path, bare_
     assert run.model.get_input_embeddings().weight.shape == (402, 32)
     names = trainable(run.model)
     rows = {n: s for n, s in names.items() if "lora_" not in n}
-    assert rows == {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default": (2, 32)}
-    assert len(names) == 2 * 7 * 2 + 1
+    # the input rows, to read the new tokens, and the untied head's rows, to predict them
+    assert rows == {"base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default": (2, 32),
+                    "base_model.model.lm_head.token_adapter.trainable_tokens_delta.default": (2, 32)}  # fmt: skip
+    assert len(names) == 2 * 7 * 2 + 2
     adapter = run.model.base_model.model.model.embed_tokens.token_adapter
     assert adapter.token_indices["default"] == [400, 401]
     manifest = run.manifest
+    assert manifest["adapted_modules"] == {m: 2 for m in ("down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj")}
+    assert manifest["trainable_token_rows"] == {"embed_tokens": [400, 401], "lm_head": [400, 401]}
     assert manifest["chat_template_added"] is True
     assert manifest["special_tokens"]["stop"] == [0, 401]  # <|endoftext|> (eos) and ChatML's <|im_end|>
     assert manifest["chat_template_sha256"] == hashlib.sha256(CHATML.encode()).hexdigest()

@@ -24,6 +24,8 @@ import peft
 import torch
 import transformers
 from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from peft.utils.other import TrainableTokensWrapper
 from rich.console import Console
 
 from . import __version__
@@ -72,7 +74,7 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
     if not train:
         raise LiandanError("no training example has a trained token after encoding (see the report above)")
     model = attach_trainable(model, config, new_token_ids)
-    manifest = build_manifest(config, tokenizer, sft_data_manifest(data, train_stats, eval_stats, config.eval_data), added_template)
+    manifest = build_manifest(config, model, tokenizer, sft_data_manifest(data, train_stats, eval_stats, config.eval_data), added_template)
     if replay_info:
         manifest["replay"] = replay_info
     run = PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals,
@@ -94,7 +96,7 @@ def prepare_dpo(config: DPOConfig, out_dir: Path, *, main_process: bool, resume:
     if config.full:  # no adapters to switch off: the reference log-probs are computed now, once
         precompute_reference(model, train + evals, pad)
     data = {"files": file_hashes([*config.data, *config.eval_data]), "train_pairs": len(train), "eval_pairs": len(evals)}  # fmt: skip
-    manifest = build_manifest(config, tokenizer, data, added)
+    manifest = build_manifest(config, model, tokenizer, data, added)
     manifest["dpo"] = {"beta": config.beta, "loss": config.loss, "label_smoothing": config.label_smoothing,
                        "sft_weight": config.sft_weight,
                        "reference": "precomputed (full fine-tuning)" if config.full else "the policy with adapters disabled"}  # fmt: skip
@@ -118,7 +120,7 @@ def prepare_pretrain(config: PretrainConfig, out_dir: Path, *, main_process: boo
     data = {"files": file_hashes([*config.data, *config.eval_data]), "documents": len(documents), "tokens": tokens, "blocks": len(train), "block_size": config.max_length,
             "eval_tokens": eval_tokens, "eval_blocks": len(evals),
             "text_sha256": hashlib.sha256("".join(t for _, t in documents).encode()).hexdigest()}  # fmt: skip
-    manifest = build_manifest(config, tokenizer, data, added)
+    manifest = build_manifest(config, model, tokenizer, data, added)
     run = PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals,
                       objective=sft_objective(False, pad_id(tokenizer), name="pretrain"), manifest=manifest)  # fmt: skip
     summary = (f"data: {len(documents)} documents, {tokens} tokens in {len(train)} blocks of {config.max_length} "
@@ -139,7 +141,17 @@ def finish(run: PreparedRun, config: TrainConfig, out_dir: Path, main_process: b
         if not resume:
             save_config(config, out_dir / "config.yaml")
         show_summary()
+        if run.manifest.get("adapted_modules") is not None:
+            say(lora_summary(config, run.manifest))
     return run
+
+
+def lora_summary(config: TrainConfig, manifest: dict) -> str:
+    """One line: where the adapters are, e.g. 'LoRA rank 8 on o_proj x2, qkv_proj x2; ...'."""
+    modules = ", ".join(f"{kind} x{n}" for kind, n in manifest["adapted_modules"].items()) or "no module"
+    rows = manifest.get("trainable_token_rows") or {}
+    tokens = f"; new token rows trained in {', '.join(rows)}" if rows else ""
+    return f"LoRA rank {config.lora.rank} on {modules}{tokens}"
 
 
 def say(line: str) -> None:
@@ -173,21 +185,66 @@ def check_output_dir(out_dir: Path, resume: bool) -> None:
 
 def attach_trainable(model: Any, config: TrainConfig, new_token_ids: list[int]) -> Any:
     """LoRA adapters through PEFT (the base frozen), or every weight trainable with ``full``.
-    Rows of newly added tokens (a base model given ChatML) are trained in both cases."""
+    Rows of newly added tokens (a base model given ChatML) are trained in both cases: under LoRA
+    in the input embeddings and, when it is a separate matrix, in the output head, so that the
+    model can learn to read and to predict them (PEFT's trainable token indices).
+
+    ``all-linear`` is PEFT's choice of every linear layer but the output head, which covers fused
+    projections (Phi-3's ``qkv_proj`` and ``gate_up_proj``) and a mixture of experts' expert
+    weights; the experts' router is left out (adapting it moves the load balance, which the
+    training loss does not watch)."""
     if config.full:
         model.requires_grad_(True)
         return model
     targets = config.lora.target_modules
+    every_linear = targets == ["all-linear"]
     lora = LoraConfig(
         r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-        target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM",
-        trainable_token_indices={"embed_tokens": new_token_ids} if new_token_ids else None,
+        target_modules="all-linear" if every_linear else targets, task_type="CAUSAL_LM",
+        exclude_modules=(router_names(model) or None) if every_linear else None,
+        trainable_token_indices=token_rows(model, new_token_ids) or None,
     )  # fmt: skip
     return get_peft_model(model, lora)
 
 
-def build_manifest(config: TrainConfig, tokenizer: Any, data: dict, added_template: bool) -> dict:
-    """What a run directory says about itself: versions, base model, template, tokens, data."""
+def router_names(model: Any) -> list[str]:
+    """Full names of the mixture-of-experts routers (``mlp.gate`` in Qwen-MoE and Mixtral)."""
+    return [name for name, module in model.named_modules() if type(module).__name__.endswith("Router")]
+
+
+def token_rows(model: Any, new_token_ids: list[int]) -> dict[str, list[int]]:
+    """PEFT ``trainable_token_indices``: the new rows of the input embeddings, and of the output
+    head when the head is not the same matrix (tied heads follow the embeddings)."""
+    if not new_token_ids:
+        return {}
+    names = {id(module): name for name, module in model.named_modules()}
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    rows = {names[id(embeddings)]: new_token_ids}
+    if head is not None and head.weight is not embeddings.weight:
+        rows[names[id(head)]] = new_token_ids
+    return rows
+
+
+def adapted_modules(model: Any) -> dict[str, Any]:
+    """What a LoRA run trains, for the manifest and the data summary: the kinds of layers that
+    carry adapters (``q_proj``, ``qkv_proj``, ``experts``...), with how many of each, and the
+    modules whose new token rows are trained."""
+    adapted: set[str] = set()
+    tokens = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):  # PEFT nests one wrapper per expert weight: count the module once
+            adapted.add(name.replace(".base_layer", ""))
+        if isinstance(module, TrainableTokensWrapper):
+            tokens[name.split(".")[-1]] = list(module.token_adapter.token_indices.get("default", []))
+    counts: dict[str, int] = {}
+    for name in adapted:
+        counts[name.split(".")[-1]] = counts.get(name.split(".")[-1], 0) + 1
+    return {"adapted_modules": dict(sorted(counts.items())), "trainable_token_rows": tokens}
+
+
+def build_manifest(config: TrainConfig, model: Any, tokenizer: Any, data: dict, added_template: bool) -> dict:
+    """What a run directory says about itself: versions, base model, what is trained, template,
+    tokens, data."""
     source = resolve_model(config.model)
     template = tokenizer.chat_template or ""
     return {
@@ -196,6 +253,7 @@ def build_manifest(config: TrainConfig, tokenizer: Any, data: dict, added_templa
                      "peft": peft.__version__, "accelerate": accelerate.__version__},  # fmt: skip
         "base_model": {"spec": config.model, "kind": source.kind, "weights_sha256": weights_hash(source)},
         "method": "full" if config.full else "lora",
+        **({} if config.full else adapted_modules(model)),
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
         "chat_template_added": added_template,
         "special_tokens": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,

@@ -5,7 +5,8 @@
 
 Every model has hidden size 64 and two layers, the tests' ChatML tokenizer (conftest), and config
 values that make each family's own features matter on short test sequences: sliding windows of
-8 tokens, attention and final-logit soft-caps small enough to bend the logits, q/k/v biases,
+8 tokens, attention and final-logit soft-caps small enough to bend the scores (Gemma 2 also gets
+a larger initialisation, so that its logits reach the cap), q/k/v biases,
 q/k norms, Gemma's ``query_pre_attn_scalar`` and embedding scale, Phi-3's fused projections, and
 a mixture of experts with 4 experts, 2 per token.
 """
@@ -27,7 +28,7 @@ FAMILIES: dict[str, dict] = {
     "qwen3": dict(model_type="qwen3", head_dim=16, tie_word_embeddings=True),  # q/k RMS norms
     "mistral": dict(model_type="mistral", sliding_window=8, tie_word_embeddings=False),
     "gemma2": dict(model_type="gemma2", head_dim=16, sliding_window=8, attn_logit_softcapping=1.0,
-                   final_logit_softcapping=2.0, query_pre_attn_scalar=24, hidden_activation="gelu_pytorch_tanh",
+                   final_logit_softcapping=5.0, query_pre_attn_scalar=24, initializer_range=0.2, hidden_activation="gelu_pytorch_tanh",
                    tie_word_embeddings=True),  # fmt: skip
     "gemma3_text": dict(model_type="gemma3_text", head_dim=16, sliding_window=8, query_pre_attn_scalar=24,
                         layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True),  # fmt: skip

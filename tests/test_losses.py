@@ -193,6 +193,29 @@ def test_token_nll_gives_the_trained_head_its_gradient():
     torch.testing.assert_close(got[1], weight.grad)
 
 
+@pytest.mark.parametrize("trained_head", [False, True], ids=["frozen-head", "trained-head"])
+def test_token_nll_with_final_logit_softcapping_is_the_capped_cross_entropy(trained_head):
+    """Gemma 2: logits = c * tanh(hidden @ W.T / c). Values and gradients (hidden and, when
+    trained, W) equal autograd through the capped logits, across chunk borders."""
+    torch.manual_seed(2)
+    hidden = torch.randn(9, 8, requires_grad=True)
+    weight = torch.randn(40, 8, requires_grad=trained_head)
+    targets = torch.randint(0, 40, (9,))
+    scale = torch.rand(9)
+    got = token_nll(hidden, weight, targets, 4, softcap=2.0)
+    (got * scale).sum().backward()
+    got_grads = hidden.grad.clone(), weight.grad.clone() if trained_head else None
+    hidden.grad = weight.grad = None
+    expected = F.cross_entropy(2.0 * torch.tanh(hidden @ weight.t() / 2.0), targets, reduction="none")
+    (expected * scale).sum().backward()
+    torch.testing.assert_close(got, expected.detach())
+    torch.testing.assert_close(got_grads[0], hidden.grad)
+    if trained_head:
+        torch.testing.assert_close(got_grads[1], weight.grad)
+    # the cap changes the loss here: a lost cap would not pass
+    assert not torch.allclose(token_nll(hidden, weight, targets, 4), got)
+
+
 def test_token_nll_under_autocast_runs_the_head_in_the_autocast_dtype():
     """accelerate hands back fp32 hidden states; under bf16 autocast the head must still run in
     bf16 (as ``hidden @ weight.T`` would), not cast the whole frozen head up to fp32."""

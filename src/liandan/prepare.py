@@ -196,20 +196,30 @@ def attach_trainable(model: Any, config: TrainConfig, new_token_ids: list[int]) 
     if config.full:
         model.requires_grad_(True)
         return model
-    targets = config.lora.target_modules
-    every_linear = targets == ["all-linear"]
+    targets, parameters = lora_targets(model, config.lora.target_modules)
     lora = LoraConfig(
         r=config.lora.rank, lora_alpha=config.lora.alpha, lora_dropout=config.lora.dropout,
-        target_modules="all-linear" if every_linear else targets, task_type="CAUSAL_LM",
-        exclude_modules=(router_names(model) or None) if every_linear else None,
+        target_modules=targets, target_parameters=parameters, task_type="CAUSAL_LM",
         trainable_token_indices=token_rows(model, new_token_ids) or None,
     )  # fmt: skip
     return get_peft_model(model, lora)
 
 
-def router_names(model: Any) -> list[str]:
-    """Full names of the mixture-of-experts routers (``mlp.gate`` in Qwen-MoE and Mixtral)."""
-    return [name for name, module in model.named_modules() if type(module).__name__.endswith("Router")]
+def lora_targets(model: Any, targets: list[str]) -> tuple[str | list[str], list[str] | None]:
+    """PEFT's ``target_modules`` and ``target_parameters``. ``["all-linear"]`` is PEFT's own
+    choice, except in a mixture of experts, where PEFT would also adapt the router: there it is
+    spelled out as every linear layer but the head, plus the experts' fused 3-D weights."""
+    if targets != ["all-linear"]:
+        return targets, None
+    routers = {name for name, module in model.named_modules() if type(module).__name__.endswith("Router")}
+    if not routers:
+        return "all-linear", None
+    head = model.get_output_embeddings()
+    linear = {name.split(".")[-1] for name, module in model.named_modules()
+              if isinstance(module, torch.nn.Linear) and module is not head and name not in routers}  # fmt: skip
+    experts = {f"{name.split('.')[-1]}.{weight}" for name, module in model.named_modules() if type(module).__name__.endswith("Experts")
+               for weight, tensor in module.named_parameters(recurse=False) if tensor.ndim == 3}  # fmt: skip
+    return sorted(linear), sorted(experts) or None
 
 
 def token_rows(model: Any, new_token_ids: list[int]) -> dict[str, list[int]]:

@@ -122,6 +122,9 @@ def test_tokens_added_by_the_run_are_merged_into_the_embeddings(tmp_path, bare_b
     assert torch.equal(embed[:400], base["model.embed_tokens.weight"])
     assert torch.equal(embed[400:], new_rows)
     assert torch.equal(merged["lm_head.weight"][:400], base["lm_head.weight"])
+    # the untied head's rows of the new tokens are trained too (to predict <|im_end|>), and merged
+    head_rows = adapter["base_model.model.lm_head.token_adapter.trainable_tokens_delta"]  # (2, hidden)
+    assert torch.equal(merged["lm_head.weight"][400:], head_rows)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.vocab_size == 402
 

@@ -92,8 +92,9 @@ def test_tensorboard_tracker_gets_the_metrics(tmp_path, chat_model_dir, sft_file
 
 
 def test_lora_on_a_base_model_trains_the_added_chatml_rows(tmp_path, bare_base_model_dir, sft_file, monkeypatch):
-    """A base model given ChatML under LoRA: the new tokens' embedding rows train (PEFT's
-    trainable token indices), the old rows stay frozen, and the run reloads with its tokens."""
+    """A base model given ChatML under LoRA: the new tokens' rows in the embeddings and in the
+    untied output head train (PEFT's trainable token indices), the old rows stay frozen, and the
+    run reloads with its tokens."""
     import liandan.train
     from liandan.models import load_adapter_model, load_model
 
@@ -107,6 +108,7 @@ def test_lora_on_a_base_model_trains_the_added_chatml_rows(tmp_path, bare_base_m
         seen["model"], seen["vocab"] = run.model, len(run.tokenizer)
         with torch.no_grad():
             seen["before"] = run.model.get_input_embeddings()(torch.arange(len(run.tokenizer))).clone()  # (V, H)
+            seen["head_before"] = run.model.get_output_embeddings()(torch.eye(32)).t().clone()  # (V, H): the head's rows
         return run
 
     monkeypatch.setattr(liandan.train, "prepare_sft", prepare_and_snapshot)
@@ -123,6 +125,10 @@ def test_lora_on_a_base_model_trains_the_added_chatml_rows(tmp_path, bare_base_m
     before = seen["before"]
     assert torch.equal(after[:400], before[:400]), "old embedding rows changed in training"  # old rows frozen
     assert (after[new_ids] - before[new_ids]).abs().amax(dim=-1).min() > 1e-4  # both new rows trained, in memory
+    with torch.no_grad():  # the untied output head: the same, so that the model learns to predict <|im_end|>
+        head_after = seen["model"].get_output_embeddings()(torch.eye(32)).t()
+    assert torch.equal(head_after[:400], seen["head_before"][:400])
+    assert (head_after[new_ids] - seen["head_before"][new_ids]).abs().amax(dim=-1).min() > 1e-4
     model = load_adapter_model(out, tokenizer=tok)
     ids = torch.tensor([[5, 6, 7, *new_ids]])
     with torch.no_grad():

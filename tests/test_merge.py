@@ -129,6 +129,30 @@ def test_tokens_added_by_the_run_are_merged_into_the_embeddings(tmp_path, bare_b
     assert model.config.vocab_size == 402
 
 
+def test_export_of_a_base_model_run_keeps_the_added_tokens(tmp_path, bare_base_model_dir):
+    """The GGUF of a LoRA run that added ChatML to a base model holds the two new tokens, their
+    trained embedding and head rows, and the ChatML template."""
+    import numpy as np
+    from gguf import GGUFReader
+
+    from liandan.export import export_gguf
+
+    run = lora_run(tmp_path, bare_base_model_dir)
+    merged = load_file(merge(run, tmp_path / "merged") / "model.safetensors")
+    result = export_gguf(str(run), tmp_path / "run.gguf", quant="f16")
+    reader = GGUFReader(result.path)
+    tensors = {t.name: np.array(t.data, dtype=np.float32).reshape(-1, 32) for t in reader.tensors
+               if t.name in ("token_embd.weight", "output.weight")}  # fmt: skip
+    for gguf_name, name in (("token_embd.weight", "model.embed_tokens.weight"), ("output.weight", "lm_head.weight")):
+        rows = torch.from_numpy(tensors[gguf_name])
+        assert rows.shape == (402, 32), gguf_name
+        torch.testing.assert_close(rows[400:], merged[name][400:], rtol=1e-3, atol=1e-3, msg=gguf_name)  # f16
+    tokens = [bytes(reader.fields["tokenizer.ggml.tokens"].parts[i]).decode() for i in reader.fields["tokenizer.ggml.tokens"].data]
+    assert tokens[400:] == ["<|im_start|>", "<|im_end|>"]
+    template = reader.fields["tokenizer.chat_template"]
+    assert "<|im_start|>" in bytes(template.parts[template.data[0]]).decode()
+
+
 def test_a_directory_that_is_not_a_lora_run_is_refused(tmp_path, chat_model_dir, stopping_model_dir):
     out = tmp_path / "out"
     with pytest.raises(LiandanError, match="is not a LoRA run directory"):

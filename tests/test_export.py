@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from conftest import CHATML, build_tokenizer
 
-from liandan import export
+from liandan import export, gguf_writing
 from liandan.errors import LiandanError
 from liandan.export import TOLERANCES, export_gguf
 from liandan.modelfile import chat_pieces, go_text, modelfile_text, pieces_match
@@ -201,7 +201,7 @@ def sharp_model_dir(chat_model_dir, tmp_path_factory):
 def test_a_missing_q_k_permutation_fails_verification_and_writes_nothing(sharp_model_dir, tmp_path, monkeypatch):
     good = export_gguf(str(sharp_model_dir), tmp_path / "good.gguf", quant="f16")
     assert good.max_logit_diff < TOLERANCES["f16"]
-    monkeypatch.setattr(export, "permute_for_rope", lambda weight, n_heads: weight)
+    monkeypatch.setattr(gguf_writing, "permute_for_rope", lambda weight, n_heads: weight)
     out = tmp_path / "broken.gguf"
     with pytest.raises(LiandanError, match="verification"):
         export_gguf(str(sharp_model_dir), out, quant="f16")
@@ -264,20 +264,20 @@ def test_out_must_be_a_gguf_file_name(chat_model_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_model_that_is_not_llama_is_refused_by_name(tmp_path):
+def test_a_family_llama_cpp_export_does_not_know_is_refused_by_name(tmp_path):
     import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers import OlmoConfig, OlmoForCausalLM
 
     tokenizer = build_tokenizer(CHATML, "<|im_end|>")
-    config = Qwen2Config(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    config = OlmoConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
     torch.manual_seed(0)
-    model_dir = tmp_path / "qwen"
-    Qwen2ForCausalLM(config).save_pretrained(model_dir)
+    model_dir = tmp_path / "olmo"
+    OlmoForCausalLM(config).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     out_dir = tmp_path / "out"
-    with pytest.raises(LiandanError, match=r"model '.*qwen': field 'model_type' is 'qwen2'.*Llama"):
-        export_gguf(str(model_dir), out_dir / "q.gguf")
+    with pytest.raises(LiandanError, match=r"model '.*olmo': field 'model_type' is 'olmo'; GGUF export supports llama, "):
+        export_gguf(str(model_dir), out_dir / "o.gguf")
     assert not out_dir.exists()
 
 

@@ -1,4 +1,4 @@
-"""Export a Llama-architecture model to GGUF for llama.cpp and Ollama, verified before it is kept.
+"""Export a model to GGUF for llama.cpp and Ollama, verified before it is kept.
 
     from pathlib import Path
     from liandan.export import export_gguf
@@ -6,19 +6,24 @@
     print("\\n".join(result.summary()))
     # then: ollama create smollm2 -f exports/smollm2-f16.Modelfile
 
-What is written:
+Families: llama, mistral, qwen2, qwen3, qwen3_moe, phi3, gemma2 and gemma3_text, each written as the
+llama.cpp architecture its own converter uses (`liandan.gguf_writing` holds the tables). What is
+written:
 
-- ``OUT`` (a ``.gguf`` file): llama.cpp's ``llama`` architecture metadata, tensors under llama.cpp's
-  names (Q and K rows permuted for its rotary layout, as its own converter does), norms in f32 and
-  matrices in f16 or Q8_0, and the byte-level BPE tokenizer with its chat template.
+- ``OUT`` (a ``.gguf`` file): the architecture's metadata, tensors under llama.cpp's names with its
+  transforms (Q/K rows permuted for llama's rotary layout, Gemma's norms as 1 + w, ...), norms and
+  biases in f32 and matrices in f16 or Q8_0, and the byte-level BPE tokenizer with its chat template.
 - ``OUT`` with the suffix ``.Modelfile``: an Ollama Modelfile (``FROM``, a ``TEMPLATE`` in Go template
   syntax derived from the chat template, ``SYSTEM`` when the template has a default system prompt,
   and ``PARAMETER stop`` for each stop token).
 
-Every export is verified before it replaces anything: the written file is loaded back with
-transformers' GGUF loader and compared with the source model on probe prompts rendered with the
-chat template (tokens, chat template, logits, greedy continuation). A file that fails is deleted.
-The model may be anything `liandan.models.load_model` accepts; a LoRA run is merged in fp32.
+Every export is verified before it replaces anything, on probe prompts rendered with the chat
+template. Always: the file is read back with transformers' GGUF reader (set up as llama.cpp reads
+the metadata) and compared with the source (tokens, chat template, logits, greedy continuation).
+When llama-cpp-python is installed (``liandan[llamacpp]``): the file also runs in llama.cpp itself,
+whose greedy output must equal the source's for f16; for Q8_0 its agreement is reported. A file
+that fails is deleted. The model may be anything `liandan.models.load_model` accepts; a LoRA run is
+merged in fp32.
 """
 
 from __future__ import annotations
@@ -29,30 +34,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType, quants
+from gguf import GGUFReader
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .chat import has_chat_template, render_chat, stop_token_ids
 from .errors import LiandanError
 from .files import write_atomic
-from .gguf_tokenizer import add_tokenizer, gguf_vocab
+from .gguf_reading import drop_quantizer
+from .gguf_tokenizer import gguf_vocab
+from .gguf_writing import Family, family_of, llama_cpp_settings, write_gguf
+from .llama_cpp_check import RuntimeCheck, SourceRun, llama_cpp_version, run_llama_cpp
 from .modelfile import modelfile_text
 from .models import load_model, release_model
 
 FORMATS = ("gguf",)
 QUANTS = ("f16", "q8_0")
 
-# Largest max |logit difference| accepted between the source (fp32) and the GGUF read back, taken
-# over every position of each probe and its greedy continuation and over the whole vocabulary.
-# Measured on the default model (SmolLM2-135M-Instruct, the 3 default probes, logits spanning
-# 30-60 per position): f16 weights moved logits by at most 0.041, Q8_0 by at most 1.32 (0.3-1.3
-# at every position: the max over 49k logits of an error spread through 30 layers). Greedy output
-# matched in full for both. The tolerances leave about 6x (f16) and 2.3x (Q8_0) room for other
-# models and prompts, and stay far below what real mistakes do to the same model: without the
-# Q/K permutation the difference is 32-40, with rope theta 10000 instead of 100000 it is 10.
-# (llama.cpp itself computes with its own kernels, e.g. Q8_0 activations, so its numbers differ a
-# little more; this checks the file.)
+# Largest max |logit difference| accepted between the source (fp32) and the GGUF read back by
+# transformers, taken over every position of each probe and its greedy continuation and over the
+# whole vocabulary. Measured on the default model (SmolLM2-135M-Instruct, the 3 default probes,
+# logits spanning 30-60 per position): f16 weights moved logits by at most 0.041, Q8_0 by at most
+# 1.32 (0.3-1.3 at every position: the max over 49k logits of an error spread through 30 layers).
+# Greedy output matched in full for both. The tolerances leave about 6x (f16) and 2.3x (Q8_0) room
+# for other models and prompts, and stay far below what real mistakes do to the same model:
+# without the Q/K permutation the difference is 32-40, with rope theta 10000 instead of 100000 it
+# is 10. (llama.cpp computes with its own kernels, e.g. f16 or Q8_0 activations, so its numbers
+# differ a little more; it is held to greedy equality instead, see `check_runtime`.)
 TOLERANCES = {"f16": 0.25, "q8_0": 3.0}
 GREEDY_TOKENS = 16
 DEFAULT_PROBES = (
@@ -60,12 +68,12 @@ DEFAULT_PROBES = (
     "Give me three tips for writing clear code.",
     "Translate to French: 'The weather is nice today (23 °C)!'",
 )
-QK_BLOCK = 32  # Q8_0 quantizes rows in blocks of 32 values
+READER_ONLY = "transformers' GGUF reader only: install liandan[llamacpp] to verify with llama.cpp"
 
 
 @dataclass
 class ProbeCheck:
-    """How the exported model compares with the source on one probe prompt."""
+    """How the exported model, read back by transformers, compares with the source on one probe."""
 
     prompt: str
     """The user message (rendered with the chat template before tokenizing)."""
@@ -84,12 +92,16 @@ class ExportResult:
     path: Path
     quant: str
     size_bytes: int
+    arch: str
+    """llama.cpp's architecture the file declares (``general.architecture``)."""
     tolerance: float
-    """The largest logit difference that was accepted."""
+    """The largest logit difference that was accepted from transformers' reader."""
     probes: list[ProbeCheck]
     modelfile: Path
     template_exact: bool
     """Whether the Modelfile TEMPLATE rendered every checked conversation exactly as the chat template."""
+    runtime: RuntimeCheck | None = None
+    """The file run in llama.cpp, or None when llama-cpp-python is not installed."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -100,15 +112,28 @@ class ExportResult:
     def greedy_match(self) -> tuple[int, int]:
         return sum(p.greedy_matched for p in self.probes), sum(p.greedy_tokens for p in self.probes)
 
+    @property
+    def verifier(self) -> str:
+        if self.runtime is None:
+            return READER_ONLY
+        return f"llama.cpp runtime (llama-cpp-python {self.runtime.version}) and transformers' GGUF reader"
+
     def summary(self) -> list[str]:
         matched, total = self.greedy_match
         lines = [
-            f"Wrote {self.path} ({self.quant}, {self.size_bytes / 1e6:.1f} MB) and {self.modelfile}",
-            f"Verified on {len(self.probes)} probes: max logit difference {self.max_logit_diff:.4f} "
+            f"Wrote {self.path} ({self.arch}, {self.quant}, {self.size_bytes / 1e6:.1f} MB) and {self.modelfile}",
+            f"Verified with {self.verifier}",
+            f"transformers' reader on {len(self.probes)} probes: max logit difference {self.max_logit_diff:.4f} "
             f"(tolerance {self.tolerance}), greedy tokens matched {matched}/{total}"
             + (" (where they part, the logits are within tolerance: a near tie)" if matched < total else ""),
         ]
         lines += [f"  {p.max_logit_diff:.4f}  {p.greedy_matched}/{p.greedy_tokens}  {p.prompt}" for p in self.probes]
+        if self.runtime is not None:
+            equal, total = self.runtime.greedy_equal
+            lines.append(f"llama.cpp: greedy output {'equal to' if self.runtime.exact else 'differs from'} the source's "
+                         f"({equal}/{total} tokens before the first difference), top-1 agreement "
+                         f"{self.runtime.top1_agreement:.1%} over teacher-forced positions, max logit difference "
+                         f"{self.runtime.max_logit_diff:.4f}")  # fmt: skip
         lines += [f"Note: {note}" for note in self.notes]
         lines.append(f"Use it with Ollama: ollama create {self.path.stem} -f {self.modelfile}")
         return lines
@@ -145,15 +170,21 @@ def export_gguf(
     model, tokenizer = load_model(spec, device="cpu", dtype="float32")
     made = missing_dirs(out)
     try:
-        check_llama(model, spec)
+        family = family_of(model, spec)
         vocab = gguf_vocab(tokenizer, model.get_input_embeddings().num_embeddings, spec)
         out.parent.mkdir(parents=True, exist_ok=True)
         # Staged in a private directory beside OUT, so the rename is atomic and transformers reads
         # back only this file (no stray tokenizer_config.json from OUT's directory).
         with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
             staged = Path(tmp) / out.name
-            notes = write_gguf(model, tokenizer, vocab, staged, quant)
-            checks = verify_gguf(model, tokenizer, staged, tolerance, probes)
+            notes = vocab["notes"] + write_gguf(model, tokenizer, vocab, family, staged, quant, spec)
+            stops = set(stop_token_ids(tokenizer, model.generation_config))
+            runs = [source_run(model, tokenizer, prompt, stops) for prompt in probes]
+            checks = verify_gguf(runs, tokenizer, staged, family, tolerance)
+            runtime = None
+            if llama_cpp_version():
+                runtime = run_llama_cpp(staged, runs, stops, GREEDY_TOKENS)
+                notes += check_runtime(runtime, quant, tolerance)
             text, exact, template_notes = modelfile_text(
                 tokenizer, model.generation_config, out, vocab["add_bos"], spec, quant
             )
@@ -167,8 +198,8 @@ def export_gguf(
     finally:
         release_model(model)
     return ExportResult(
-        path=out, quant=quant, size_bytes=out.stat().st_size, tolerance=tolerance, probes=checks,
-        modelfile=modelfile, template_exact=exact, notes=notes + template_notes,
+        path=out, quant=quant, size_bytes=out.stat().st_size, arch=family.arch, tolerance=tolerance, probes=checks,
+        modelfile=modelfile, template_exact=exact, runtime=runtime, notes=notes + template_notes,
     )  # fmt: skip
 
 
@@ -203,147 +234,7 @@ def check_outputs(out: Path, force: bool) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# Model: Llama only, tensors under llama.cpp's names
-
-
-def check_llama(model: Any, spec: str) -> None:
-    """Refuse what llama.cpp's ``llama`` architecture (or transformers reading it back) would get wrong."""
-    config = model.config
-    if config.model_type != "llama":
-        raise LiandanError(f"model '{spec}': field 'model_type' is '{config.model_type}'; GGUF export supports "
-                           "Llama-architecture models (model_type 'llama') only")  # fmt: skip
-    for name in ("attention_bias", "mlp_bias"):
-        if getattr(config, name, False):
-            raise LiandanError(f"model '{spec}': field '{name}' is true; GGUF export supports Llama models "
-                               "without biases")  # fmt: skip
-    rope = getattr(config, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        raise LiandanError(f"model '{spec}': field 'rope_parameters.rope_type' is '{rope_type}'; GGUF export "
-                           "supports plain rotary embeddings (rope_type 'default') only")  # fmt: skip
-
-
-def rope_theta(config: Any) -> float:
-    rope = getattr(config, "rope_parameters", None) or {}
-    return float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def head_dim(config: Any) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-def permute_for_rope(weight: Any, n_heads: int) -> Any:
-    """Reorder the rows of a Q or K projection from transformers' rotary layout to llama.cpp's.
-
-    transformers rotates dimension i of a head with dimension i + d/2 ("rotate half"); llama.cpp
-    rotates neighbouring pairs (2i, 2i + 1). llama.cpp's converter therefore interleaves the two
-    halves of each head: new row 2i = old row i, new row 2i + 1 = old row d/2 + i. transformers'
-    GGUF loader undoes exactly this.
-    """
-    rows = weight.shape[0]
-    return weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
-
-
-def llama_tensors(model: Any) -> list[tuple[str, Any]]:
-    """``(llama.cpp name, fp32 numpy array)`` for every weight the model computes with."""
-    config, core = model.config, model.model
-    embed = core.embed_tokens.weight
-    tied = model.lm_head.weight.data_ptr() == embed.data_ptr()
-    tensors = [("token_embd.weight", embed)]
-    for i, layer in enumerate(core.layers):
-        attn, mlp = layer.self_attn, layer.mlp
-        tensors += [
-            (f"blk.{i}.attn_norm.weight", layer.input_layernorm.weight),
-            (f"blk.{i}.attn_q.weight", permute_for_rope(attn.q_proj.weight, config.num_attention_heads)),
-            (f"blk.{i}.attn_k.weight", permute_for_rope(attn.k_proj.weight, config.num_key_value_heads)),
-            (f"blk.{i}.attn_v.weight", attn.v_proj.weight),
-            (f"blk.{i}.attn_output.weight", attn.o_proj.weight),
-            (f"blk.{i}.ffn_norm.weight", layer.post_attention_layernorm.weight),
-            (f"blk.{i}.ffn_gate.weight", mlp.gate_proj.weight),
-            (f"blk.{i}.ffn_up.weight", mlp.up_proj.weight),
-            (f"blk.{i}.ffn_down.weight", mlp.down_proj.weight),
-        ]
-    tensors.append(("output_norm.weight", core.norm.weight))
-    if not tied:
-        tensors.append(("output.weight", model.lm_head.weight))
-    expected = sum(1 for _ in model.parameters())  # parameters() lists a tied weight once
-    if len(tensors) != expected:
-        raise LiandanError(f"model has {expected} weight tensors but a Llama export writes {len(tensors)}; "
-                           "it has layers the llama architecture does not know")  # fmt: skip
-    return [(name, t.detach().float().cpu().numpy()) for name, t in tensors]
-
-
-def encode_tensor(array: Any, quant: str) -> tuple[Any, Any]:
-    """``(data, ggml type)``: vectors (norms) stay f32, as llama.cpp keeps them; matrices become
-    f16 or Q8_0, and Q8_0 falls back to f16 for rows that are not a whole number of blocks."""
-    if array.ndim == 1:
-        return array.astype(np.float32), GGMLQuantizationType.F32
-    if quant == "q8_0" and array.shape[-1] % QK_BLOCK == 0:
-        return quants.quantize(array, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0
-    return array.astype(np.float16), GGMLQuantizationType.F16
-
-
-def write_gguf(model: Any, tokenizer: Any, vocab: dict, path: Path, quant: str) -> list[str]:
-    """Write the GGUF file; returns notes for the result (tensors that could not be quantized)."""
-    config = model.config
-    writer = GGUFWriter(str(path), arch="llama")
-    writer.add_name(Path(model.liandan_source.name).name)
-    writer.add_file_type(LlamaFileType.MOSTLY_Q8_0 if quant == "q8_0" else LlamaFileType.MOSTLY_F16)
-    writer.add_quantization_version(GGML_QUANT_VERSION)
-    writer.add_context_length(config.max_position_embeddings)
-    writer.add_embedding_length(config.hidden_size)
-    writer.add_block_count(config.num_hidden_layers)
-    writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim(config))  # transformers reads this back as head_dim
-    if head_dim(config) * config.num_attention_heads != config.hidden_size:
-        writer.add_key_length(head_dim(config))
-        writer.add_value_length(head_dim(config))
-    writer.add_rope_freq_base(rope_theta(config))
-    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_vocab_size(len(vocab["tokens"]))
-    add_tokenizer(writer, tokenizer, vocab)
-    fallback = []
-    for name, array in llama_tensors(model):
-        data, ggml_type = encode_tensor(array, quant)
-        if quant == "q8_0" and array.ndim == 2 and ggml_type != GGMLQuantizationType.Q8_0:
-            fallback.append(name)
-        writer.add_tensor(name, data, raw_dtype=ggml_type if ggml_type == GGMLQuantizationType.Q8_0 else None)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    if fallback:
-        names = ", ".join(fallback[:3]) + (", ..." if len(fallback) > 3 else "")
-        return [f"{len(fallback)} matrices kept in f16, their rows not being a multiple of {QK_BLOCK}: {names}"]
-    return []
-
-
-# ---------------------------------------------------------------------------------------------
-# Verification: read the file back with transformers and compare
-
-
-def verify_gguf(source: Any, tokenizer: Any, path: Path, tolerance: float, probes: list[str]) -> list[ProbeCheck]:
-    """Load ``path`` with transformers and compare it with ``source`` on each probe; raise
-    `LiandanError` (the caller then deletes the file) when it is not the same model."""
-    try:
-        exported, gguf_tokenizer = load_model(str(path), device="cpu", dtype="float32")
-    except LiandanError as exc:
-        raise LiandanError(f"export failed: transformers cannot read the written GGUF back ({exc})") from exc
-    try:
-        texts = [probe_text(tokenizer, p) for p in probes]
-        check_tokenizer(tokenizer, gguf_tokenizer, texts, probes)
-        stops = set(stop_token_ids(tokenizer, source.generation_config))
-        checks = [compare_probe(source, exported, tokenizer, p, t, stops) for p, t in zip(probes, texts)]
-    finally:
-        release_model(exported)
-    worst = max(checks, key=lambda c: c.max_logit_diff)
-    if worst.max_logit_diff > tolerance:
-        raise LiandanError(f"export failed verification: logits differ from the source by up to "
-                           f"{worst.max_logit_diff:.4f} (tolerance {tolerance}) on probe {worst.prompt!r}; "
-                           "nothing was written")  # fmt: skip
-    return checks
+# The source's side of every probe
 
 
 def probe_text(tokenizer: Any, prompt: str) -> str:
@@ -352,45 +243,17 @@ def probe_text(tokenizer: Any, prompt: str) -> str:
     return prompt
 
 
-def check_tokenizer(source: Any, exported: Any, texts: list[str], probes: list[str]) -> None:
-    if (source.chat_template or None) != (exported.chat_template or None):
-        raise LiandanError("export failed verification: the GGUF's chat template differs from the model's; "
-                           "nothing was written")  # fmt: skip
-    for name in ("bos_token_id", "eos_token_id"):
-        if getattr(source, name) != getattr(exported, name):
-            raise LiandanError(f"export failed verification: the GGUF tokenizer's {name} is {getattr(exported, name)}, "
-                               f"the model's is {getattr(source, name)}; nothing was written")  # fmt: skip
-    for prompt, text in zip(probes, texts):
-        for special in (False, True):
-            want = source(text, add_special_tokens=special)["input_ids"]
-            got = exported(text, add_special_tokens=special)["input_ids"]
-            if want != got:
-                at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
-                raise LiandanError(f"export failed verification: the GGUF tokenizer encodes probe {prompt!r} "
-                                   f"differently from token {at} on (add_special_tokens={special}); "
-                                   "nothing was written")  # fmt: skip
-
-
-def compare_probe(source: Any, exported: Any, tokenizer: Any, prompt: str, text: str, stops: set[int]) -> ProbeCheck:
-    """Logits of both models over the prompt and the source's greedy continuation (teacher-forced).
-
-    Up to the first token where the exported model's argmax differs, both models have seen the
-    same text, so the count of leading agreements is exactly how far their greedy outputs agree.
-    """
+def source_run(model: Any, tokenizer: Any, prompt: str, stops: set[int]) -> SourceRun:
+    """The source model on one probe: its greedy continuation and its logits over prompt + continuation."""
+    text = probe_text(tokenizer, prompt)
     # As liandan generates: a chat render holds its own special tokens, raw text gets them added.
-    ids = tokenizer(text, add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
-    continuation = greedy(source, ids, stops)
-    sequence = torch.tensor([ids + continuation])
+    special = not has_chat_template(tokenizer)
+    ids = tokenizer(text, add_special_tokens=special)["input_ids"]
+    continuation = greedy(model, ids, stops)
     with torch.inference_mode():
-        want = source(input_ids=sequence).logits[0].float()  # (T, V)
-        got = exported(input_ids=sequence).logits[0].float()
-    start = len(ids) - 1  # logits at position p predict token p + 1
-    # Both sides' picks come from the same full-sequence pass, so they are computed alike.
-    want_picks = want[start : start + len(continuation)].argmax(-1).tolist()
-    got_picks = got[start : start + len(continuation)].argmax(-1).tolist()
-    matched = next((i for i, (a, b) in enumerate(zip(got_picks, want_picks)) if a != b), len(continuation))
-    return ProbeCheck(prompt=prompt, max_logit_diff=float((want - got).abs().max()),
-                      greedy_tokens=len(continuation), greedy_matched=matched)  # fmt: skip
+        logits = model(input_ids=torch.tensor([ids + continuation])).logits[0].float()  # (T, V)
+    return SourceRun(prompt=prompt, text=text, ids=ids, continuation=continuation, logits=logits.numpy(),
+                     add_special_tokens=special)  # fmt: skip
 
 
 def greedy(model: Any, ids: list[int], stops: set[int], max_new_tokens: int = GREEDY_TOKENS) -> list[int]:
@@ -406,3 +269,119 @@ def greedy(model: Any, ids: list[int], stops: set[int], max_new_tokens: int = GR
                 break
             step = torch.tensor([[out[-1]]])
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification 1: read the file back with transformers and compare
+
+
+def load_as_llama_cpp(path: Path, family: Family) -> tuple[Any, Any]:
+    """The GGUF as a transformers model, its config completed the way llama.cpp reads the metadata
+    (transformers' GGUF loader skips soft-caps, sliding layers, Gemma's query scale, ...)."""
+    where, name = str(path.parent), path.name
+    fields = {key: value.contents() for key, value in GGUFReader(path).fields.items()}
+    try:
+        config = AutoConfig.from_pretrained(where, gguf_file=name)
+        for key, value in llama_cpp_settings(fields, family).items():
+            setattr(config, key, value)
+        model = AutoModelForCausalLM.from_pretrained(where, gguf_file=name, config=config, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(where, gguf_file=name)
+    except Exception as exc:  # transformers raises many types for a file it cannot read; one line for the user
+        first = str(exc).strip().splitlines()
+        raise LiandanError(f"export failed: transformers cannot read the written GGUF back "
+                           f"({first[0] if first else type(exc).__name__}); nothing was written") from exc  # fmt: skip
+    drop_quantizer(model)
+    model.eval()
+    return model, tokenizer
+
+
+def verify_gguf(runs: list[SourceRun], tokenizer: Any, path: Path, family: Family, tolerance: float) -> list[ProbeCheck]:
+    """Load ``path`` with transformers and compare it with the source's ``runs``; raise `LiandanError`
+    (the caller then deletes the file) when it is not the same model."""
+    exported, gguf_tokenizer = load_as_llama_cpp(path, family)
+    try:
+        check_tokenizer(tokenizer, gguf_tokenizer, runs)
+        checks = [compare_probe(exported, run) for run in runs]
+    finally:
+        release_model(exported)
+    worst = max(checks, key=lambda c: c.max_logit_diff)
+    if worst.max_logit_diff > tolerance:
+        raise LiandanError(f"export failed verification: logits differ from the source by up to "
+                           f"{worst.max_logit_diff:.4f} (tolerance {tolerance}) on probe {worst.prompt!r}; "
+                           "nothing was written")  # fmt: skip
+    return checks
+
+
+def check_tokenizer(source: Any, exported: Any, runs: list[SourceRun]) -> None:
+    if (source.chat_template or None) != (exported.chat_template or None):
+        raise LiandanError("export failed verification: the GGUF's chat template differs from the model's; "
+                           "nothing was written")  # fmt: skip
+    for name in ("bos_token_id", "eos_token_id"):
+        if getattr(source, name) != getattr(exported, name):
+            raise LiandanError(f"export failed verification: the GGUF tokenizer's {name} is {getattr(exported, name)}, "
+                               f"the model's is {getattr(source, name)}; nothing was written")  # fmt: skip
+    for run in runs:
+        for special in (False, True):
+            want = source(run.text, add_special_tokens=special)["input_ids"]
+            got = exported(run.text, add_special_tokens=special)["input_ids"]
+            if want != got:
+                at = next((i for i, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
+                raise LiandanError(f"export failed verification: the GGUF tokenizer encodes probe {run.prompt!r} "
+                                   f"differently from token {at} on (add_special_tokens={special}); "
+                                   "nothing was written")  # fmt: skip
+
+
+def compare_probe(exported: Any, run: SourceRun) -> ProbeCheck:
+    """The exported model's logits over the prompt and the source's greedy continuation (teacher-forced).
+
+    Up to the first token where the exported model's argmax differs, both models have seen the
+    same text, so the count of leading agreements is exactly how far their greedy outputs agree.
+    """
+    with torch.inference_mode():
+        got = exported(input_ids=torch.tensor([run.ids + run.continuation])).logits[0].float()  # (T, V)
+    want = torch.from_numpy(run.logits)
+    start, n = len(run.ids) - 1, len(run.continuation)  # logits at position p predict token p + 1
+    # Both sides' picks come from a full-sequence pass, so they are computed alike.
+    want_picks, got_picks = want[start : start + n].argmax(-1).tolist(), got[start : start + n].argmax(-1).tolist()
+    matched = next((i for i, (a, b) in enumerate(zip(got_picks, want_picks)) if a != b), n)
+    return ProbeCheck(prompt=run.prompt, max_logit_diff=float((want - got).abs().max()), greedy_tokens=n,
+                      greedy_matched=matched)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification 2: llama.cpp's verdict
+
+
+def check_runtime(runtime: RuntimeCheck, quant: str, tolerance: float) -> list[str]:
+    """Fail an f16 export that llama.cpp runs differently from the source; notes for the rest.
+
+    f16 is held to the source's greedy picks, in llama.cpp's own greedy run and at every position
+    of the teacher-forced one, with one exception: a near tie, where the source's two candidates are
+    closer than llama.cpp's rounding moves them (its logits there within ``tolerance``). Tiny and
+    real models alike have such positions, and no file can reproduce them exactly.
+    """
+    notes = []
+    if quant == "f16":
+        for p in runtime.probes:
+            if not p.near_tie(tolerance):
+                where = f"from token {p.greedy_equal} on" if not p.exact else "at a teacher-forced position"
+                raise LiandanError(f"export failed verification in llama.cpp: its greedy output differs from the "
+                                   f"source's on probe {p.prompt!r} {where} (logit difference up to "
+                                   f"{max(p.flip_diff, p.parting_diff or 0.0):.4f} where they part, tolerance "
+                                   f"{tolerance}); nothing was written")  # fmt: skip
+            if not p.exact:
+                notes.append(f"llama.cpp's greedy output parts from the source's at a near tie, token {p.greedy_equal} "
+                             f"of probe {p.prompt!r}: the source's two candidates are {p.parting_margin:.4f} apart and "
+                             f"llama.cpp's logits differ by up to {p.parting_diff:.4f} there")  # fmt: skip
+    elif not runtime.exact:
+        parted = sum(not p.exact for p in runtime.probes)
+        equal, total = runtime.greedy_equal
+        notes.append(f"{quant} changes this model's greedy output in llama.cpp on {parted} of "
+                     f"{len(runtime.probes)} probes ({equal}/{total} tokens equal before the first difference, "
+                     f"top-1 agreement {runtime.top1_agreement:.1%}): this model does not survive {quant} "
+                     "unchanged; use f16 if that matters")  # fmt: skip
+    for p in runtime.probes:
+        if not p.tokens_match:
+            notes.append(f"llama.cpp's own tokenizer encodes probe {p.prompt!r} differently from the model's "
+                         "tokenizer: text typed into llama.cpp or Ollama may reach the model as other tokens")  # fmt: skip
+    return notes

@@ -22,6 +22,8 @@ _LLAMA3_SPLIT = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # Qwen 2 and 3: digits one by one
+SPLITS = {_LLAMA3_SPLIT: "llama-bpe", _QWEN2_SPLIT: "qwen2"}
 
 
 def pre_tokenizer_name(pre: dict | None) -> str | None:
@@ -33,15 +35,16 @@ def pre_tokenizer_name(pre: dict | None) -> str | None:
     steps = pre.get("pretokenizers") or []
     if pre.get("type") == "Sequence" and len(steps) == 2:
         split, byte_level = steps
-        if (split.get("type") == "Split" and split.get("pattern", {}).get("Regex") == _LLAMA3_SPLIT
+        if (split.get("type") == "Split" and split.get("pattern", {}).get("Regex") in SPLITS
                 and byte_level.get("type") == "ByteLevel" and not byte_level.get("use_regex", True)):  # fmt: skip
-            return "llama-bpe"
+            return SPLITS[split["pattern"]["Regex"]]
     return None
 
 
 def gguf_vocab(tokenizer: Any, n_vocab: int, spec: str) -> dict:
     """The tokenizer as llama.cpp stores it: tokens (one per embedding row), token types, merges,
-    the pre-tokenizer name and whether BOS/EOS are added. Raises for tokenizers it cannot hold."""
+    the pre-tokenizer name, whether BOS/EOS are added, and notes on what llama.cpp does not
+    reproduce exactly. Raises for tokenizers it cannot hold."""
     from gguf import TokenType
 
     if not getattr(tokenizer, "is_fast", False):
@@ -51,13 +54,18 @@ def gguf_vocab(tokenizer: Any, n_vocab: int, spec: str) -> dict:
     if kind != "BPE" or (backend.get("decoder") or {}).get("type") != "ByteLevel":
         raise LiandanError(f"model '{spec}': tokenizer model is {kind} without a byte-level decoder; GGUF export "
                            "supports byte-level BPE tokenizers (GPT-2 style) only")  # fmt: skip
-    if backend.get("normalizer"):
-        raise LiandanError(f"model '{spec}': the tokenizer has a normalizer ({backend['normalizer'].get('type')}), "
+    normalizer = (backend.get("normalizer") or {}).get("type")
+    notes = []
+    if normalizer == "NFC":  # Qwen's: llama.cpp's converter drops it too, and most text is NFC already
+        notes.append("the tokenizer normalizes text to Unicode NFC and llama.cpp does not: text that is not "
+                     "already NFC (decomposed accents) reaches the GGUF model as other tokens")  # fmt: skip
+    elif normalizer:
+        raise LiandanError(f"model '{spec}': the tokenizer has a normalizer ({normalizer}), "
                            "which llama.cpp's byte-level BPE does not apply")  # fmt: skip
     pre = pre_tokenizer_name(backend.get("pre_tokenizer"))
     if pre is None:
         raise LiandanError(f"model '{spec}': tokenizer pre_tokenizer {json.dumps(backend.get('pre_tokenizer'))[:120]} "
-                           "is not one GGUF export knows (GPT-2 byte-level, or Llama 3's split)")  # fmt: skip
+                           "is not one GGUF export knows (GPT-2 byte-level, Llama 3's or Qwen 2's split)")  # fmt: skip
     tokens: dict[int, str] = {index: token for token, index in backend["model"]["vocab"].items()}
     types = {index: TokenType.NORMAL for index in tokens}
     for added in backend.get("added_tokens", []):
@@ -79,6 +87,7 @@ def gguf_vocab(tokenizer: Any, n_vocab: int, spec: str) -> dict:
         "pre": pre,
         "add_bos": len(with_special) > len(plain) and with_special[0] == tokenizer.bos_token_id,
         "add_eos": len(with_special) > len(plain) and with_special[-1] == tokenizer.eos_token_id,
+        "notes": notes,
     }
 
 

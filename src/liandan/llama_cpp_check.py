@@ -141,7 +141,9 @@ def run_llama_cpp(path: Path, runs: list[SourceRun], stops: set[int], max_new_to
         for i, run in enumerate(runs):
             np.save(folder / f"logits-{i}.npy", np.asarray(run.logits, dtype=np.float32))
         child = [sys.executable, "-m", "liandan.llama_cpp_check", str(folder)]
-        done = subprocess.run(child, capture_output=True, text=True, check=False)
+        here = str(Path(__file__).resolve().parent.parent)  # this liandan, installed or not
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)}
+        done = subprocess.run(child, capture_output=True, text=True, check=False, env=env)
         answer = folder / "result.json"
         if done.returncode != 0 or not answer.is_file():
             tail = " | ".join(line for line in done.stderr.strip().splitlines()[-3:])

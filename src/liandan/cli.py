@@ -410,8 +410,8 @@ def export(
     quant: Annotated[str, typer.Option("--quant", help="f16 or q8_0.")] = "f16",
     force: Annotated[bool, typer.Option("--force", help="Overwrite OUT and its Modelfile.")] = False,
 ) -> None:
-    """Export a Llama-architecture model to GGUF with its tokenizer and chat template, verified
-    by reloading it and comparing logits on probe prompts."""
+    """Export to GGUF (Llama, Qwen2/3, Qwen3-MoE, Mistral, Gemma 2/3, Phi-3) with its tokenizer and
+    chat template, verified on probe prompts in llama.cpp (when installed) and transformers."""
     with user_errors():
         from .export import export as export_model
 

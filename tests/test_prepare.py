@@ -261,6 +261,31 @@ def test_lora_on_a_base_model_given_chatml_trains_the_added_rows(tmp_path, bare_
     assert [t for t in item["labels"] if t != IGNORE_INDEX] == tok("Hello there.", add_special_tokens=False).input_ids + [401]
 
 
+def test_lora_on_a_tied_base_model_trains_one_set_of_new_rows_that_the_head_shares(tmp_path):
+    """Tied embeddings (Gemma, small Qwen and Llama models): the new rows are trained once, in the
+    embeddings, and the output head reads the same rows."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from conftest import build_tokenizer
+
+    tok = build_tokenizer(None, "<|endoftext|>", special=["<|endoftext|>"], bos="<|endoftext|>")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True, pad_token_id=tok.pad_token_id)  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    data = write_jsonl(tmp_path / "d.jsonl", [chat_row("hi", "Hello there.")])
+    out = tmp_path / "run"
+    run = prepare_sft(sft(tmp_path / "base", [data], out, lora={"rank": 4}), out, main_process=True, resume=False)
+    rows = [n for n in trainable(run.model) if "lora_" not in n]
+    assert rows == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"]
+    with torch.no_grad():
+        dict(run.model.named_parameters())[rows[0]].add_(1.0)  # as training would move them
+        embedded = run.model.get_input_embeddings()(torch.tensor([400, 401]))  # (2, H)
+        head_rows = run.model.get_output_embeddings()(torch.eye(32)).t()[400:]  # (2, H)
+    torch.testing.assert_close(head_rows, embedded)
+
+
 def test_base_model_with_the_chatml_tokens_gets_a_template_and_no_new_rows(tmp_path, base_model_dir):
     data = write_jsonl(tmp_path / "d.jsonl", [chat_row("hi", "Hello there.")])
     out = tmp_path / "run"

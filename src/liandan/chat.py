@@ -34,6 +34,11 @@ CHATML_TEMPLATE = (
 # Content unlikely to be changed by any template (no spaces to strip, no markup).
 _SENTINEL = "Liandan7Sentinel3Reply"
 
+SPECIAL_TEXT_MODES = ("error", "plain")
+"""What to do with special-token text (``<|im_start|>``) inside a message's content: ``error``
+refuses it (it would become a real control token and let the data forge turns); ``plain``
+encodes it as the ordinary characters it is."""
+
 
 def has_chat_template(tokenizer: Any) -> bool:
     return bool(getattr(tokenizer, "chat_template", None))
@@ -135,16 +140,24 @@ class EncodedChat:
     """Whether every trained reply still ends in its trained stop token (false when truncation cut one off)."""
 
 
-def encode_chat(tokenizer: Any, messages: list[dict], max_length: int | None = None) -> dict[str, list[int]]:
+def encode_chat(
+    tokenizer: Any, messages: list[dict], max_length: int | None = None, special_text: str = "error"
+) -> dict[str, list[int]]:
     """``{"input_ids", "labels"}`` for supervised fine-tuning; see `encode_chat_example`."""
-    encoded = encode_chat_example(tokenizer, messages, max_length)
+    encoded = encode_chat_example(tokenizer, messages, max_length, special_text)
     return {"input_ids": encoded.input_ids, "labels": encoded.labels}
 
 
-def encode_chat_example(tokenizer: Any, messages: list[dict], max_length: int | None = None) -> EncodedChat:
+def encode_chat_example(
+    tokenizer: Any, messages: list[dict], max_length: int | None = None, special_text: str = "error"
+) -> EncodedChat:
     """Tokenize a conversation with the tokenizer's chat template and mask everything but the
     trained assistant replies and their stop tokens. An assistant message with ``"train": False``
-    is kept as context but not trained. ``max_length`` keeps the first that many tokens."""
+    is kept as context but not trained. ``max_length`` keeps the first that many tokens.
+
+    Special-token text in a message's content raises (``special_text="error"``) or is encoded as
+    plain characters (``"plain"``); it never becomes a control token. A message the template does
+    not render (a dropped system or tool turn) raises."""
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
         raise LiandanError(f"max_length: expected a positive integer or None, got {max_length!r}")
     if not has_chat_template(tokenizer):
@@ -152,11 +165,15 @@ def encode_chat_example(tokenizer: Any, messages: list[dict], max_length: int | 
             "the tokenizer has no chat template; call liandan.chat.ensure_chat_template(tokenizer, model) first"
         )
     clean, trained = _check_messages(messages)
+    specials = special_texts(tokenizer)
+    _check_special_text(clean, specials, special_text)
     full = _render(tokenizer, clean)
     if _render(tokenizer, clean) != full:
         raise _no_mask("rendering the same conversation twice gave different text")
-    spans = _reply_spans(tokenizer, clean, trained, full)
-    input_ids, offsets = _tokenize_with_offsets(tokenizer, full)
+    _check_rendered(tokenizer, clean)
+    spans = _reply_spans(tokenizer, clean, trained, full, plain=special_text == "plain")
+    plain = _plain_ranges(tokenizer, clean, full, specials) if special_text == "plain" else []
+    input_ids, offsets = _tokenize_with_offsets(tokenizer, full, plain)
     labels = [IGNORE_INDEX] * len(input_ids)
     stop_ids, stops, begin = set(stop_token_ids(tokenizer)), [], 0
     for index, (start, end) in zip(trained, spans):
@@ -199,9 +216,94 @@ def _check_messages(messages: Any) -> tuple[list[dict], list[int]]:
     return clean, trained
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False) -> str:
+def _check_special_text(clean: list[dict], specials: set[str], special_text: str) -> None:
+    if special_text not in SPECIAL_TEXT_MODES:
+        raise LiandanError(f"special_text {special_text!r}: expected one of {', '.join(SPECIAL_TEXT_MODES)}")
+    if special_text == "plain":
+        return
+    for i, message in enumerate(clean):
+        found = sorted(s for s in specials if s and s in message["content"])
+        if found:
+            raise LiandanError(
+                f"messages[{i}]: field 'content': contains the special token {found[0]!r} as text, which would "
+                "become a control token; remove it, or set special_text: plain to encode it as plain text"
+            )
+
+
+def _check_rendered(tokenizer: Any, clean: list[dict], generation_prompt: bool = False, template: str | None = None) -> None:
+    """Every message must appear in the render: a template that silently drops a system or tool
+    turn would train (or answer) on a different conversation than the data holds."""
+    marks = [f"{_SENTINEL}{n}Z" for n in range(len(clean))]
+    marked = [{**message, "content": mark} for message, mark in zip(clean, marks)]
+    rendered = _render(tokenizer, marked, generation_prompt, template)
+    for i, (message, mark) in enumerate(zip(clean, marks)):
+        if mark not in rendered:
+            raise LiandanError(
+                f"messages[{i}]: the chat template does not render this {message['role']!r} message, so it would "
+                "be dropped silently; remove it or use a template that supports it"
+            )
+
+
+def _plain_ranges(
+    tokenizer: Any, clean: list[dict], full: str, specials: set[str], generation_prompt: bool = False,
+    template: str | None = None,
+) -> list[tuple[int, int]]:
+    """The character ranges of the full render that are special-token text inside a message's
+    content, to be tokenized as plain characters. The template text around those messages must
+    match the render exactly, or the content cannot be told from the template's own tokens."""
+    dirty = [i for i, m in enumerate(clean) if any(s and s in m["content"] for s in specials)]
+    if not dirty:
+        return []
+    marks = [f"{_SENTINEL}{n}Z" for n in range(len(dirty))]
+    marked = [dict(message) for message in clean]
+    for mark, index in zip(marks, dirty):
+        marked[index]["content"] = mark
+    pieces = _split_at_marks(_render(tokenizer, marked, generation_prompt, template), marks, dirty)
+    ranges, at = [], 0
+    for piece, index in zip(pieces, dirty):
+        content = clean[index]["content"]
+        start = at + len(piece)
+        shown = next((c for c in (content, content.strip()) if full.startswith(piece, at) and full.startswith(c, start)), None)
+        if shown is None:
+            raise LiandanError(
+                f"messages[{index}]: field 'content': holds special-token text, and the chat template changes this "
+                "message, so its text cannot be encoded as plain text safely"
+            )
+        for special in specials:
+            found = shown.find(special) if special else -1
+            while found >= 0:
+                ranges.append((start + found, start + found + len(special)))
+                found = shown.find(special, found + 1)
+        at = start + len(shown)
+    if full[at:] != pieces[-1]:
+        raise LiandanError(f"messages[{dirty[-1]}]: the template text after this message does not match the render")
+    merged: list[tuple[int, int]] = []
+    for start, end in sorted(ranges):  # overlapping special texts (<s> inside <s>x) become one range
+        if merged and start < merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(end, merged[-1][1]))
+        else:
+            merged.append((start, end))
+    return merged
+
+
+def encode_generation_prompt(tokenizer: Any, messages: list[dict]) -> list[int]:
+    """The conversation plus the assistant header as token ids, for generation (chat, serve):
+    the model's template (ChatML when it has none), and special-token text that a user typed in a
+    message encoded as the plain characters it is, so no one can forge a turn or a stop. Raises
+    when the template drops a message."""
+    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    template = None if has_chat_template(tokenizer) else CHATML_TEMPLATE
+    text = _render(tokenizer, clean, True, template)
+    _check_rendered(tokenizer, clean, True, template)
+    plain = _plain_ranges(tokenizer, clean, text, special_texts(tokenizer), True, template)
+    return _tokenize_segments(tokenizer, text, plain)[0]
+
+
+def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False, template: str | None = None) -> str:
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+        return tokenizer.apply_chat_template(
+            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+        )
     except Exception as exc:  # templates reject conversations with raise_exception(); say so on one line
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise LiandanError(f"the chat template rejected this conversation: {reason}") from exc
@@ -211,7 +313,9 @@ def _no_mask(reason: str) -> LiandanError:
     return LiandanError(f"cannot derive a correct assistant-only loss mask for this chat template: {reason}")
 
 
-def _reply_spans(tokenizer: Any, clean: list[dict], trained: list[int], full: str) -> list[tuple[int, int]]:
+def _reply_spans(
+    tokenizer: Any, clean: list[dict], trained: list[int], full: str, plain: bool = False
+) -> list[tuple[int, int]]:
     """The character span of each trained reply's text in the full render."""
     if not trained:
         return []
@@ -224,17 +328,17 @@ def _reply_spans(tokenizer: Any, clean: list[dict], trained: list[int], full: st
     for mark, index in zip(marks, trained):
         marked[index]["content"] = mark
     pieces = _split_at_marks(_render(tokenizer, marked), marks, trained)
-    specials = _special_texts(tokenizer)
+    specials = special_texts(tokenizer)
     spans, at = [], 0
     for n, index in enumerate(trained):
         piece_start, reply_start = _find_piece(tokenizer, clean, index, full, at, pieces[n], anchored=n == 0)
         if n > 0:
-            spans.append(_checked_span(full, (at, piece_start), clean, trained[n - 1], specials))
+            spans.append(_checked_span(full, (at, piece_start), clean, trained[n - 1], specials, plain))
         at = reply_start
     tail = pieces[-1]
     if not full.endswith(tail) or len(full) - len(tail) < at:
         raise _no_mask(f"the template text after messages[{trained[-1]}] does not end the full render")
-    spans.append(_checked_span(full, (at, len(full) - len(tail)), clean, trained[-1], specials))
+    spans.append(_checked_span(full, (at, len(full) - len(tail)), clean, trained[-1], specials, plain))
     return spans
 
 
@@ -289,7 +393,7 @@ def _generation_prompt(tokenizer: Any, before: list[dict]) -> str:
     return prompted[len(plain) :] if prompted.startswith(plain) else ""
 
 
-def _special_texts(tokenizer: Any) -> set[str]:
+def special_texts(tokenizer: Any) -> set[str]:
     """Every special token's text, including special added tokens the tokenizer does not list by
     role (Llama 3's header tokens, for example)."""
     added = getattr(tokenizer, "added_tokens_decoder", {}) or {}
@@ -297,10 +401,13 @@ def _special_texts(tokenizer: Any) -> set[str]:
 
 
 def _checked_span(
-    full: str, span: tuple[int, int], clean: list[dict], index: int, specials: set[str]
+    full: str, span: tuple[int, int], clean: list[dict], index: int, specials: set[str], plain: bool = False
 ) -> tuple[int, int]:
-    """The span, once sure it holds only the reply: no special token, and not emptied."""
+    """The span, once sure it holds only the reply: no special token, and not emptied. With
+    ``plain``, special-token text that is the reply's own content is allowed (it is encoded as text)."""
     text, content = full[span[0] : span[1]], clean[index]["content"]
+    if plain and text.strip() and text.strip() in content:
+        return span
     leaked = sorted(s for s in specials if s and s in text)
     in_data = [s for s in leaked if s in content]
     if in_data:
@@ -312,13 +419,40 @@ def _checked_span(
     return span
 
 
-def _tokenize_with_offsets(tokenizer: Any, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+def _tokenize_with_offsets(
+    tokenizer: Any, text: str, plain: list[tuple[int, int]] = ()
+) -> tuple[list[int], list[tuple[int, int]]]:
     if not getattr(tokenizer, "is_fast", False):
         raise LiandanError(
             "assistant-only masks need a fast tokenizer (one with character offsets); load it with use_fast=True"
         )
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    return list(encoded["input_ids"]), [tuple(offset) for offset in encoded["offset_mapping"]]
+    return _tokenize_segments(tokenizer, text, plain)
+
+
+def _tokenize_segments(
+    tokenizer: Any, text: str, plain: list[tuple[int, int]] = ()
+) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of ``text``; the ``plain`` ranges (special-token text from
+    message content) are tokenized as ordinary characters. Without them this is exactly
+    ``tokenizer(text)``; with them, the text between is tokenized as the tokenizer itself would,
+    since it splits at special tokens first."""
+    if not plain:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return list(encoded["input_ids"]), [tuple(offset) for offset in encoded["offset_mapping"]]
+    ids: list[int] = []
+    offsets: list[tuple[int, int]] = []
+    at = 0
+    for start, end in [*plain, (len(text), len(text))]:
+        for begin, stop, split in ((at, start, False), (start, end, True)):
+            if stop <= begin:
+                continue
+            encoded = tokenizer(
+                text[begin:stop], add_special_tokens=False, return_offsets_mapping=True, split_special_tokens=split
+            )
+            ids += encoded["input_ids"]
+            offsets += [(a + begin, b + begin) for a, b in encoded["offset_mapping"]]
+        at = end
+    return ids, offsets
 
 
 def _trained_tokens(
@@ -369,7 +503,7 @@ def ensure_chat_template(tokenizer: Any, model: Any = None) -> bool:
     changed = False
     if not has_chat_template(tokenizer):
         tokenizer.chat_template = CHATML_TEMPLATE
-        special = _special_texts(tokenizer)
+        special = special_texts(tokenizer)
         missing = [token for token in ("<|im_start|>", "<|im_end|>") if token not in special]
         if missing:
             tokenizer.add_special_tokens({"additional_special_tokens": missing}, replace_extra_special_tokens=False)

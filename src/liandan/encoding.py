@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .chat import encode_chat_example
+from .chat import SPECIAL_TEXT_MODES, encode_chat_example, special_texts
 from .data import Example
 from .errors import LiandanError
 from .preference import PreferencePair
@@ -24,13 +24,16 @@ def pad_id(tokenizer: Any) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
-def encode_all(tokenizer: Any, examples: list[Example], max_length: int) -> tuple[list[dict], dict]:
-    """Encode every example; examples with nothing to train are reported and dropped."""
+def encode_all(
+    tokenizer: Any, examples: list[Example], max_length: int, special_text: str = "error"
+) -> tuple[list[dict], dict]:
+    """Encode every example; examples with nothing to train are reported and dropped.
+    ``special_text``: see `liandan.chat.SPECIAL_TEXT_MODES`."""
     encoded, stats = [], {"examples": 0, "tokens": 0, "trained_tokens": 0, "truncated": 0,
                           "no_trained_tokens": [], "stop_cut_off": 0}  # fmt: skip
     for example in examples:
         try:
-            item = encode_chat_example(tokenizer, example.messages, max_length)
+            item = encode_chat_example(tokenizer, example.messages, max_length, special_text)
         except LiandanError as exc:
             raise LiandanError(f"{example.source}: {exc}") from None
         stats["truncated"] += item.truncated
@@ -45,14 +48,15 @@ def encode_all(tokenizer: Any, examples: list[Example], max_length: int) -> tupl
     return encoded, stats
 
 
-def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int) -> dict:
+def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int, special_text: str = "error") -> dict:
     """Both replies after the same prompt; only the reply and its stop token are scored (earlier
     assistant turns of the prompt are context)."""
     context = [{**m, "train": False} if m["role"] == "assistant" else m for m in pair.prompt]
     item: dict = {}
     for side in ("chosen", "rejected"):
         try:
-            enc = encode_chat_example(tokenizer, [*context, {"role": "assistant", "content": getattr(pair, side)}], max_length)
+            messages = [*context, {"role": "assistant", "content": getattr(pair, side)}]
+            enc = encode_chat_example(tokenizer, messages, max_length, special_text)
         except LiandanError as exc:
             raise LiandanError(f"{pair.source}: {exc}") from None
         if enc.trained_tokens == 0:
@@ -63,14 +67,27 @@ def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int) -> dict:
     return item
 
 
-def text_blocks(tokenizer: Any, documents: list[tuple[str, str]], block: int) -> tuple[list[dict], int]:
+def text_blocks(
+    tokenizer: Any, documents: list[tuple[str, str]], block: int, special_text: str = "error"
+) -> tuple[list[dict], int]:
     """Documents tokenized, joined with EOS between them and cut into blocks of ``block`` tokens
     (every token trained). The tail shorter than a block is kept when it has at least 16 tokens.
-    Returns the blocks and the total token count."""
+    Returns the blocks and the total token count. Special-token text in a document raises, or with
+    ``special_text="plain"`` is tokenized as plain characters; it never becomes a control token."""
+    if special_text not in SPECIAL_TEXT_MODES:
+        raise LiandanError(f"special_text {special_text!r}: expected one of {', '.join(SPECIAL_TEXT_MODES)}")
+    specials = sorted(s for s in special_texts(tokenizer) if s)
     eos = tokenizer.eos_token_id
     ids: list[int] = []
-    for _, text in documents:
-        ids += tokenizer(text, add_special_tokens=False).input_ids + ([eos] if eos is not None else [])
+    for source, text in documents:
+        found = [s for s in specials if s in text]
+        if found and special_text == "error":
+            raise LiandanError(
+                f"{source}: field 'text': contains the special token {found[0]!r} as text, which would become a "
+                "control token; remove it, or set special_text: plain to encode it as plain text"
+            )
+        tokens = tokenizer(text, add_special_tokens=False, split_special_tokens=bool(found)).input_ids
+        ids += tokens + ([eos] if eos is not None else [])
     blocks = [ids[i : i + block] for i in range(0, len(ids), block)]
     if blocks and len(blocks[-1]) < min(16, block):
         blocks.pop()

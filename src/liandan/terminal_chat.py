@@ -46,7 +46,7 @@ import torch
 from rich.console import Console
 from rich.text import Text
 
-from .chat import chat_stop_ids, has_chat_template, render_chat
+from .chat import chat_stop_ids, encode_generation_prompt, has_chat_template
 from .errors import LiandanError
 from .files import write_atomic
 from .generation import SamplingConfig, generation_config, streamable_length
@@ -216,9 +216,9 @@ def ending_note(reply: Reply, max_new_tokens: int) -> str:
 
 def encode_prompt(tokenizer: Any, messages: list[dict]) -> list[int]:
     """The conversation plus the assistant header, as token ids. The render already holds the
-    template's special tokens (BOS included), so none are added."""
-    plain = [{"role": m["role"], "content": m["content"]} for m in messages]  # no "train" keys
-    return tokenizer(render_chat(tokenizer, plain), add_special_tokens=False)["input_ids"]
+    template's special tokens (BOS included), so none are added; special-token text typed in a
+    message stays plain text (`liandan.chat.encode_generation_prompt`)."""
+    return encode_generation_prompt(tokenizer, messages)
 
 
 def stream_reply(model, tokenizer, prompt_ids: list[int], sampling: SamplingConfig, stops: list[int],
@@ -308,7 +308,7 @@ def run_chat(
             import readline  # noqa: F401  (line editing and history for input())
         except ImportError:
             pass
-        read_line = lambda prompt: console.input(Text(prompt, style="bold cyan"))  # noqa: E731
+        read_line = lambda prompt: console.input(Text(prompt, style="bold cyan"))
     # A plain line, not a spinner: the default model's first-time conversion prints its own progress.
     console.print(f"loading {spec}...", style="dim", highlight=False)
     model, tokenizer = load_model(spec, device=device, dtype=dtype,

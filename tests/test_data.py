@@ -479,3 +479,12 @@ def test_result_type(tmp_path):
     result = read_examples(path, purpose="text")
     assert isinstance(result, DataResult)
     assert result == DataResult(examples=[Example(text="T", source=f"{path}:1")], format="text", files=[str(path)])
+
+
+def test_openai_weight_zero_is_train_false(tmp_path):
+    turns = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hey.", "weight": 0},
+             {"role": "user", "content": "Bye"}, {"role": "assistant", "content": "Bye.", "weight": 1}]  # fmt: skip
+    path = write_jsonl(tmp_path / "weights.jsonl", [{"messages": turns}])
+    messages = read_examples(path).examples[0].messages
+    assert messages[1] == {"role": "assistant", "content": "Hey.", "train": False}
+    assert messages[3] == {"role": "assistant", "content": "Bye."}

@@ -203,10 +203,42 @@ def read_records(path: str) -> Iterator[tuple[str, object]]:
 
 
 def read_text(path: str) -> str:
+    """The file's text; a UTF-8 byte-order mark is dropped, anything not UTF-8 is a one-line error
+    naming the line."""
+    data = Path(path).read_bytes()
     try:
-        return Path(path).read_text(encoding="utf-8-sig")  # -sig: tolerate a byte-order mark
+        return data.decode("utf-8-sig")  # -sig: tolerate a byte-order mark
     except UnicodeDecodeError as exc:
-        raise LiandanError(f"{path}: not UTF-8 text: {exc}") from None
+        line = data[: exc.start].count(b"\n") + 1
+        hint = "; it looks like UTF-16, save it as UTF-8" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else ""
+        raise LiandanError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x}){hint}") from None
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    record = {}
+    for key, value in pairs:
+        if key in record:
+            raise _DuplicateKey(key)
+        record[key] = value
+    return record
+
+
+def parse_json(text: str) -> object:
+    """``json.loads`` that refuses what would silently mean something else: a key given twice in
+    one object (JSON keeps the last one) and nesting too deep to read (a RecursionError).
+    Raises ValueError with a one-line reason."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as exc:
+        raise ValueError(f"duplicate key {str(exc)!r} in one object (JSON would keep only the last)") from None
+    except RecursionError:
+        raise ValueError("nested too deeply to read") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from None
 
 
 def jsonl_records(path: str) -> Iterator[tuple[str, object]]:
@@ -216,9 +248,9 @@ def jsonl_records(path: str) -> Iterator[tuple[str, object]]:
             continue
         where = f"{path}:{number}"
         try:
-            yield where, json.loads(line)
-        except json.JSONDecodeError as exc:
-            yield where, RecordError(where, f"not valid JSON: {exc.msg} (column {exc.colno})")
+            yield where, parse_json(line)
+        except ValueError as exc:
+            yield where, RecordError(where, str(exc).replace(" (line 1 column", " (column"))
 
 
 def json_records(path: str) -> Iterator[tuple[str, object]]:
@@ -226,9 +258,9 @@ def json_records(path: str) -> Iterator[tuple[str, object]]:
     if not text.strip():
         return
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise LiandanError(f"{path}: not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from None
+        data = parse_json(text)
+    except ValueError as exc:
+        raise LiandanError(f"{path}: {exc}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -261,9 +293,9 @@ def csv_record(row: dict, width: int, where: str) -> object:
         cell = row.get(key)
         if isinstance(cell, str) and cell.lstrip().startswith("["):
             try:
-                row[key] = json.loads(cell)
-            except json.JSONDecodeError as exc:
-                return RecordError(where, f"field '{key}': not valid JSON: {exc.msg} (column {exc.colno})")
+                row[key] = parse_json(cell)
+            except ValueError as exc:
+                return RecordError(where, f"field '{key}': {str(exc).replace(' (line 1 column', ' (column')}")
     return {k: v for k, v in row.items() if not (k in ("input", "system") and v == "")}
 
 
@@ -379,10 +411,25 @@ def read_turns(value: object, name: str, role_key: str, content_key: str, roles:
         train = item.get("train")
         if train is not None and not isinstance(train, bool):
             raise field_error(where, f"{prefix}.train", f"expected true or false; got {describe(train)}")
+        train = read_weight(item, train, message["role"], prefix, where)
         if train is False:
             message["train"] = False
         turns.append(_Turn(message, f"{prefix}.{role_key}", raw_role))
     return turns
+
+
+def read_weight(item: dict, train: bool | None, role: str, prefix: str, where: str) -> bool | None:
+    """OpenAI's ``"weight": 0`` on an assistant turn means the same as ``"train": false``."""
+    if "weight" not in item:
+        return train
+    weight = item["weight"]
+    if isinstance(weight, bool) or weight not in (0, 1):
+        raise field_error(where, f"{prefix}.weight", f"expected 0 or 1; got {describe(weight)}")
+    if role != "assistant":
+        raise field_error(where, f"{prefix}.weight", f"only assistant turns are trained, so only they have a weight; got role {role!r}")
+    if train is not None and train != bool(weight):
+        raise field_error(where, f"{prefix}.weight", f"disagrees with 'train': {describe(train)}; give one of them")
+    return bool(weight)
 
 
 def check_conversation(turns: list[_Turn], where: str) -> None:
@@ -483,7 +530,7 @@ def read_texts(paths: list[str]) -> list[tuple[str, str]]:
         if Path(path).suffix.lower() == ".txt":
             if not Path(path).is_file():
                 raise LiandanError(f"data file '{path}' does not exist")
-            text = Path(path).read_text(encoding="utf-8-sig")
+            text = read_text(path)
             if not text.strip():
                 raise LiandanError(f"{path}: has no text")
             documents.append((path, text))

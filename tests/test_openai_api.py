@@ -15,7 +15,10 @@ from liandan.openai_api import (
     ApiError,
     ChatRequest,
     CompletionRequest,
+    GuardRequests,
     RequireApiKey,
+    ServeLimits,
+    allowed_hosts,
     chat_chunk,
     completion_chunk,
     error_response,
@@ -100,7 +103,7 @@ def test_completion_request_takes_one_prompt_or_several():
     [({"temperature": "0.5"}, "temperature"), ({"temperature": True}, "temperature"), ({"temperature": 2.01}, "temperature"),
      ({"temperature": -0.1}, "temperature"), ({"top_p": 1.01}, "top_p"), ({"top_p": -0.5}, "top_p"),
      ({"max_tokens": 1.5}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
-     ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"n": 0}, "n"), ({"n": 129}, "n"),
+     ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"n": 0}, "n"),
      ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"seed": "7"}, "seed"), ({"stream": 1}, "stream"),
      ({"stop": ["a", 1]}, "stop"), ({"stream_options": {"include_usage": "yes"}}, "stream_options"),
      ({"model": None}, "model"), ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
@@ -236,9 +239,90 @@ def test_missing_and_wrong_keys_are_401_in_openai_shape():
     assert call(key_checked(), "/v1/models", b"s3cret") == wrong
 
 
-def test_paths_outside_v1_need_no_key():
-    assert call(key_checked(), "/health") == (200, "app")
-    assert call(key_checked(), "/docs", b"Bearer wrong") == (200, "app")
+def test_paths_outside_v1_need_the_key_too():
+    """/docs and /openapi.json (when served at all) describe the server: they are behind the key."""
+    assert call(key_checked(), "/docs")[0] == 401
+    assert call(key_checked(), "/openapi.json", b"Bearer wrong")[0] == 401
+    assert call(key_checked(), "/docs", b"Bearer s3cret") == (200, "app")
+
+
+# ---------------------------------------------------------------------------------------------
+# Host, Origin and body size, as ASGI calls the guard
+
+
+def guarded(headers: dict[str, str], body: list[bytes] | None = None, hosts=("localhost", "127.0.0.1", "::1"),
+            origins=(), method: str = "POST") -> tuple[int, dict | bytes]:  # fmt: skip
+    """One request through `GuardRequests` (1000-byte limit); returns (status, JSON error) or
+    (200, the body the app read) when it was let through. ``body`` arrives in these chunks."""
+    scope = {"type": "http", "method": method, "path": "/v1/completions", "scheme": "http", "query_string": b"",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}  # fmt: skip
+    chunks = list(body or [b""])
+    sent: list[dict] = []
+
+    async def receive():
+        if chunks:
+            return {"type": "http.request", "body": chunks.pop(0), "more_body": bool(chunks)}
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        read, message = b"", {"more_body": True}
+        while message.get("more_body"):
+            message = await receive()
+            read += message.get("body", b"")
+        sent.append({"type": "app", "body": read})
+
+    asyncio.run(GuardRequests(app, hosts, 1000, origins)(scope, receive, send))
+    if sent[0]["type"] == "app":
+        return 200, sent[0]["body"]
+    return sent[0]["status"], json.loads(b"".join(m.get("body", b"") for m in sent[1:]))
+
+
+def test_the_guard_answers_only_to_its_host_names():
+    assert guarded({"Host": "127.0.0.1:8000"}) == (200, b"")
+    assert guarded({"Host": "localhost"}) == (200, b"")
+    assert guarded({"Host": "[::1]:8000"}) == (200, b"")
+    status, body = guarded({"Host": "evil.example:8000"})  # a DNS-rebinding page calls the server by its own name
+    assert status == 400 and body["error"]["code"] == "invalid_host" and "evil.example" in body["error"]["message"]
+    assert guarded({})[0] == 400  # no Host at all
+    assert guarded({"Host": "evil.example"}, hosts=None) == (200, b"")  # bound to 0.0.0.0: any name
+
+
+def test_allowed_hosts_widen_with_the_bind_address():
+    assert allowed_hosts("127.0.0.1") == ("localhost", "127.0.0.1", "::1")
+    assert allowed_hosts("192.168.1.5") == ("localhost", "127.0.0.1", "::1", "192.168.1.5")
+    assert allowed_hosts("127.0.0.1", ("My-Box.lan",)) == ("localhost", "127.0.0.1", "::1", "my-box.lan")
+    assert allowed_hosts("0.0.0.0") is None and allowed_hosts("::") is None and allowed_hosts("127.0.0.1", ("*",)) is None
+
+
+def test_the_guard_refuses_cross_site_browser_requests():
+    host = {"Host": "127.0.0.1:8000"}
+    assert guarded({**host, "Origin": "http://127.0.0.1:8000"}) == (200, b"")  # the server's own page
+    for origin in ("https://evil.example", "http://127.0.0.1:9999", "null"):
+        status, body = guarded({**host, "Origin": origin})
+        assert status == 403 and body["error"]["code"] == "cross_origin_refused", origin
+    assert guarded({**host, "Sec-Fetch-Site": "cross-site"})[0] == 403  # a browser that sent no Origin
+    assert guarded({**host, "Origin": "http://localhost:3000"}, origins=("http://localhost:3000",)) == (200, b"")
+
+
+def test_the_guard_refuses_large_bodies_before_reading_them():
+    host = {"Host": "localhost"}
+    assert guarded({**host, "Content-Length": "1000"}, [b"x" * 1000]) == (200, b"x" * 1000)
+    status, body = guarded({**host, "Content-Length": "1001"}, [b"x" * 1001])
+    assert status == 413 and body["error"]["code"] == "request_too_large" and "1000 bytes" in body["error"]["message"]
+    assert guarded({**host, "Content-Length": "10000000000"})[0] == 413
+    assert guarded({**host, "Content-Length": "-5"})[0] == 413
+    # Chunked (no Content-Length): counted while it arrives, then handed on whole.
+    assert guarded(host, [b"x" * 600, b"x" * 401])[0] == 413
+    assert guarded(host, [b"x" * 600, b"y" * 400]) == (200, b"x" * 600 + b"y" * 400)
+
+
+def test_serve_limits_must_be_positive():
+    assert ServeLimits().max_n == 8
+    with pytest.raises(ValueError, match="max_n"):
+        ServeLimits(max_n=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,6 +7,8 @@ shape, the API-key check, and server-sent event chunks.
 
 Requests are strict ("0.5" is not a temperature, 1.5 is not a max_tokens); OpenAI parameters that
 liandan does not implement are refused when set (`UNSUPPORTED`) rather than silently ignored.
+`ServeLimits` bounds what one request may ask for; `GuardRequests` refuses, before a body is read,
+requests from other sites (Host and Origin checks) and bodies that are too large.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
@@ -43,7 +46,7 @@ class SamplingRequest(BaseModel):
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[StrictFloat, Field(ge=0, le=2)] | None = None
     top_p: Annotated[StrictFloat, Field(ge=0, le=1)] | None = None
-    n: Annotated[StrictInt, Field(ge=1, le=128)] | None = None
+    n: Annotated[StrictInt, Field(ge=1)] | None = None  # capped by ServeLimits.max_n
     stop: StrictStr | list[StrictStr] | None = None
     seed: Annotated[StrictInt, Field(ge=-(2**63), lt=2**64)] | None = None
     stream: StrictBool | None = None
@@ -74,6 +77,36 @@ class CompletionRequest(SamplingRequest):
     prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
 
 
+@dataclass(frozen=True)
+class ServeLimits:
+    """What one request may ask of `liandan.serve`, so that no client can tie up the model, the
+    memory or the queue. Each limit answers in OpenAI's error shape, naming the limit."""
+
+    max_n: int = 8
+    """Choices per prompt (``n``); more is a 400."""
+    max_tokens: int = 4096
+    """Tokens one choice may generate (``max_tokens``); more is a 400. A chat request that leaves
+    ``max_tokens`` out gets the rest of the context, but never more than this."""
+    max_prompts: int = 16
+    """Prompts in one ``/v1/completions`` request; more is a 400."""
+    max_stops: int = 4
+    """Stop strings per request (OpenAI's own limit); more is a 400."""
+    max_stop_chars: int = 256
+    """Characters in one stop string; longer is a 400."""
+    max_body_bytes: int = 2 * 1024 * 1024
+    """Bytes in a request body; larger is a 413, answered before the body is read."""
+    max_queued: int = 64
+    """Jobs (one per prompt) waiting for or held by the model; a request that would queue more is
+    a 429 with ``Retry-After``."""
+    retry_after_s: int = 2
+    """The ``Retry-After`` a 429 carries."""
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServeLimits.{name} must be a whole number of at least 1 (got {value!r})")
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors in OpenAI's shape
 
@@ -82,15 +115,16 @@ class ApiError(Exception):
     """A request the server refuses, answered as ``{"error": {...}}`` with ``status``."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error") -> None:  # fmt: skip
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> None:  # fmt: skip
         super().__init__(message)
         self.status, self.message, self.param, self.code, self.type = status, message, param, code, type
+        self.headers = headers or {}
 
 
 def error_response(status: int, message: str, *, param: str | None = None, code: str | None = None,
-                   type: str = "invalid_request_error") -> JSONResponse:  # fmt: skip
+                   type: str = "invalid_request_error", headers: dict[str, str] | None = None) -> JSONResponse:  # fmt: skip
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status)
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def validation_error(exc: RequestValidationError) -> JSONResponse:
@@ -124,14 +158,14 @@ def field_path(loc: tuple) -> str:
 
 
 class RequireApiKey:
-    """ASGI middleware: every ``/v1`` request needs ``Authorization: Bearer KEY``. It runs before the
-    body is read, so a caller without the key learns nothing about what it sent."""
+    """ASGI middleware: every request (``/v1`` and any other path) needs ``Authorization: Bearer KEY``.
+    It runs before the body is read, so a caller without the key learns nothing about what it sent."""
 
     def __init__(self, app: Any, api_key: str) -> None:
         self.app, self.key = app, api_key.encode()
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http" and scope["path"].startswith("/v1"):
+        if scope["type"] == "http":
             auth = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, token = auth.partition(b" ")
             if not auth:
@@ -141,6 +175,90 @@ class RequireApiKey:
                 response = error_response(401, "incorrect API key", code="invalid_api_key")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
+ANY_HOST = ("0.0.0.0", "::", "")
+
+
+def allowed_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> tuple[str, ...] | None:
+    """Host header names the server answers to: the localhost names, the address it is bound to, and
+    ``extra``; None (any) when it listens on every address, as its name on the network is not known."""
+    if bind_host in ANY_HOST or "*" in extra:
+        return None
+    return tuple(dict.fromkeys((*LOCAL_HOSTS, bind_host.strip("[]").lower(), *(h.lower() for h in extra))))
+
+
+def _host_name(host: str) -> str:
+    """``"127.0.0.1:8000"`` -> ``"127.0.0.1"``, ``"[::1]:8000"`` -> ``"::1"``."""
+    if host.startswith("["):
+        return host[1 : host.find("]")].lower()
+    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
+
+
+class GuardRequests:
+    """ASGI middleware that refuses, before the body is read:
+
+    - a ``Host`` header not in ``hosts`` (400): a web page that rebinds its own DNS name to
+      127.0.0.1 cannot reach the server under that name;
+    - a browser request from another site (403): an ``Origin`` other than the server's own (the
+      scheme and ``Host`` the request came to, or one of ``origins``), or ``Sec-Fetch-Site: cross-site``;
+    - a body over ``max_body_bytes`` (413), by ``Content-Length`` or, for a chunked body, while it
+      arrives (a chunked body is read here, at most ``max_body_bytes``, and handed on whole).
+    """
+
+    def __init__(self, app: Any, hosts: tuple[str, ...] | None, max_body_bytes: int, origins: tuple[str, ...] = ()) -> None:
+        self.app, self.hosts, self.max_body, self.origins = app, hosts, max_body_bytes, origins
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal, receive = await self._check(scope, receive)
+        if refusal is not None:
+            return await refusal(scope, receive, send)
+        await self.app(scope, receive, send)
+
+    async def _check(self, scope: dict, receive: Callable) -> tuple[JSONResponse | None, Callable]:
+        headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        host = headers.get(b"host", "")
+        if self.hosts is not None and _host_name(host) not in self.hosts:
+            return error_response(400, f"this server does not answer to the host name '{host[:100]}'; it answers to "
+                                  f"{', '.join(self.hosts)}", code="invalid_host"), receive  # fmt: skip
+        origin = headers.get(b"origin")
+        own = f"{scope.get('scheme', 'http')}://{host}".lower()
+        if (origin is not None and origin.lower() not in (own, *self.origins)) or (
+                origin is None and headers.get(b"sec-fetch-site") == "cross-site"):  # fmt: skip
+            return error_response(403, f"cross-site requests are refused (Origin '{(origin or '')[:100]}' is not "
+                                  f"this server's '{own}')", code="cross_origin_refused"), receive  # fmt: skip
+        length = headers.get(b"content-length")
+        too_large = error_response(413, f"the request body is larger than this server accepts ({self.max_body} bytes)",
+                                   code="request_too_large")  # fmt: skip
+        if length is not None:
+            return (too_large if not length.isdigit() or int(length) > self.max_body else None), receive
+        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            return None, receive
+        return await self._read_chunked(receive, too_large)
+
+    async def _read_chunked(self, receive: Callable, too_large: JSONResponse) -> tuple[JSONResponse | None, Callable]:
+        chunks, size, message = [], 0, {"more_body": True}
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] != "http.request":
+                return None, receive  # the client left; the app will see that
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body:
+                return too_large, receive
+        body, replayed = b"".join(chunks), False
+
+        async def replay() -> dict:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return None, replay
 
 
 # ---------------------------------------------------------------------------------------------

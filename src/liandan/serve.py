@@ -22,16 +22,19 @@ the model's stop token or a stop string ended a choice and ``length`` when ``max
 Text is decoded with special tokens kept, as ``liandan generate`` shows it; the stop token itself
 is never part of it.
 
-One worker thread owns the model and runs requests one at a time from a queue: simple, and each
-request gets exactly the output it would get alone. Bad requests get a 4xx answer in OpenAI's
-error shape ``{"error": {"message", "type", "param", "code"}}``, never a 500. The wire format
-(typed requests, errors, event chunks) lives in `liandan.openai_api`; stop strings in
-`liandan.generation`.
+One worker thread owns the model and runs requests one at a time from a bounded queue: simple, and
+each request gets exactly the output it would get alone. Rendering and tokenizing run in threads,
+off the event loop; a client that leaves cancels its jobs, queued or running. Bad requests get a 4xx
+answer in OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}``; a 500 says only
+that it happened (the traceback goes to the server's log). The limits (`ServeLimits`), the Host,
+Origin and body-size checks (`GuardRequests`), the wire format and the API key live in
+`liandan.openai_api`; stop strings in `liandan.generation`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 import threading
 import time
@@ -44,9 +47,10 @@ from typing import Any
 
 import torch
 import uvicorn
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import chat_stop_ids, has_chat_template, render_chat, stop_token_ids
@@ -54,13 +58,17 @@ from .errors import LiandanError
 from .generation import find_stop, streamable_length
 from .models import context_length, load_model
 from .openai_api import (
+    LOCAL_HOSTS,
     UNSET,
     UNSUPPORTED,
     ApiError,
     ChatRequest,
     CompletionRequest,
+    GuardRequests,
     RequireApiKey,
     SamplingRequest,
+    ServeLimits,
+    allowed_hosts,
     chat_chunk,
     completion_chunk,
     error_response,
@@ -69,6 +77,7 @@ from .openai_api import (
 )
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+log = logging.getLogger("liandan.serve")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for /v1/completions; chat completions default to the rest of the context."""
 UNKNOWN_CONTEXT_MAX_TOKENS = 4096
@@ -89,6 +98,10 @@ class Choice:
     ids: list[int] = field(default_factory=list)
     sent: int = 0
     """Characters of ``text`` already streamed."""
+    prefix: int = 0
+    read: int = 0
+    """``ids[prefix:read]`` is decoded again with each new token, as context for its text; ``ids[read:]``
+    is what has not become text yet (a character's first bytes)."""
 
 
 @dataclass
@@ -108,7 +121,8 @@ class Job:
     stream: bool
     stop_ids: list[int]
     """Token ids that end a row: the model's stop tokens (`liandan.chat.chat_stop_ids` for chat)."""
-    loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    loop: asyncio.AbstractEventLoop | None = None
+    """The request's event loop, set by `_Server.prepare` (jobs are made in a thread, off the loop)."""
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False
 
@@ -127,6 +141,7 @@ class _Tracker:
     def __init__(self, job: Job, decode: Callable[[list[int]], str], stop_ids: list[int]) -> None:
         self.job, self.decode, self.stop_ids = job, decode, set(stop_ids)
         self.choices = [Choice(job.first_index + i) for i in range(job.n)]
+        self.longest_stop = max((len(s) for s in job.stop), default=0)
 
     def __call__(self, input_ids, scores, **kwargs):
         for choice, token in zip(self.choices, input_ids[:, -1].tolist()):
@@ -139,13 +154,33 @@ class _Tracker:
         choice.tokens += 1
         if token in self.stop_ids:
             choice.finish_reason = "stop"
+            self._add_text(choice, self._new_text(choice, final=True))
         else:
             choice.ids.append(token)
-            choice.text = self.decode(choice.ids)
-            cut = find_stop(choice.text, self.job.stop)
-            if cut is not None:
-                choice.text, choice.finish_reason = choice.text[:cut], "stop"
+            self._add_text(choice, self._new_text(choice, final=False))
         self._send(choice)
+
+    def _new_text(self, choice: Choice, final: bool) -> str:
+        """The text the last tokens add, decoding only a few tokens (whole replies each time would be
+        quadratic): ``ids[prefix:]`` less ``ids[prefix:read]``, the context that keeps a leading
+        space or a multi-byte character right. Held back while it ends in half a character."""
+        if choice.read == len(choice.ids):
+            return ""
+        known = self.decode(choice.ids[choice.prefix : choice.read])
+        text = self.decode(choice.ids[choice.prefix :])
+        if not final and (len(text) <= len(known) or text.endswith("\ufffd")):
+            return ""
+        choice.prefix, choice.read = choice.read, len(choice.ids)
+        return text[len(known) :]
+
+    def _add_text(self, choice: Choice, piece: str) -> None:
+        if not piece:
+            return
+        start = max(len(choice.text) - self.longest_stop + 1, 0)  # a new stop string ends in the new piece
+        choice.text += piece
+        cut = find_stop(choice.text[start:], self.job.stop)
+        if cut is not None:
+            choice.text, choice.finish_reason = choice.text[: start + cut], "stop"
 
     def _send(self, choice: Choice) -> None:
         if not self.job.stream:
@@ -159,7 +194,8 @@ class _Tracker:
     def finish(self) -> list[Choice]:
         for choice in self.choices:
             if choice.finish_reason is None:
-                choice.finish_reason = "length"
+                self._add_text(choice, self._new_text(choice, final=True))  # may still find a stop string
+                choice.finish_reason = choice.finish_reason or "length"
                 self._send(choice)
         return self.choices
 
@@ -167,8 +203,8 @@ class _Tracker:
 class _Worker:
     """Owns the model. Requests never share a batch or a cache, so none can see another's tokens."""
 
-    def __init__(self, model: Any, tokenizer: Any, lock: threading.Lock) -> None:
-        self.model, self.tokenizer, self.lock = model, tokenizer, lock
+    def __init__(self, model: Any, tokenizer: Any, lock: threading.Lock, limits: ServeLimits) -> None:
+        self.model, self.tokenizer, self.lock, self.limits = model, tokenizer, lock, limits
         self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else (self.stop_ids[0] if self.stop_ids else None)
@@ -176,6 +212,9 @@ class _Worker:
         self.thread = threading.Thread(target=self._loop, name="liandan-serve", daemon=True)
         self.current: Job | None = None
         self.closing = False
+        self.held = 0
+        """Jobs queued or running, at most ``limits.max_queued``."""
+        self.held_lock = threading.Lock()
 
     def start(self) -> None:
         self.thread.start()
@@ -187,23 +226,38 @@ class _Worker:
         self.jobs.put(None)
         self.thread.join(timeout=30)
 
-    def submit(self, job: Job) -> None:
-        self.jobs.put(job)
+    def submit(self, jobs: list[Job]) -> None:
+        """Queues all of ``jobs`` or, when that would hold more than ``max_queued``, none (a 429)."""
+        with self.held_lock:
+            if self.held + len(jobs) > self.limits.max_queued:
+                raise ApiError(429, f"the server is busy ({self.held} jobs queued, at most {self.limits.max_queued}); "
+                               "retry later", type="rate_limit_error", code="server_busy",
+                               headers={"Retry-After": str(self.limits.retry_after_s)})  # fmt: skip
+            self.held += len(jobs)
+        for job in jobs:
+            self.jobs.put(job)
 
     def _loop(self) -> None:
         while (job := self.jobs.get()) is not None:
-            if job.cancelled:  # its client has gone
-                continue
-            if self.closing:
-                job.emit(("error", "the server is shutting down"))
-                continue
-            self.current = job
             try:
-                job.emit(("done", self._run(job)))
-            except Exception as exc:  # noqa: BLE001 - one failed request must not stop the server
-                job.emit(("error", f"generation failed: {type(exc).__name__}: {exc}"))
+                self._take(job)
             finally:
-                self.current = None
+                with self.held_lock:
+                    self.held -= 1
+
+    def _take(self, job: Job) -> None:
+        if job.cancelled:  # its client has gone
+            return job.emit(("error", "the client left"))
+        if self.closing:
+            return job.emit(("error", "the server is shutting down"))
+        self.current = job
+        try:
+            job.emit(("done", self._run(job)))
+        except Exception:  # noqa: BLE001 - one failed request must not stop the server
+            log.exception("generation failed")  # the details stay in the server's log
+            job.emit(("error", "generation failed (the server's log has the details)"))
+        finally:
+            self.current = None
 
     def _decode(self, ids: list[int]) -> str:
         with self.lock:
@@ -244,6 +298,7 @@ class _Server:
     context: int | None = None
     chat_stop_ids: list[int] = field(default_factory=list)
     """Stop tokens of chat completions; completions stop at the worker's (the model's own)."""
+    limits: ServeLimits = field(default_factory=ServeLimits)
 
     def check(self, request: SamplingRequest) -> None:
         for name, value in (request.model_extra or {}).items():
@@ -252,8 +307,19 @@ class _Server:
         if request.model != self.name:
             raise ApiError(404, f"model '{request.model}' is not served here; this server serves '{self.name}' "
                            "(see GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
-        if any(s == "" for s in self.stops(request)):
+        stops, limits = self.stops(request), self.limits
+        if any(s == "" for s in stops):
             raise ApiError(400, "'stop': stop strings must not be empty", param="stop")
+        if len(stops) > limits.max_stops or any(len(s) > limits.max_stop_chars for s in stops):
+            raise ApiError(400, f"'stop': at most {limits.max_stops} stop strings of at most {limits.max_stop_chars} "
+                           "characters each", param="stop")  # fmt: skip
+        if (request.n or 1) > limits.max_n:
+            raise ApiError(400, f"'n': at most {limits.max_n} choices per prompt on this server (got {request.n})",
+                           param="n")  # fmt: skip
+        for name in ("max_tokens", "max_completion_tokens"):
+            if (value := getattr(request, name, None)) is not None and value > limits.max_tokens:
+                raise ApiError(400, f"'{name}': at most {limits.max_tokens} tokens per choice on this server "
+                               f"(got {value})", param=name)  # fmt: skip
 
     @staticmethod
     def stops(request: SamplingRequest) -> list[str]:
@@ -273,6 +339,7 @@ class _Server:
                            "(--max-prompt-tokens)", param=param, code="context_length_exceeded")  # fmt: skip
         if max_tokens is None:
             max_tokens = default or (max(self.context - n, 1) if self.context else UNKNOWN_CONTEXT_MAX_TOKENS)
+            max_tokens = min(max_tokens, self.limits.max_tokens)
         if self.context is not None and n + max_tokens > self.context:
             raise ApiError(400, f"this model's maximum context length is {self.context} tokens, but the request needs "
                            f"{n + max_tokens}: {n} in the prompt and {max_tokens} to generate; shorten the prompt or "
@@ -306,19 +373,46 @@ class _Server:
     def completion_jobs(self, request: CompletionRequest) -> list[Job]:
         self.check(request)
         prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        if len(prompts) > self.limits.max_prompts:
+            raise ApiError(400, f"'prompt': at most {self.limits.max_prompts} prompts per request on this server "
+                           f"(got {len(prompts)})", param="prompt")  # fmt: skip
         ids = [self.encode(p, add_special_tokens=True) for p in prompts]  # as pre-trained: BOS and all
         return self.jobs(request, ids, request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt", self.worker.stop_ids)
 
-    async def results(self, jobs: list[Job]) -> list[Choice]:
+    async def prepare(self, make: Callable[[Any], list[Job]], request: SamplingRequest) -> list[Job]:
+        """``make(request)`` in a thread: chat templates and tokenizers are slow on long inputs."""
+        loop = asyncio.get_running_loop()
+        jobs = await asyncio.to_thread(make, request)
         for job in jobs:
-            self.worker.submit(job)
+            job.loop = loop
+        return jobs
+
+    async def results(self, jobs: list[Job], request: Request) -> list[Choice]:
+        """The choices of ``jobs``; if the client leaves first, its jobs are cancelled, queued or running."""
+        self.worker.submit(jobs)
+        watcher = asyncio.create_task(_cancel_when_gone(request, jobs))
         choices: list[Choice] = []
-        for job in jobs:
-            kind, payload = await job.events.get()
-            if kind == "error":
-                raise ApiError(500, payload, type="server_error")
-            choices += payload
+        try:
+            for job in jobs:
+                kind, payload = await job.events.get()
+                if kind == "error":
+                    raise ApiError(500, payload, type="server_error")
+                choices += payload
+        finally:
+            watcher.cancel()
+            _cancel(jobs)
         return choices
+
+
+async def _cancel_when_gone(request: Request, jobs: list[Job]) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+    _cancel(jobs)
+
+
+def _cancel(jobs: list[Job]) -> None:
+    for job in jobs:
+        job.cancelled = True
 
 
 def _usage(jobs: list[Job], choices: list[Choice]) -> dict[str, int]:
@@ -330,9 +424,8 @@ def _usage(jobs: list[Job], choices: list[Choice]) -> dict[str, int]:
 async def _stream(server: _Server, jobs: list[Job], head: dict, chunk: Callable[[int, str | None, str | None], dict],
                   opening: list[dict], include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
     """Server-sent events: ``opening`` chunks, one chunk per piece of text, a finishing chunk per
-    choice, the usage chunk if asked for, then ``[DONE]``. A client that goes away cancels its jobs."""
-    for job in jobs:
-        server.worker.submit(job)
+    choice, the usage chunk if asked for, then ``[DONE]``. A client that goes away cancels its jobs
+    (queued by the caller, so that a full queue is a 429 before the stream begins)."""
     choices: list[Choice] = []
     try:
         for data in opening:
@@ -350,25 +443,36 @@ async def _stream(server: _Server, jobs: list[Job], head: dict, chunk: Callable[
             yield sse({**head, "choices": [], "usage": _usage(jobs, choices)})
         yield sse("[DONE]")
     finally:
-        for job in jobs:
-            job.cancelled = True
+        _cancel(jobs)
 
 
-def _streaming_response(events: AsyncIterator[str]) -> StreamingResponse:
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+def _streaming_response(server: _Server, jobs: list[Job], events: AsyncIterator[str]) -> StreamingResponse:
+    server.worker.submit(jobs)
+    # The background task also runs when the client left before the stream began.
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+                             background=BackgroundTask(_cancel, jobs))  # fmt: skip
 
 
 def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | None = None,
-               max_prompt_tokens: int | None = None) -> FastAPI:  # fmt: skip
+               max_prompt_tokens: int | None = None, limits: ServeLimits | None = None,
+               hosts: tuple[str, ...] | None = LOCAL_HOSTS, origins: tuple[str, ...] = (),
+               docs: bool = False) -> FastAPI:  # fmt: skip
     """The FastAPI app serving ``model`` under ``model_name``. The model's worker thread starts and
-    stops with the app (its lifespan), so run it with uvicorn or another ASGI server."""
+    stops with the app (its lifespan), so run it with uvicorn or another ASGI server.
+
+    ``limits`` bound each request (`ServeLimits`: n, max_tokens, prompts, stop strings, body size,
+    queue). ``hosts`` are the Host header names answered (None: any; a wrong one is a 400), and a
+    browser request whose Origin is neither the server's own nor in ``origins`` is a 403: together they
+    keep web pages the user visits from driving the server. ``docs`` serves ``/docs`` and
+    ``/openapi.json`` (off by default; behind the API key when there is one)."""
     if not model_name:
         raise LiandanError("--model-name must not be empty")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise LiandanError(f"--max-prompt-tokens must be at least 1 (got {max_prompt_tokens})")
+    limits = limits or ServeLimits()
     lock = threading.Lock()  # the tokenizer is shared by the handlers and the worker
-    server = _Server(model, tokenizer, model_name, max_prompt_tokens, _Worker(model, tokenizer, lock), lock,
-                     context=context_length(model),
+    server = _Server(model, tokenizer, model_name, max_prompt_tokens, _Worker(model, tokenizer, lock, limits), lock,
+                     context=context_length(model), limits=limits,
                      chat_stop_ids=chat_stop_ids(tokenizer, getattr(model, "generation_config", None)))  # fmt: skip
 
     @asynccontextmanager
@@ -379,9 +483,13 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | No
         finally:
             server.worker.stop()
 
-    app = FastAPI(title="liandan serve", lifespan=lifespan)
+    off = {"docs_url": None, "redoc_url": None, "openapi_url": None}
+    app = FastAPI(title="liandan serve", lifespan=lifespan, **({} if docs else off))
     if api_key:
         app.add_middleware(RequireApiKey, api_key=api_key)
+    # Added last, so it runs first: a request from another site is refused before the key is looked at.
+    app.add_middleware(GuardRequests, hosts=hosts, max_body_bytes=limits.max_body_bytes,
+                       origins=tuple(o.lower().rstrip("/") for o in origins))  # fmt: skip
     _add_error_handlers(app)
     _add_routes(app, server)
     return app
@@ -394,11 +502,13 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def on_api_error(request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, param=exc.param, code=exc.code, type=exc.type)
+        return error_response(exc.status, exc.message, param=exc.param, code=exc.code, type=exc.type,
+                              headers=exc.headers)  # fmt: skip
 
     @app.exception_handler(Exception)
     async def on_bug(request, exc: Exception) -> JSONResponse:
-        return error_response(500, f"internal error: {type(exc).__name__}: {exc}", type="server_error")
+        log.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
+        return error_response(500, "internal error (the server's log has the details)", type="server_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request, exc: StarletteHTTPException) -> JSONResponse:
@@ -425,29 +535,29 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         return card()
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(request: ChatRequest) -> Any:
-        jobs = server.chat_jobs(request)
+    async def chat_completions(request: ChatRequest, http: Request) -> Any:
+        jobs = await server.prepare(server.chat_jobs, request)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if request.stream:
             opening = [{"choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": None}]} for i in range(request.n or 1)]  # fmt: skip
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             head["object"] = "chat.completion.chunk"
-            return _streaming_response(_stream(server, jobs, head, chat_chunk, opening, include_usage))
-        choices = await server.results(jobs)
+            return _streaming_response(server, jobs, _stream(server, jobs, head, chat_chunk, opening, include_usage))
+        choices = await server.results(jobs, http)
         return {**head, "object": "chat.completion", "usage": _usage(jobs, choices), "choices": [
             {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
              "finish_reason": c.finish_reason} for c in choices]}  # fmt: skip
 
     @app.post("/v1/completions")
-    async def completions(request: CompletionRequest) -> Any:
-        jobs = server.completion_jobs(request)
+    async def completions(request: CompletionRequest, http: Request) -> Any:
+        jobs = await server.prepare(server.completion_jobs, request)
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": server.name}  # fmt: skip
         if request.stream:
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
-            return _streaming_response(_stream(server, jobs, head, completion_chunk, [], include_usage))
-        choices = await server.results(jobs)
+            return _streaming_response(server, jobs, _stream(server, jobs, head, completion_chunk, [], include_usage))
+        choices = await server.results(jobs, http)
         return {**head, "usage": _usage(jobs, choices), "choices": [
             {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for c in choices]}  # fmt: skip
 
@@ -467,15 +577,20 @@ def default_model_name(spec: str | None) -> str:
 
 def serve(spec: str = "default", *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str = "auto", device: str = "auto", model_name: str | None = None,
-          max_prompt_tokens: int | None = None) -> None:  # fmt: skip
-    """Load ``spec`` with `liandan.models.load_model` and serve it on ``host:port`` until interrupted."""
+          max_prompt_tokens: int | None = None, limits: ServeLimits | None = None, extra_hosts: tuple[str, ...] = (),
+          origins: tuple[str, ...] = (), docs: bool = False) -> None:  # fmt: skip
+    """Load ``spec`` with `liandan.models.load_model` and serve it on ``host:port`` until interrupted.
+
+    ``limits``, ``origins`` and ``docs`` are `create_app`'s. The Host names answered are the localhost
+    names, ``host`` itself and ``extra_hosts`` (``"*"``: any); any name when ``host`` is 0.0.0.0 or ::."""
     if not 0 < port < 65536:
         raise LiandanError(f"--port {port}: expected a port number from 1 to 65535")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise LiandanError(f"--max-prompt-tokens must be at least 1 (got {max_prompt_tokens})")
     model, tokenizer = load_model(spec, device=device, dtype=dtype)
     name = model_name or default_model_name(spec)
-    app = create_app(model, tokenizer, model_name=name, api_key=api_key, max_prompt_tokens=max_prompt_tokens)
+    app = create_app(model, tokenizer, model_name=name, api_key=api_key, max_prompt_tokens=max_prompt_tokens,
+                     limits=limits, hosts=allowed_hosts(host, extra_hosts), origins=origins, docs=docs)  # fmt: skip
     print(f"serving '{name}' at http://{host}:{port}/v1 (OpenAI API: /v1/models, /v1/chat/completions, "
           "/v1/completions); Ctrl+C stops it", flush=True)  # fmt: skip
     if not has_chat_template(tokenizer):

@@ -78,6 +78,30 @@ def test_quickstart_checks_inputs_before_any_work(tmp_path, task):
     with pytest.raises(LiandanError, match="replay_ratio must be between 0 and 1"):
         quickstart(QuickstartConfig(train=str(train), test=str(test), schema=str(schema), out=str(tmp_path / "q"), replay_ratio=2))
     assert not (tmp_path / "q").exists()
+    # Looking like a quickstart directory is not enough: only one quickstart created (its marker) is replaced.
+    (mine / "run").mkdir()
+    (mine / "summary.json").write_text("{}")
+    with pytest.raises(LiandanError, match="quickstart did not create it: it has no .liandan-quickstart file"):
+        quickstart(QuickstartConfig(train=str(train), test=str(test), schema=str(schema), out=str(mine), overwrite=True))
+    assert (mine / "notes.txt").read_text() == "keep"
+
+
+def test_overwrite_replaces_only_once_the_new_result_is_complete(tmp_path):
+    from liandan.quickstart import MARKER, fresh_output
+
+    out = tmp_path / "qs"
+    with fresh_output(out):
+        (out / "summary.json").write_text("first")
+    assert (out / MARKER).is_file()
+    with pytest.raises(RuntimeError), fresh_output(out):  # a run that fails: the first result is put back
+        (out / "summary.json").write_text("half")
+        raise RuntimeError("training diverged")
+    assert (out / "summary.json").read_text() == "first"
+    assert (tmp_path / ".qs.failed" / "summary.json").read_text() == "half"
+    with fresh_output(out):
+        assert (out / "summary.json").exists() is False
+        (out / "summary.json").write_text("second")
+    assert (out / "summary.json").read_text() == "second" and not (tmp_path / ".qs.previous").exists()
 
 
 def test_bake_trains_without_the_prompt_and_reports_its_cost(tmp_path, stopping_model_dir):

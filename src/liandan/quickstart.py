@@ -18,6 +18,8 @@ from __future__ import annotations
 import json
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,10 @@ from .files import write_atomic
 from .generation import SamplingConfig
 from .prompts import shipped_example
 from .train import train_sft
+
+MARKER = ".liandan-quickstart"
+"""The file quickstart writes in the output directory it creates; ``--overwrite`` replaces only a
+directory that holds it."""
 
 EXAMPLE = "extract"
 """The shipped example task: notes to JSON that follows a schema (`examples/extract`)."""
@@ -78,9 +84,40 @@ def check_inputs(config: QuickstartConfig) -> Path:
     if out.exists() and any(out.iterdir()):
         if not config.overwrite:
             raise LiandanError(f"output directory '{out}' is not empty; pass --overwrite to replace it, or choose --out")
-        if not (out / "summary.json").is_file() and not (out / "run").is_dir():
-            raise LiandanError(f"--overwrite: '{out}' does not look like a quickstart directory; refusing to delete it")
+        if not (out / MARKER).is_file():
+            raise LiandanError(
+                f"--overwrite: '{out}' does not look like a quickstart directory (quickstart did not create it: it has "
+                f"no {MARKER} file); refusing to delete it: remove it yourself or choose --out"
+            )
     return out
+
+
+@contextmanager
+def fresh_output(out: Path) -> Iterator[Path]:
+    """``out`` as a new, empty directory marked as quickstart's. An existing one (checked by
+    `check_inputs`) is moved aside and deleted only once the new result is complete; if the run
+    fails it is put back, and the failed output is kept next to it as ``.NAME.failed``."""
+    old = out.with_name(f".{out.name}.previous") if out.exists() else None
+    if old is not None:
+        if old.exists():
+            if not (old / MARKER).is_file():
+                raise LiandanError(f"'{old}' is in the way of --overwrite and quickstart did not create it; remove it")
+            shutil.rmtree(old)  # an earlier replacement's leftover: quickstart's own, already superseded
+        out.rename(old)
+    out.mkdir(parents=True)
+    (out / MARKER).write_text("Created by liandan quickstart; quickstart --overwrite may replace this directory.\n")
+    try:
+        yield out
+    except BaseException:
+        if old is not None:
+            failed = out.with_name(f".{out.name}.failed")
+            if failed.exists() and (failed / MARKER).is_file():
+                shutil.rmtree(failed)
+            out.rename(failed)
+            old.rename(out)
+        raise
+    if old is not None:
+        shutil.rmtree(old)
 
 
 def quickstart(config: QuickstartConfig, console: Any = None) -> dict:
@@ -91,9 +128,14 @@ def quickstart(config: QuickstartConfig, console: Any = None) -> dict:
                              replay=None if config.replay == "none" else config.replay, replay_ratio=config.replay_ratio)  # fmt: skip
     eval_config = EvalConfig(models=[config.model, str(out / "run")], task=config.test, schema=config.schema)
     evaluation = Evaluation(eval_config)  # reads and checks every set now, before any work
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    with fresh_output(out):
+        summary = _run(config, sft_config, evaluation, out, console)
+    console.print(f"Report: {out / 'report.html'} · summary: {out / 'summary.json'} · run: {out / 'run'} "
+                  f"· total {summary['seconds']['total']:.0f} s", highlight=False)  # fmt: skip
+    return summary
+
+
+def _run(config: QuickstartConfig, sft_config: SFTConfig, evaluation: Evaluation, out: Path, console: Any) -> dict:
     timings: dict[str, float] = {}
 
     def stage(name: str, title: str):
@@ -117,8 +159,6 @@ def quickstart(config: QuickstartConfig, console: Any = None) -> dict:
     write_eval_report(result, out / "report.html")
     write_atomic(out / "summary.json", json.dumps(summary, indent=2, ensure_ascii=False) + "\n")
     print_metrics(result, console)
-    console.print(f"Report: {out / 'report.html'} · summary: {out / 'summary.json'} · run: {out / 'run'} "
-                  f"· total {sum(timings.values()):.0f} s", highlight=False)  # fmt: skip
     return summary
 
 

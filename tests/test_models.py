@@ -138,3 +138,51 @@ def test_unreachable_hub_fails_fast_with_advice(monkeypatch):
     monkeypatch.setattr("socket.create_connection", no_network)
     with pytest.raises(LiandanError, match="cannot reach the Hugging Face Hub.*local model directory"):
         load_model("some-owner/some-model-not-cached")
+
+
+# --- a run's base model: resolved from the run directory, hash-checked, never a surprise download
+
+
+def make_run(run_dir, base: dict, output_dir: str | None = None):
+    run_dir.mkdir(parents=True)
+    (run_dir / "manifest.json").write_text(json.dumps({"base_model": base}))
+    if output_dir:
+        (run_dir / "config.yaml").write_text(f"output_dir: {output_dir}\n")
+    return run_dir
+
+
+def test_run_base_resolves_against_the_run_directory_not_the_current_one(tmp_path, monkeypatch, chat_model_dir):
+    from liandan.files import file_sha256
+    from liandan.models import adapter_base
+
+    project = tmp_path / "project"
+    shutil.copytree(chat_model_dir, project / "models" / "base")
+    sha = file_sha256(project / "models" / "base" / "model.safetensors")
+    run = make_run(project / "runs" / "sft", {"spec": "models/base", "kind": "hf_dir", "weights_sha256": sha}, "runs/sft")
+    monkeypatch.chdir(tmp_path)  # not where training ran
+    assert adapter_base(run) == str((project / "models" / "base").resolve())
+    moved = make_run(tmp_path / "elsewhere" / "run", {"spec": "x", "kind": "hf_dir", "path_from_run": "../../project/models/base"})
+    assert adapter_base(moved) == str((project / "models" / "base").resolve())
+
+
+def test_run_base_with_changed_weights_is_refused(tmp_path, chat_model_dir):
+    from liandan.models import adapter_base
+
+    run = make_run(tmp_path / "run", {"spec": str(chat_model_dir), "kind": "hf_dir", "weights_sha256": "0" * 64})
+    with pytest.raises(LiandanError, match="has changed since the run was trained"):
+        adapter_base(run)
+
+
+def test_missing_local_base_is_an_error_not_a_hub_download(tmp_path, monkeypatch):
+    from liandan import models
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the hub must not be asked")
+
+    monkeypatch.setattr(models, "check_hub_reachable", no_hub)
+    monkeypatch.chdir(tmp_path)
+    run = make_run(tmp_path / "run", {"spec": "runs/sft", "kind": "adapter"}, "out/run")  # looks like owner/name
+    with pytest.raises(LiandanError, match="its base model 'runs/sft' .* is not at .*never fetched from the hub"):
+        models.adapter_base(run)
+    # A hub id stays one: the user wrote it.
+    assert models.adapter_base(make_run(tmp_path / "hub", {"spec": "owner/name", "kind": "hub"})) == "owner/name"

@@ -30,6 +30,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 import torch
+import yaml
 from huggingface_hub import constants, try_to_load_from_cache
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -38,6 +39,7 @@ from .data import HUB_ID
 from .default_model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
 from .devices import pick_device, pick_dtype
 from .errors import LiandanError
+from .files import file_sha256
 from .gguf_reading import check_gguf_file, drop_quantizer
 
 # Files that hold weights, by how they are read.
@@ -220,15 +222,93 @@ def _load_weights(source: ModelSource, torch_dtype: Any, trust_remote_code: bool
 
 
 def adapter_base(run_dir: Path) -> str:
-    """The base model a LoRA run was trained on: as the user named it in the run's manifest,
-    else the path PEFT recorded."""
+    """The base model a LoRA run was trained on, checked before anything loads.
+
+    From the run's manifest: a hub id or ``default`` only where the user wrote one; a local path
+    resolved against the run directory (never the current directory, and never looked up on the
+    hub when it is missing), and its weights checked against the hash the manifest recorded.
+    Without a manifest, the path PEFT recorded."""
     manifest = run_dir / "manifest.json"
     if manifest.is_file():
-        return json.loads(manifest.read_text())["base_model"]["spec"]
+        return manifest_base(run_dir, json.loads(manifest.read_text())["base_model"])
     recorded = json.loads((run_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if not recorded:
         raise LiandanError(f"'{run_dir}': adapter_config.json does not name its base model")
     return recorded
+
+
+def manifest_base(run_dir: Path, base: dict) -> str:
+    """The manifest's ``base_model`` as a model argument for `load_model`; see `adapter_base`."""
+    spec, kind = str(base["spec"]), base.get("kind")
+    if kind == "hub":
+        return spec
+    if kind == "default":
+        _check_base_hash(run_dir, spec, resolve_model(spec).location, base.get("weights_sha256"))
+        return spec
+    candidates = _base_candidates(run_dir, spec, base)
+    found = next((path for path in candidates if path.exists()), None)
+    if found is None:
+        tried = ", ".join(f"'{path}'" for path in candidates)
+        raise LiandanError(
+            f"run '{run_dir}': its base model '{spec}' (a local {kind or 'model'}) is not at {tried}; put it back, "
+            "or set base_model.path_from_run in the run's manifest.json (it is never fetched from the hub instead)"
+        )
+    _check_base_hash(run_dir, spec, str(found), base.get("weights_sha256"))
+    return str(found.resolve())
+
+
+def _base_candidates(run_dir: Path, spec: str, base: dict) -> list[Path]:
+    """Where a local base model may be: recorded relative to the run directory, as an absolute
+    path, or (older manifests) the training command's path re-based from its output_dir."""
+    if base.get("path_from_run"):
+        return [run_dir / base["path_from_run"]]
+    path = Path(spec).expanduser()
+    if path.is_absolute():
+        return [path]
+    output_dir = _recorded_output_dir(run_dir)
+    if output_dir is not None and not Path(output_dir).expanduser().is_absolute():
+        return [run_dir / os.path.relpath(spec, output_dir)]
+    return [run_dir / spec]
+
+
+def _recorded_output_dir(run_dir: Path) -> str | None:
+    config = run_dir / "config.yaml"
+    if not config.is_file():
+        return None
+    try:
+        loaded = yaml.safe_load(config.read_text())
+    except yaml.YAMLError:
+        return None
+    value = loaded.get("output_dir") if isinstance(loaded, dict) else None
+    return str(value) if value else None
+
+
+def _check_base_hash(run_dir: Path, spec: str, location: str, recorded: str | None) -> None:
+    """A base model whose weights changed since the run was trained would load and run, wrongly."""
+    if not recorded:
+        return
+    path = Path(location)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        return  # not on disk yet (the default model before its first use is fetched by load_model)
+    actual = _sha256_cached(weights)
+    if actual != recorded:
+        raise LiandanError(
+            f"run '{run_dir}': the base model '{spec}' at '{weights}' has changed since the run was trained "
+            f"(sha256 {actual[:12]}..., the manifest recorded {recorded[:12]}...); use the weights it was trained on"
+        )
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _sha256_cached(path: Path) -> str:
+    """A file's SHA-256, computed once per process for a given path, size and mtime."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(path)
+    return _HASHES[key]
 
 
 def _load_adapter_run(source: ModelSource, tokenizer: Any, torch_dtype: Any, trust_remote_code: bool, allow_pickle: bool):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -91,8 +92,15 @@ class TrainConfig:
     """Seed for shuffling, dropout and LoRA init."""
     eval_every: int = 0
     """Evaluate every N steps (0 = only at the end, when there is an eval split)."""
-    save_every: int = 0
-    """Write a resumable checkpoint every N steps (0 = only the final one)."""
+    save_every: int = 50
+    """Write a resumable checkpoint every N steps (0 = none: a crash loses the whole run)."""
+    save_total_limit: int = 2
+    """Keep only the newest N checkpoints (0 = keep all)."""
+    max_bad_steps: int = 3
+    """Stop the run when this many steps in a row have a non-finite loss or gradient norm (each
+    such step is skipped: no weight changes)."""
+    resume_changed: bool = False
+    """Allow --resume although the data or the training settings differ from the checkpoint's."""
     log_every: int = 1
     """Write metrics every N steps."""
     sample_prompts: list[str] = field(default_factory=list)
@@ -106,9 +114,16 @@ class TrainConfig:
         if isinstance(self.lora, dict):
             self.lora = build(LoraConfig, self.lora, "lora.")
         checks = [
-            (self.lr > 0, f"lr must be above 0 (got {self.lr})"),
+            (math.isfinite(self.lr) and self.lr > 0, f"lr must be a finite number above 0 (got {self.lr})"),
+            (math.isfinite(self.max_grad_norm) and self.max_grad_norm >= 0, f"max_grad_norm must be a finite number, 0 (off) or more (got {self.max_grad_norm})"),
+            (math.isfinite(self.weight_decay) and self.weight_decay >= 0, f"weight_decay must be a finite number, 0 or more (got {self.weight_decay})"),
+            (self.log_every >= 1, f"log_every must be at least 1 (got {self.log_every})"),
+            (self.eval_every >= 0, f"eval_every must be 0 (only at the end) or more (got {self.eval_every})"),
+            (self.save_every >= 0, f"save_every must be 0 (no checkpoints) or more (got {self.save_every})"),
+            (self.save_total_limit >= 0, f"save_total_limit must be 0 (keep all) or more (got {self.save_total_limit})"),
+            (self.max_bad_steps >= 1, f"max_bad_steps must be at least 1 (got {self.max_bad_steps})"),
             (self.max_steps >= 0, f"max_steps must be 0 or more (got {self.max_steps})"),
-            (self.epochs > 0 or self.max_steps > 0, "epochs must be above 0 when max_steps is 0"),
+            (math.isfinite(self.epochs) and (self.epochs > 0 or self.max_steps > 0), f"epochs must be a finite number, above 0 when max_steps is 0 (got {self.epochs})"),
             (self.batch_size >= 0, f"batch_size must be 0 (no limit) or more (got {self.batch_size})"),
             (self.grad_accum >= 1, f"grad_accum must be at least 1 (got {self.grad_accum})"),
             (self.max_length >= 8, f"max_length must be at least 8 (got {self.max_length})"),

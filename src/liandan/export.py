@@ -47,6 +47,7 @@ from .gguf_writing import Family, family_of, llama_cpp_settings, write_gguf
 from .llama_cpp_check import RuntimeCheck, SourceRun, llama_cpp_version, run_llama_cpp
 from .modelfile import modelfile_text
 from .models import load_model, release_model
+from .train import refuse_non_finite
 
 FORMATS = ("gguf",)
 QUANTS = ("f16", "q8_0")
@@ -168,6 +169,7 @@ def export_gguf(
     tolerance = TOLERANCES[quant] if tolerance is None else float(tolerance)
     modelfile = check_outputs(out, force)
     model, tokenizer = load_model(spec, device="cpu", dtype="float32")
+    refuse_non_finite(model.state_dict(), f"export of '{spec}'")  # "verified" equal to a NaN model means nothing
     made = missing_dirs(out)
     try:
         family = family_of(model, spec)

@@ -5,6 +5,7 @@
     # transformers.AutoModelForCausalLM.from_pretrained("models/persona-merged") now works
 
 Written to a temporary directory beside the target and renamed, so a failed merge leaves nothing.
+An unfinished run and weights with a NaN or an infinity are refused, naming the tensor.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 
 from .errors import LiandanError
 from .models import cast_weights, load_adapter_model, load_tokenizer, release_model, resolve_model
+from .train import check_run_complete, refuse_non_finite
 
 
 def merge(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:
@@ -28,11 +30,14 @@ def merge(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -
         raise LiandanError(f"'{run_dir}' is not a LoRA run directory (no adapter_config.json); a full fine-tuning run is already a standalone model")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise LiandanError(f"output directory '{out_dir}' is not empty; choose another")
+    check_run_complete(run_dir)
 
     source = resolve_model(str(run_dir))
     tokenizer = load_tokenizer(source)
     # Merge in fp32, then cast: the same weights a run directory gets when loaded as a model.
-    merged = cast_weights(load_adapter_model(Path(source.location), tokenizer=tokenizer).merge_and_unload(), getattr(torch, dtype))
+    merged = load_adapter_model(Path(source.location), tokenizer=tokenizer).merge_and_unload()
+    refuse_non_finite(merged.state_dict(), f"merge of '{run_dir}'")  # a diverged run stays unmerged
+    merged = cast_weights(merged, getattr(torch, dtype))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out_dir.name}.", dir=out_dir.parent) as tmp:
         staged = Path(tmp) / "model"

@@ -1,0 +1,217 @@
+"""Checkpoints and failure: resume unpickles nothing and refuses changed data or settings; a torn
+checkpoint is skipped; a diverged step changes nothing and a diverged run stops; a run killed
+with SIGKILL at any moment resumes to the same result as an uninterrupted one."""
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import chat_row, write_jsonl
+from liandan.config import SFTConfig
+from liandan.errors import LiandanError
+from liandan.merge import merge
+from liandan.train import COMPLETE, INCOMPLETE, STATE_FILE, check_run_complete, train_sft
+
+
+@pytest.fixture
+def sft_data(tmp_path):
+    return write_jsonl(tmp_path / "sft.jsonl", [chat_row(f"What is {i} plus {i}?", f"It is {2 * i}.") for i in range(10)])
+
+
+def settings(model_dir, data, out, **overrides):
+    values = {"model": str(model_dir), "data": [str(data)], "output_dir": str(out), "max_steps": 6, "lr": 5e-3, "batch_tokens": 96,
+              "max_length": 64, "mixed_precision": "no", "warmup_ratio": 0.0, "seed": 3, "save_every": 1}  # fmt: skip
+    values.update(overrides)
+    return values
+
+
+def config(*args, **overrides):
+    return SFTConfig(**settings(*args, **overrides))
+
+
+def metrics(run):
+    """Every line of metrics.jsonl, parsed strictly: a bare NaN or Infinity is an error."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    return [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+class Planted:
+    """A pickle that would create ``marker`` when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+def test_resume_unpickles_nothing(tmp_path, chat_model_dir, sft_data):
+    out, marker = tmp_path / "run", tmp_path / "PWNED"
+    first = train_sft(config(chat_model_dir, sft_data, out), stop_after=3).losses
+    checkpoint = out / "checkpoints" / "step-000003"
+    # What accelerate used to write and load with pickle: planted, and never read.
+    for name in ("custom_checkpoint_0.pkl", "random_states_0.pkl", "scheduler.bin", "optimizer.bin"):
+        (checkpoint / name).write_bytes(pickle.dumps(Planted(marker)))
+    rest = train_sft(config(chat_model_dir, sft_data, out), resume=True).losses
+    assert len(first + rest) == 6 and not marker.exists()
+
+    # The optimizer state itself replaced by a pickle: refused, and not run.
+    out2 = tmp_path / "run2"
+    train_sft(config(chat_model_dir, sft_data, out2), stop_after=3)
+    checkpoint = out2 / "checkpoints" / "step-000003"
+    (checkpoint / "optimizer.pt").write_bytes(pickle.dumps(Planted(marker)))
+    state = json.loads((checkpoint / STATE_FILE).read_text())
+    state["files"]["optimizer.pt"] = (checkpoint / "optimizer.pt").stat().st_size
+    (checkpoint / STATE_FILE).write_text(json.dumps(state))
+    with pytest.raises(LiandanError, match="not a tensors-only optimizer state"):
+        train_sft(config(chat_model_dir, sft_data, out2), resume=True)
+    assert not marker.exists()
+
+
+def test_resume_refuses_changed_settings_or_data_unless_told(tmp_path, chat_model_dir, sft_data):
+    out = tmp_path / "run"
+    train_sft(config(chat_model_dir, sft_data, out), stop_after=2)
+    with pytest.raises(LiandanError, match=r"settings \(lr\) differ"):
+        train_sft(config(chat_model_dir, sft_data, out, lr=1e-3), resume=True)
+    write_jsonl(sft_data, [chat_row(f"What is {i} times {i}?", f"It is {i * i}.") for i in range(10)])
+    with pytest.raises(LiandanError, match="training data differ.*resume_changed=true"):
+        train_sft(config(chat_model_dir, sft_data, out), resume=True)
+    # Settings that do not change what a step computes may change; resume_changed forces the rest.
+    result = train_sft(config(chat_model_dir, sft_data, out, log_every=2, resume_changed=True), resume=True)
+    assert len(result.losses) == 4 and (out / "adapter_model.safetensors").is_file()
+
+
+def test_torn_checkpoint_is_skipped_and_old_ones_rotated(tmp_path, chat_model_dir, sft_data, capsys):
+    full = train_sft(config(chat_model_dir, sft_data, tmp_path / "full", save_every=0)).losses
+    out = tmp_path / "run"
+    first = train_sft(config(chat_model_dir, sft_data, out), stop_after=4).losses
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000003", "step-000004"]  # save_total_limit 2
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    (out / "checkpoints" / "step-000004" / COMPLETE).unlink()  # as if the machine died while saving step 4
+    rest = train_sft(config(chat_model_dir, sft_data, out), resume=True).losses
+    assert "skipping checkpoint" in capsys.readouterr().err
+    assert first[:3] + rest == pytest.approx(full, rel=1e-5)
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]  # step 4's line was not doubled
+    assert not (out / INCOMPLETE).exists()
+    check_run_complete(out)
+
+
+def poison(monkeypatch, bad_steps):
+    """Make the loss NaN on the given (0-based) steps: one micro-batch per step in these runs."""
+    import liandan.train
+
+    real_prepare = liandan.train.prepare_sft
+
+    def prepare(*args, **kwargs):
+        run = real_prepare(*args, **kwargs)
+        real_loss, calls = run.objective.loss, [0]
+
+        def loss(model, batch):
+            loss_sum, stats = real_loss(model, batch)
+            calls[0] += 1
+            return (loss_sum * float("nan") if calls[0] - 1 in bad_steps else loss_sum), stats
+
+        run.objective.loss = loss
+        return run
+
+    monkeypatch.setattr(liandan.train, "prepare_sft", prepare)
+
+
+def test_a_diverged_step_changes_no_weight(tmp_path, chat_model_dir, sft_data, monkeypatch):
+    train_sft(config(chat_model_dir, sft_data, tmp_path / "clean"), stop_after=2)
+    poison(monkeypatch, {2})
+    train_sft(config(chat_model_dir, sft_data, tmp_path / "skipped"), stop_after=3)
+    clean = load_file(tmp_path / "clean" / "checkpoints" / "step-000002" / "weights.safetensors")
+    skipped = load_file(tmp_path / "skipped" / "checkpoints" / "step-000003" / "weights.safetensors")
+    assert clean.keys() == skipped.keys()
+    for name in clean:
+        assert torch.equal(clean[name], skipped[name]), name
+    lines = metrics(tmp_path / "skipped")
+    assert lines[2]["loss"] is None and lines[2]["grad_norm"] is None
+    assert [m["skipped_steps"] for m in lines] == [0, 0, 1]
+
+
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(tmp_path, chat_model_dir, sft_data, monkeypatch):
+    out = tmp_path / "run"
+    poison(monkeypatch, set(range(3, 100)))
+    with pytest.raises(LiandanError, match=r"diverged: 2 steps in a row \(up to step 5\).*step-000003"):
+        train_sft(config(chat_model_dir, sft_data, out, max_steps=10, save_every=3, max_bad_steps=2))
+    assert [m["skipped_steps"] for m in metrics(out)] == [0, 0, 0, 1, 2]
+    assert (out / "checkpoints" / "step-000003" / COMPLETE).is_file()
+    assert not (out / "adapter_model.safetensors").exists()
+    with pytest.raises(LiandanError, match="unfinished training run"):
+        check_run_complete(out)
+
+
+def test_a_huge_learning_rate_is_caught(tmp_path, chat_model_dir, sft_data):
+    with pytest.raises(LiandanError, match="diverged|non-finite"):
+        train_sft(config(chat_model_dir, sft_data, tmp_path / "run", lr=1e30, max_grad_norm=0.0))
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_merge_refuses_non_finite_weights_and_unfinished_runs(tmp_path, chat_model_dir, sft_data):
+    out = tmp_path / "run"
+    train_sft(config(chat_model_dir, sft_data, out, max_steps=2))
+    weights = load_file(out / "adapter_model.safetensors")
+    name = min(n for n in weights if "lora_B" in n)
+    weights[name][0, 0] = float("nan")
+    save_file(weights, out / "adapter_model.safetensors")
+    with pytest.raises(LiandanError, match=r"weight '.*' has non-finite values"):
+        merge(out, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+    (out / INCOMPLETE).write_text("")
+    with pytest.raises(LiandanError, match="unfinished training run"):
+        merge(out, tmp_path / "merged")
+
+
+KILLABLE = """
+import json, sys
+from liandan.config import SFTConfig
+from liandan.train import train_sft
+train_sft(SFTConfig(**json.loads(sys.argv[1])), resume=sys.argv[2] == "1")
+"""
+
+
+def test_killed_at_random_moments_resumes_to_the_same_run(tmp_path, chat_model_dir, sft_data):
+    """SIGKILL a run several times (at points spread over steps and checkpoint writes), resume it
+    each time: its losses and final adapter equal those of a run that was never interrupted."""
+    steps = 10
+    full = train_sft(config(chat_model_dir, sft_data, tmp_path / "full", max_steps=steps, save_every=0))
+    out = tmp_path / "killed"
+    args = json.dumps(settings(chat_model_dir, sft_data, out, max_steps=steps))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    kills, resume = 0, "0"
+    for delay in (0.0, 0.05, 0.2):  # after a new metrics line: mid-checkpoint or mid-step
+        child = subprocess.Popen([sys.executable, "-c", KILLABLE, args, resume], env=env,
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        seen = len(metrics(out)) if (out / "metrics.jsonl").exists() else 0
+        deadline = time.monotonic() + 60
+        while child.poll() is None and time.monotonic() < deadline:
+            done = len((out / "metrics.jsonl").read_text().splitlines()) if (out / "metrics.jsonl").exists() else 0
+            if done >= max(seen + 2, 2):  # two new steps: at least one new complete checkpoint
+                time.sleep(delay)
+                child.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.01)
+        child.wait()
+        resume = "1"
+    finished = subprocess.run([sys.executable, "-c", KILLABLE, args, "1"], env=env, capture_output=True, timeout=120, check=False)
+    assert finished.returncode == 0, finished.stderr.decode()[-2000:]
+    assert kills >= 3
+    assert [m["step"] for m in metrics(out)] == list(range(1, steps + 1))
+    assert [m["loss"] for m in metrics(out)] == pytest.approx(full.losses, rel=1e-5)
+    resumed, uninterrupted = load_file(out / "adapter_model.safetensors"), load_file(tmp_path / "full" / "adapter_model.safetensors")
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6)
+    check_run_complete(out)

@@ -21,6 +21,7 @@ from liandan.chat import render_chat
 from liandan.errors import LiandanError
 from liandan.generation import SamplingConfig, find_stop, generate, streamable_length
 from liandan.models import load_model
+from liandan.openai_api import ServeLimits
 from liandan.serve import create_app, default_model_name
 
 KEY = "test-key"
@@ -372,3 +373,208 @@ def test_unknown_paths_and_methods_answer_in_openai_shape(stopper):
     assert status == 404 and assert_error_shape(answer)
     status, answer = http(f"{url}/chat/completions", None, JSON, method="GET")
     assert status == 405 and assert_error_shape(answer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits and checks (issue 15, item 4): each test below fails on a server without them.
+
+SMALL = ServeLimits(max_n=2, max_tokens=50, max_prompts=2, max_stops=2, max_stop_chars=10, max_body_bytes=4096,
+                    max_queued=2, retry_after_s=3)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def limited(chat_model_dir):
+    """The random chat model with small limits, and a gate on ``model.generate``: clear it and
+    generation waits (so that requests pile up in the queue). Records the tokens each generate made."""
+    model, tokenizer = load_model(str(chat_model_dir), device="cpu", dtype="float32")
+    gate, entered, generated = threading.Event(), threading.Event(), []
+    gate.set()
+    original = model.generate
+
+    def gated_generate(**kwargs):
+        entered.set()
+        assert gate.wait(timeout=60)
+        out = original(**kwargs)
+        generated.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    model.generate = gated_generate
+    with running(create_app(model, tokenizer, model_name="limited", limits=SMALL)) as url:
+        client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+        yield client, url, gate, entered, generated
+
+
+def raw_post(url: str, body: dict) -> socket.socket:
+    """Sends a JSON POST on a raw socket and returns it unread: closing it is a client that left."""
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    data = json.dumps(body).encode()
+    sock = socket.create_connection((host, int(port)))
+    sock.sendall(f"POST /v1/chat/completions HTTP/1.1\r\nHost: {host}:{port}\r\nContent-Type: application/json\r\n"
+                 f"Content-Length: {len(data)}\r\n\r\n".encode() + data)  # fmt: skip
+    return sock
+
+
+def wait_for(condition, seconds: float = 20) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    ("options", "param"),
+    [({"n": 3}, "n"), ({"max_tokens": 51}, "max_tokens"), ({"max_completion_tokens": 51}, "max_completion_tokens"),
+     ({"stop": ["a", "b", "c"]}, "stop"), ({"stop": "x" * 11}, "stop")],
+)  # fmt: skip
+def test_requests_over_a_limit_are_400_naming_it(limited, options, param):
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(limited[0], "limited", **options)
+    assert caught.value.param == param and "on this server" in caught.value.message or "at most" in caught.value.message
+
+
+def test_too_many_prompts_are_400(limited):
+    with pytest.raises(openai.BadRequestError) as caught:
+        limited[0].completions.create(model="limited", prompt=["a", "b", "c"], max_tokens=1)
+    assert caught.value.param == "prompt" and "at most 2 prompts" in caught.value.message
+    assert len(limited[0].completions.create(model="limited", prompt=["a", "b"], max_tokens=1).choices) == 2
+
+
+def test_a_chat_without_max_tokens_stops_at_the_servers_cap(limited):
+    reply = chat(limited[0], "limited", temperature=0)  # the model has 256 positions; the cap is 50
+    assert reply.usage.completion_tokens == 50 and reply.choices[0].finish_reason == "length"
+
+
+def test_a_large_body_is_413_before_it_is_read(limited):
+    body = json.dumps({"model": "limited", "messages": [{"role": "user", "content": "x" * 5000}]}).encode()
+    status, answer = http(f"{limited[1]}/chat/completions", body, {"Content-Type": "application/json"})
+    assert status == 413 and assert_error_shape(answer)["code"] == "request_too_large"
+
+
+def test_a_full_queue_is_429_with_retry_after(limited):
+    client, _, gate, entered, _ = limited
+    gate.clear()
+    entered.clear()
+    try:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            running_ = pool.submit(chat, client, "limited", max_tokens=2)
+            wait_for(entered.is_set)  # one job in generate, held at the gate
+            queued = pool.submit(chat, client, "limited", max_tokens=2)
+            time.sleep(0.5)  # the second is in the queue: two held, the limit
+            with pytest.raises(openai.RateLimitError) as caught:
+                chat(client, "limited", max_tokens=2)
+            assert caught.value.status_code == 429 and caught.value.code == "server_busy"
+            assert caught.value.response.headers["Retry-After"] == "3"
+            with pytest.raises(openai.RateLimitError):  # streams are refused before they begin
+                chat(client, "limited", max_tokens=2, stream=True)
+            gate.set()
+            assert running_.result().choices[0].finish_reason == "length"
+            assert queued.result().choices[0].finish_reason == "length"
+    finally:
+        gate.set()
+    assert chat(client, "limited", max_tokens=2).usage.completion_tokens == 2  # the queue emptied again
+
+
+def test_a_client_that_leaves_cancels_its_plain_request_queued_or_running(limited):
+    client, url, gate, entered, generated = limited
+    body = {"model": "limited", "messages": HELLO, "max_tokens": 50, "temperature": 0}
+    gate.clear()
+    entered.clear()
+    try:
+        running_ = raw_post(url, body)  # held in generate at the gate
+        wait_for(entered.is_set)
+        queued = raw_post(url, body)
+        time.sleep(0.3)
+        before = len(generated)
+        running_.close()
+        queued.close()
+        time.sleep(0.5)  # the server notices both have gone
+    finally:
+        gate.set()
+    wait_for(lambda: len(generated) > before)
+    time.sleep(0.3)  # the worker drops the queued job
+    assert chat(client, "limited", max_tokens=2).usage.completion_tokens == 2
+    # The running job stopped after its first token; the queued one never reached generate.
+    assert generated[before:] == [1, 2]
+
+
+def test_each_token_decodes_only_a_few_tokens(chatter, monkeypatch):
+    """Incremental detokenisation: decoding the whole reply for each new token is quadratic."""
+    client, _, _, tokenizer = chatter
+    lengths: list[int] = []
+    decode = tokenizer.decode
+
+    def counting_decode(ids, *args, **kwargs):
+        lengths.append(len(ids))
+        return decode(ids, *args, **kwargs)
+
+    monkeypatch.setattr(tokenizer, "decode", counting_decode)
+    plain = chat(client, temperature=0, max_tokens=80).choices[0].message.content
+    assert max(lengths) <= 8 and len(lengths) <= 2 * 80 + 2
+    monkeypatch.undo()
+    # The same text as decoding the whole reply at once, as liandan generate does.
+    assert plain == generate(chatter[2], tokenizer, ["Question 3?"], config=SamplingConfig(max_new_tokens=80))[0].text
+
+
+def test_rendering_and_tokenizing_run_off_the_event_loop(chatter, monkeypatch):
+    client, url = chatter[0], chatter[1]
+    inside, release = threading.Event(), threading.Event()
+
+    def slow_render(*args, **kwargs):
+        inside.set()
+        release.wait(timeout=30)
+        return render_chat(*args, **kwargs)
+
+    monkeypatch.setattr("liandan.serve.render_chat", slow_render)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        try:
+            pending = pool.submit(chat, client, temperature=0, max_tokens=2)
+            wait_for(inside.is_set)
+            status, answer = http(f"{url}/models", method="GET")  # answered while the render is stuck
+            assert status == 200 and answer["data"][0]["id"] == "chatter"
+        finally:
+            release.set()
+        assert pending.result().usage.completion_tokens == 2
+
+
+def test_wrong_host_is_400_and_cross_site_origin_is_403(chatter):
+    url = chatter[1]
+    body = json.dumps({"model": "chatter", "messages": HELLO, "max_tokens": 1}).encode()
+    plain = {"Content-Type": "application/json"}
+    status, answer = http(f"{url}/chat/completions", body, {**plain, "Host": "rebound.example:8000"})
+    assert status == 400 and assert_error_shape(answer)["code"] == "invalid_host"
+    status, answer = http(f"{url}/models", None, {"Host": "rebound.example"}, method="GET")
+    assert status == 400
+    status, answer = http(f"{url}/chat/completions", body, {**plain, "Origin": "https://some-site.example"})
+    assert status == 403 and assert_error_shape(answer)["code"] == "cross_origin_refused"
+    own = url.removesuffix("/v1")
+    assert http(f"{url}/chat/completions", body, {**plain, "Origin": own})[0] == 200  # the server's own page
+
+
+def test_docs_are_off_by_default_and_behind_the_key_when_on(chatter, chat_model_dir):
+    assert http(f"{chatter[1].removesuffix('/v1')}/docs", method="GET")[0] == 404
+    assert http(f"{chatter[1].removesuffix('/v1')}/openapi.json", method="GET")[0] == 404
+    model, tokenizer = load_model(str(chat_model_dir), device="cpu", dtype="float32")
+    with running(create_app(model, tokenizer, model_name="m", api_key=KEY, docs=True)) as url:
+        root = url.removesuffix("/v1")
+        assert http(f"{root}/openapi.json", method="GET")[0] == 401
+        assert http(f"{root}/openapi.json", None, {"Authorization": f"Bearer {KEY}"}, method="GET")[0] == 200
+
+
+def test_500s_say_nothing_of_the_internals_and_log_them(chatter, monkeypatch, caplog):
+    client = chatter[0]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("secret detail /home/user/model")
+
+    monkeypatch.setattr("liandan.serve._usage", broken)  # a bug in the handler
+    with caplog.at_level("ERROR", logger="liandan.serve"), pytest.raises(openai.InternalServerError) as caught:
+        chat(client, temperature=0, max_tokens=1)
+    assert caught.value.status_code == 500 and "secret" not in caught.value.message
+    monkeypatch.undo()
+    monkeypatch.setattr(chatter[2], "generate", broken)  # a failure in the worker
+    with caplog.at_level("ERROR", logger="liandan.serve"), pytest.raises(openai.InternalServerError) as caught:
+        chat(client, temperature=0, max_tokens=1)
+    assert "secret" not in caught.value.message and "server's log" in caught.value.message
+    monkeypatch.undo()
+    logged = [r for r in caplog.records if r.name == "liandan.serve"]  # both are in the server's log
+    assert len(logged) == 2 and all("secret detail" in str(r.exc_info[1]) for r in logged)

@@ -14,6 +14,7 @@ requests from other sites (Host and Origin checks) and bodies that are too large
 from __future__ import annotations
 
 import json
+import logging
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -175,6 +176,32 @@ class RequireApiKey:
                 response = error_response(401, "incorrect API key", code="invalid_api_key")
                 return await response(scope, receive, send)
         await self.app(scope, receive, send)
+
+
+class AnswerBugs:
+    """ASGI middleware: an exception no handler answered becomes a 500 that says only that it
+    happened; the traceback goes to ``log``. (Starlette's own handler re-raises, and uvicorn then
+    drops the connection.)"""
+
+    def __init__(self, app: Any, log: logging.Logger) -> None:
+        self.app, self.log = app, log
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        started = False
+
+        async def watched_send(message: dict) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched_send)
+        except Exception:
+            self.log.exception("internal error answering %s %s", scope.get("method"), scope.get("path"))
+            if started or scope["type"] != "http":
+                return
+            response = error_response(500, "internal error (the server's log has the details)", type="server_error")
+            await response(scope, receive, send)
 
 
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")

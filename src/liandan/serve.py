@@ -61,6 +61,7 @@ from .openai_api import (
     LOCAL_HOSTS,
     UNSET,
     UNSUPPORTED,
+    AnswerBugs,
     ApiError,
     ChatRequest,
     CompletionRequest,
@@ -253,7 +254,7 @@ class _Worker:
         self.current = job
         try:
             job.emit(("done", self._run(job)))
-        except Exception:  # noqa: BLE001 - one failed request must not stop the server
+        except Exception:
             log.exception("generation failed")  # the details stay in the server's log
             job.emit(("error", "generation failed (the server's log has the details)"))
         finally:
@@ -364,7 +365,7 @@ class _Server:
         try:
             with self.lock:
                 text = render_chat(self.tokenizer, messages)
-        except Exception as exc:  # noqa: BLE001 - templates raise their own errors for conversations they reject
+        except Exception as exc:
             raise ApiError(400, f"the model's chat template cannot render these messages: {exc}", param="messages") from exc
         ids = self.encode(text, add_special_tokens=False)  # the render already holds the template's special tokens
         max_tokens = request.max_completion_tokens or request.max_tokens
@@ -485,6 +486,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | No
 
     off = {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="liandan serve", lifespan=lifespan, **({} if docs else off))
+    app.add_middleware(AnswerBugs, log=log)  # the innermost: 500s say nothing of the internals
     if api_key:
         app.add_middleware(RequireApiKey, api_key=api_key)
     # Added last, so it runs first: a request from another site is refused before the key is looked at.
@@ -504,11 +506,6 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def on_api_error(request, exc: ApiError) -> JSONResponse:
         return error_response(exc.status, exc.message, param=exc.param, code=exc.code, type=exc.type,
                               headers=exc.headers)  # fmt: skip
-
-    @app.exception_handler(Exception)
-    async def on_bug(request, exc: Exception) -> JSONResponse:
-        log.error("internal error answering %s %s", request.method, request.url.path, exc_info=exc)
-        return error_response(500, "internal error (the server's log has the details)", type="server_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request, exc: StarletteHTTPException) -> JSONResponse:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .chat import has_chat_template, stop_token_ids
+from .errors import LiandanError
 
 ROLES = ("system", "user", "assistant")
 _S, _U, _A, _U2 = "Liandan7System", "Liandan7User", "Liandan7Reply", "Liandan7Again"
@@ -161,17 +162,60 @@ def ollama_template(pieces: ChatPieces) -> str:
     return "".join(parts)
 
 
-def _quoted(value: str) -> str:
-    return f'"""{value}"""' if '"' in value or "\n" in value else f'"{value}"'
+# ---------------------------------------------------------------------------------------------
+# Modelfile values. Ollama's parser (parser/parser.go) has no escapes: a value runs to the first
+# line end at which it is a whole quoted string ("..." or """..."""), and characters that are not
+# printable are dropped. So a value is written in the first quoting that Ollama reads back as
+# exactly that text, and left out (with a note) when none does, rather than written wrongly.
+
+
+def ollama_reads(written: str) -> str | None:
+    """The value Ollama's Modelfile parser reads from ``written`` (what follows ``SYSTEM ``), or
+    None when the value would end early and spill what follows into new commands."""
+    buffer = ""
+    for at, char in enumerate(written + "\n"):
+        if char in "\r\n":
+            value = _unquote(buffer.strip())
+            if value is not None:
+                return value if at == len(written) else None
+            buffer += char
+        elif char in " \t" or char.isprintable():
+            buffer += char
+    return None
+
+
+def _unquote(text: str) -> str | None:
+    if text.startswith('"""'):
+        return text[3:-3] if len(text) >= 6 and text.endswith('"""') else None
+    if text.startswith('"'):
+        return text[1:-1] if len(text) >= 2 and text.endswith('"') else None
+    return text
+
+
+def modelfile_string(value: str, triple_first: bool = False) -> str | None:
+    """``value`` quoted so that Ollama reads it back exactly, or None when no quoting can."""
+    candidates = (f'"{value}"', f'"""{value}"""')
+    for written in reversed(candidates) if triple_first else candidates:
+        if ollama_reads(written) == value:
+            return written
+    return None
+
+
+def _comment(text: str) -> str:
+    """Text for a ``#`` comment line: a line end in it would start a new command."""
+    return " ".join(text.splitlines())
 
 
 def modelfile_text(tokenizer: Any, generation_config: Any, out: Path, add_bos: bool, spec: str,
                    quant: str) -> tuple[str, bool, list[str]]:  # fmt: skip
     """``(Modelfile text, TEMPLATE exact?, notes)``: FROM, TEMPLATE, SYSTEM, PARAMETER stop."""
     source = f"./{out.name}"
-    lines = [f"# Ollama Modelfile for {out.name}, written by liandan export from '{spec}' ({quant}).",
-             f"# Create the model: ollama create {out.stem} -f {out.with_suffix('.Modelfile').name}",
-             f"FROM {_quoted(source) if ' ' in source else source}"]  # fmt: skip
+    source = source if ollama_reads(source) == source and " " not in source else modelfile_string(source)
+    if source is None:
+        raise LiandanError(f"'{out.name}': Ollama's Modelfile cannot name this file; choose a name without line breaks")
+    lines = [_comment(f"# Ollama Modelfile for {out.name}, written by liandan export from '{spec}' ({quant})."),
+             _comment(f"# Create the model: ollama create {out.stem} -f {out.with_suffix('.Modelfile').name}"),
+             f"FROM {source}"]  # fmt: skip
     notes: list[str] = []
     exact = False
     pieces = chat_pieces(tokenizer, add_bos) if has_chat_template(tokenizer) else None
@@ -192,12 +236,26 @@ def modelfile_text(tokenizer: Any, generation_config: Any, out: Path, add_bos: b
         elif not pieces.is_chatml:
             notes.append("the chat template is not ChatML; the Modelfile TEMPLATE is a best effort that matched it "
                          f"on {len(_CHECKS)} test conversations")  # fmt: skip
-        lines.append(f'TEMPLATE """{ollama_template(pieces)}"""')
+        template = ollama_template(pieces)
+        if ollama_reads(f'"""{template}"""') == template:
+            lines.append(f'TEMPLATE """{template}"""')
+        else:
+            exact = False
+            lines.append('TEMPLATE """{{ .Prompt }}"""')
+            notes.append("the Ollama TEMPLATE derived from the chat template cannot be written in a Modelfile "
+                         "exactly; it needs a TEMPLATE written by hand")  # fmt: skip
         if pieces.default_system is not None:
-            if '"""' in pieces.default_system:
-                notes.append("the default system prompt contains '\"\"\"' and was left out of the Modelfile")
+            system = modelfile_string(pieces.default_system, triple_first=True)
+            if system is None:
+                notes.append("the default system prompt cannot be written in a Modelfile exactly "
+                             f"({pieces.default_system!r:.60}) and was left out")  # fmt: skip
             else:
-                lines.append(f'SYSTEM """{pieces.default_system}"""')
+                lines.append(f"SYSTEM {system}")
     for token_id in stop_token_ids(tokenizer, generation_config):
-        lines.append(f"PARAMETER stop {_quoted(tokenizer.decode([token_id], skip_special_tokens=False))}")
+        stop = tokenizer.decode([token_id], skip_special_tokens=False)
+        written = modelfile_string(stop)
+        if written is None:
+            notes.append(f"the stop string {stop!r} cannot be written in a Modelfile exactly and was left out")
+        else:
+            lines.append(f"PARAMETER stop {written}")
     return "\n".join(lines) + "\n", exact, notes

@@ -570,6 +570,6 @@ def test_pretraining_text_with_special_token_text_raises_or_stays_plain():
     documents = [("notes.txt", "a<|endoftext|>b " * 20)]
     with pytest.raises(LiandanError, match="notes.txt: field 'text': contains the special token '<\\|endoftext\\|>'"):
         text_blocks(tok, documents, block=16)
-    blocks, total = text_blocks(tok, documents, block=1024, special_text="plain")
+    blocks, _ = text_blocks(tok, documents, block=1024, special_text="plain")
     ids = blocks[0]["input_ids"]
     assert count(ids, tok, "<|endoftext|>") == 0 and ids[-1] == tok.eos_token_id

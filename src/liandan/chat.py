@@ -233,11 +233,11 @@ def _check_special_text(clean: list[dict], specials: set[str], special_text: str
 def _check_rendered(tokenizer: Any, clean: list[dict], generation_prompt: bool = False, template: str | None = None) -> None:
     """Every message must appear in the render: a template that silently drops a system or tool
     turn would train (or answer) on a different conversation than the data holds."""
-    marks = [f"{_SENTINEL}{n}Z" for n in range(len(clean))]
-    marked = [{**message, "content": mark} for message, mark in zip(clean, marks)]
+    marks = [f"{_SENTINEL}{n}Z" if isinstance(m.get("content"), str) else None for n, m in enumerate(clean)]
+    marked = [{**message, "content": mark} if mark else message for message, mark in zip(clean, marks)]
     rendered = _render(tokenizer, marked, generation_prompt, template)
     for i, (message, mark) in enumerate(zip(clean, marks)):
-        if mark not in rendered:
+        if mark and mark not in rendered:
             raise LiandanError(
                 f"messages[{i}]: the chat template does not render this {message['role']!r} message, so it would "
                 "be dropped silently; remove it or use a template that supports it"
@@ -251,7 +251,7 @@ def _plain_ranges(
     """The character ranges of the full render that are special-token text inside a message's
     content, to be tokenized as plain characters. The template text around those messages must
     match the render exactly, or the content cannot be told from the template's own tokens."""
-    dirty = [i for i, m in enumerate(clean) if any(s and s in m["content"] for s in specials)]
+    dirty = [i for i, m in enumerate(clean) if isinstance(m.get("content"), str) and any(s and s in m["content"] for s in specials)]
     if not dirty:
         return []
     marks = [f"{_SENTINEL}{n}Z" for n in range(len(dirty))]
@@ -290,8 +290,9 @@ def encode_generation_prompt(tokenizer: Any, messages: list[dict]) -> list[int]:
     """The conversation plus the assistant header as token ids, for generation (chat, serve):
     the model's template (ChatML when it has none), and special-token text that a user typed in a
     message encoded as the plain characters it is, so no one can forge a turn or a stop. Raises
-    when the template drops a message."""
-    clean = [{"role": m["role"], "content": m["content"]} for m in messages]
+    when the template drops a message. Keys other than ``train`` (``name``, ``tool_calls``) are
+    passed to the template as they are."""
+    clean = [{key: value for key, value in m.items() if key != "train"} for m in messages]
     template = None if has_chat_template(tokenizer) else CHATML_TEMPLATE
     text = _render(tokenizer, clean, True, template)
     _check_rendered(tokenizer, clean, True, template)

@@ -186,3 +186,17 @@ def test_missing_local_base_is_an_error_not_a_hub_download(tmp_path, monkeypatch
         models.adapter_base(run)
     # A hub id stays one: the user wrote it.
     assert models.adapter_base(make_run(tmp_path / "hub", {"spec": "owner/name", "kind": "hub"})) == "owner/name"
+
+
+def test_current_directory_is_tried_only_when_the_weights_hash_can_confirm_it(tmp_path, monkeypatch, chat_model_dir):
+    from liandan.files import file_sha256
+    from liandan.models import adapter_base
+
+    shutil.copytree(chat_model_dir, tmp_path / "models" / "base")
+    monkeypatch.chdir(tmp_path)
+    sha = file_sha256(tmp_path / "models" / "base" / "model.safetensors")
+    hashed = make_run(tmp_path / "a", {"spec": "models/base", "kind": "hf_dir", "weights_sha256": sha}, str(tmp_path / "a"))
+    assert adapter_base(hashed) == str((tmp_path / "models" / "base").resolve())
+    unhashed = make_run(tmp_path / "b", {"spec": "models/base", "kind": "hf_dir"}, str(tmp_path / "b"))
+    with pytest.raises(LiandanError, match="is not at"):
+        adapter_base(unhashed)

@@ -268,7 +268,9 @@ def _base_candidates(run_dir: Path, spec: str, base: dict) -> list[Path]:
     output_dir = _recorded_output_dir(run_dir)
     if output_dir is not None and not Path(output_dir).expanduser().is_absolute():
         return [run_dir / os.path.relpath(spec, output_dir)]
-    return [run_dir / spec]
+    # The training command's directory is unknown; the current one is tried only when the
+    # recorded weights hash can confirm it is the same model.
+    return [run_dir / spec, *([path] if base.get("weights_sha256") else [])]
 
 
 def _recorded_output_dir(run_dir: Path) -> str | None:

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from liandan.checks import normalize, parse_checks, parse_json, run_checks
+from liandan.checks import allowing_code, normalize, parse_checks, parse_json, run_checks
 from liandan.errors import LiandanError
 
 SCHEMA = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}, "additionalProperties": False}
@@ -51,8 +51,23 @@ def test_schema_from_a_file_relative_to_the_set(tmp_path):
 def test_predicate_gets_answer_and_record(tmp_path, monkeypatch):
     (tmp_path / "mychecks.py").write_text("def short(answer, record):\n    return len(answer) <= record['limit']\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    assert verdicts({"predicate": "mychecks:short"}, "abc", record={"limit": 3}) == {"predicate": True}
-    assert verdicts({"predicate": "mychecks:short"}, "abcd", record={"limit": 3}) == {"predicate": False}
+    with allowing_code():
+        assert verdicts({"predicate": "mychecks:short"}, "abc", record={"limit": 3}) == {"predicate": True}
+        assert verdicts({"predicate": "mychecks:short"}, "abcd", record={"limit": 3}) == {"predicate": False}
+
+
+def test_predicates_need_allow_code_and_never_come_from_the_working_directory(tmp_path, monkeypatch):
+    marker = tmp_path / "PWNED"
+    spec = {"predicate": "os:system"}
+    with pytest.raises(LiandanError, match=r"t.jsonl:2: field 'checks.predicate': the predicate 'os:system' would run .*--allow-code"):
+        parse_checks(spec, where="t.jsonl:2", record={"x": f"touch {marker}"})
+    # A module beside the task file (the working directory) is not imported, even with code allowed.
+    (tmp_path / "planted.py").write_text(f"open({str(marker)!r}, 'w').close()\ndef check(answer, record):\n    return True\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend("")
+    with pytest.raises(LiandanError, match="cannot import 'planted:check'.*current directory is not searched"):
+        parse_checks({"predicate": "planted:check"}, where="t.jsonl:3", allow_code=True)
+    assert not marker.exists() and "" in __import__("sys").path  # sys.path is left as it was
 
 
 @pytest.mark.parametrize(
@@ -91,7 +106,7 @@ def test_reference_json_mode_needs_a_json_reference():
 def test_a_predicate_that_raises_is_an_error_naming_it(tmp_path, monkeypatch):
     (tmp_path / "boom.py").write_text("def check(answer, record):\n    raise ValueError('bad answer')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    checks = parse_checks({"predicate": "boom:check"}, where="t.jsonl:4")
+    checks = parse_checks({"predicate": "boom:check"}, where="t.jsonl:4", allow_code=True)
     with pytest.raises(LiandanError, match=r"t.jsonl:4: field 'checks.predicate': boom:check raised ValueError: bad answer"):
         run_checks(checks, "x")
 

@@ -7,15 +7,24 @@
 A record of a task set carries its checks in a ``checks`` object; a command can add the same
 checks to every record (``--schema FILE``, ``--check KEY=VALUE``). Text comparisons ignore case.
 Every problem names the file, the line and the field, and is found before any model is loaded.
+
+A ``predicate`` runs Python code named by the task file, so it is refused unless code is allowed
+(``--allow-code``: `allowing_code`, or ``parse_checks(..., allow_code=True)``), and its module is
+imported without the current directory on ``sys.path``: a task file cannot pick up a stray
+``*.py`` lying beside it.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
+import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +45,17 @@ CHECKS = {
     "predicate": "module:function, called as function(answer, record) -> bool",
 }
 REFERENCE_MODES = ("exact", "contains", "json")
+_ALLOW_CODE: ContextVar[bool] = ContextVar("allow_code", default=False)
+
+
+@contextmanager
+def allowing_code(allowed: bool = True) -> Iterator[None]:
+    """Within this block, checks parsed without an explicit ``allow_code`` may run predicates."""
+    token = _ALLOW_CODE.set(allowed)
+    try:
+        yield
+    finally:
+        _ALLOW_CODE.reset(token)
 
 
 @dataclass
@@ -50,12 +70,14 @@ class Checks:
 
 
 def parse_checks(spec: object, *, where: str, base_dir: Path | None = None, reference: str | None = None,
-                 record: dict | None = None) -> Checks:  # fmt: skip
+                 record: dict | None = None, allow_code: bool | None = None) -> Checks:  # fmt: skip
     """Validate ``spec`` (the ``checks`` object of a record) and compile each check.
 
     ``base_dir`` resolves a schema given as a relative path; ``reference`` is the record's
-    reference answer (needed by the ``reference`` check); ``record`` is passed to predicates.
+    reference answer (needed by the ``reference`` check); ``record`` is passed to predicates;
+    ``allow_code`` permits predicates (None: as set by `allowing_code`, off by default).
     """
+    allow_code = _ALLOW_CODE.get() if allow_code is None else allow_code
     if not isinstance(spec, dict):
         raise LiandanError(f"{where}: field 'checks': expected an object such as {{\"contains\": [\"Paris\"]}}")
     checks = Checks(where=where)
@@ -63,7 +85,7 @@ def parse_checks(spec: object, *, where: str, base_dir: Path | None = None, refe
         if name not in CHECKS:
             raise LiandanError(f"{where}: field 'checks.{name}': unknown check; expected one of {', '.join(CHECKS)}")
         here = f"{where}: field 'checks.{name}'"
-        checks.tests[name] = _compile(name, value, here, base_dir or Path("."), reference, record or {})
+        checks.tests[name] = _compile(name, value, here, base_dir or Path("."), reference, record or {}, allow_code)
     return checks
 
 
@@ -72,7 +94,7 @@ def run_checks(checks: Checks, answer: str, reference: str | None = None) -> dic
     return {name: bool(test(answer, reference)) for name, test in checks.tests.items()}
 
 
-def _compile(name: str, value: Any, here: str, base_dir: Path, reference: str | None, record: dict):
+def _compile(name: str, value: Any, here: str, base_dir: Path, reference: str | None, record: dict, allow_code: bool):
     if name == "exact":
         target = normalize(_string(value, here))
         return lambda answer, _ref: normalize(answer) == target
@@ -98,7 +120,7 @@ def _compile(name: str, value: Any, here: str, base_dir: Path, reference: str | 
         return lambda answer, _ref: (doc := parse_json(answer)) is not INVALID_JSON and validator.is_valid(doc)
     if name == "reference":
         return _reference_check(value, here, reference)
-    return _predicate(value, here, record)
+    return _predicate(value, here, record, allow_code)
 
 
 def _reference_check(mode: Any, here: str, reference: str | None):
@@ -117,17 +139,23 @@ def _reference_check(mode: Any, here: str, reference: str | None):
     return lambda answer, _ref: (doc := parse_json(answer)) is not INVALID_JSON and doc == expected
 
 
-def _predicate(value: Any, here: str, record: dict):
+def _predicate(value: Any, here: str, record: dict, allow_code: bool):
     spec = _string(value, here)
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
         raise LiandanError(f"{here}: expected 'module:function' (got {spec!r})")
-    if "" not in sys.path and "." not in sys.path:
-        sys.path.insert(0, "")  # the console script does not put the working directory on the path
-    try:
-        function = getattr(importlib.import_module(module_name), function_name)
-    except (ImportError, AttributeError) as exc:
-        raise LiandanError(f"{here}: cannot import {spec!r}: {exc}") from None
+    hint = "(the current directory is not searched: install the module or put its directory on PYTHONPATH)"
+    with _without_working_directory():
+        # find_spec of the top-level name locates the module without running any of its code.
+        if _find(module_name.partition(".")[0]) is None:
+            raise LiandanError(f"{here}: cannot import {spec!r}: no module named {module_name.partition('.')[0]!r} {hint}")
+        if not allow_code:
+            raise LiandanError(f"{here}: the predicate {spec!r} would run Python code named by the task file; "
+                               "pass --allow-code if you trust it (it runs with your permissions)")  # fmt: skip
+        try:
+            function = getattr(importlib.import_module(module_name), function_name)
+        except (ImportError, AttributeError) as exc:
+            raise LiandanError(f"{here}: cannot import {spec!r}: {exc} {hint}") from None
     if not callable(function):
         raise LiandanError(f"{here}: {spec!r} is not a function")
 
@@ -138,6 +166,24 @@ def _predicate(value: Any, here: str, record: dict):
             raise LiandanError(f"{here}: {spec} raised {type(exc).__name__}: {exc}") from None
 
     return test
+
+
+def _find(name: str):
+    try:
+        return importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return None
+
+
+@contextmanager
+def _without_working_directory() -> Iterator[None]:
+    """``sys.path`` without the current directory ('' or '.' or its path, as ``python -m`` adds)."""
+    saved, cwd = sys.path[:], os.getcwd()
+    sys.path[:] = [p for p in sys.path if p not in ("", ".") and os.path.abspath(p) != cwd]
+    try:
+        yield
+    finally:
+        sys.path[:] = saved
 
 
 def load_schema(value: Any, here: str, base_dir: Path):

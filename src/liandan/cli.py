@@ -42,6 +42,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.bin) weights, which can run code when loaded.")]
+CodeOpt = Annotated[bool, typer.Option("--allow-code", help="Allow 'predicate' checks: they run Python code the task file names.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write .html, .md or .jsonl (by extension).")]
 
 
@@ -200,12 +201,14 @@ def bake(
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     probes: Annotated[str, typer.Option(help="Also measure retention: default, a file, or none.")] = "none",
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Further SFT settings: key=value.")] = None,
+    allow_code: CodeOpt = False,
 ) -> None:
     """Bake a system prompt into the weights: same behaviour without sending the prompt."""
-    with user_errors():
+    from .checks import allowing_code, parse_check_options
+
+    with user_errors(), allowing_code(allow_code):
         from .bake import BakeConfig
         from .bake import bake as run_bake
-        from .checks import parse_check_options
 
         quiet_libraries()
         config = BakeConfig(model=model, system=system, prompts=prompts, task=task, checks=parse_check_options(check or []),
@@ -230,10 +233,12 @@ def eval_command(
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
     out: Annotated[Optional[list[Path]], typer.Option("--out", "-o", help="Write the results: .html, .md or .json (repeatable).")] = None,
+    allow_code: CodeOpt = False,
 ) -> None:
     """Evaluate models before vs after fine-tuning: task score, stop rate, retention and drift."""
-    with user_errors():
-        from .checks import parse_check_options
+    from .checks import allowing_code, parse_check_options
+
+    with user_errors(), allowing_code(allow_code):
         from .eval_report import print_metrics, write_eval_report
         from .evaluation import EvalConfig, Evaluation, evaluate
 

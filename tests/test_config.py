@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from liandan.config import DPOConfig, LoraConfig, PretrainConfig, SFTConfig, TrainConfig, load_config
+from liandan.config import DPOConfig, LoraConfig, PretrainConfig, SFTConfig, TrainConfig, load_config, resume_config
 from liandan.errors import LiandanError
 from liandan.prompts import shipped_example
 
@@ -34,6 +34,16 @@ def test_int_accepted_for_float_and_keyword_values():
         ("lr", "--set 'lr': expected key=value"),
         ("lora.rank=0", "lora.rank must be at least 1"),
         ("grad_accum=0", "grad_accum must be at least 1"),
+        ("log_every=0", "log_every must be at least 1"),
+        ("max_grad_norm=nan", "max_grad_norm must be a finite number, 0 (off) or more (got nan)"),
+        ("max_grad_norm=.inf", "max_grad_norm must be a finite number"),
+        ("lr=nan", "lr must be a finite number above 0"),
+        ("epochs=.inf", "epochs must be a finite number"),
+        ("weight_decay=nan", "weight_decay must be a finite number"),
+        ("save_every=-1", "save_every must be 0 (no checkpoints) or more"),
+        ("save_total_limit=-1", "save_total_limit must be 0 (keep all) or more"),
+        ("max_bad_steps=0", "max_bad_steps must be at least 1"),
+        ("eval_every=-1", "eval_every must be 0"),
     ],
 )
 def test_bad_settings_are_clear(override, message):
@@ -88,3 +98,18 @@ def test_a_yaml_recipe_with_another_stages_setting_names_the_stage(tmp_path):
 def test_shipped_recipes_load_with_their_stage():
     for cls, name in ((SFTConfig, "sft-pirate.yaml"), (DPOConfig, "dpo-onesent.yaml"), (PretrainConfig, "pretrain-veloria.yaml")):
         assert load_config(cls, shipped_example(name)).data
+
+
+def test_resume_names_the_run_settings_and_refuses_remote_code_from_them(tmp_path, capsys):
+    assert resume_config(str(tmp_path), []) is None  # no config.yaml: the command line's settings
+    (tmp_path / "config.yaml").write_text("model: someone/else\ntrust_remote_code: true\n")
+    with pytest.raises(LiandanError, match="sets trust_remote_code: true.*--set trust_remote_code=true"):
+        resume_config(str(tmp_path), [])
+    assert resume_config(str(tmp_path), ["trust_remote_code=true"]) == tmp_path / "config.yaml"
+    assert "resuming with the settings in" in capsys.readouterr().err
+
+
+def test_safety_defaults():
+    config = SFTConfig()
+    assert config.save_every > 0 and config.save_total_limit == 2 and config.max_bad_steps == 3
+    assert config.resume_changed is False and config.trust_remote_code is False

@@ -330,11 +330,11 @@ def pretrain(
 
 def _train(cls, train_fn, config: Optional[Path], set_, resume: bool, **values):
     """Shared by the training commands: the config from YAML, flags and --set; then the loop."""
-    from .config import load_config
+    from .config import load_config, resume_config
 
     output_dir = values.get("output_dir")
-    if resume and config is None and output_dir and (Path(output_dir) / "config.yaml").is_file():
-        config = Path(output_dir) / "config.yaml"  # resume with the settings the run started with
+    if resume and config is None:  # resume with the settings the run started with
+        config = resume_config(output_dir, set_)
     quiet_libraries()
     cfg = load_config(cls, config, set_, **values)
     check_models([cfg.model])

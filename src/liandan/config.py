@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -234,6 +235,21 @@ def load_config(cls: type, path: str | Path | None = None, overrides: list[str] 
             raise LiandanError(f"--set {item!r}: expected key=value, for example --set lr=1e-4")
         set_dotted(data, key.strip(), parse_value(raw))
     return build(cls, data, "")
+
+
+def resume_config(output_dir: str | None, overrides: list[str] | None) -> Path | None:
+    """The settings file a resumed run started with (``OUTPUT_DIR/config.yaml``), if there is one.
+    The directory may be someone else's, so the file is named aloud, and one that lets model code
+    run (trust_remote_code) is refused unless ``--set trust_remote_code=true`` says so too."""
+    path = Path(output_dir) / "config.yaml" if output_dir else None
+    if path is None or not path.is_file():
+        return None
+    allowed = any(o.replace(" ", "").lower() == "trust_remote_code=true" for o in overrides or [])
+    if read_yaml(path).get("trust_remote_code") is True and not allowed:
+        raise LiandanError(f"--resume: '{path}' sets trust_remote_code: true, which lets the model's repository run code; "
+                           "if you trust this run directory and its model, add --set trust_remote_code=true")  # fmt: skip
+    print(f"resuming with the settings in '{path}'", file=sys.stderr)
+    return path
 
 
 def parse_value(raw: str) -> Any:

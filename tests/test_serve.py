@@ -399,9 +399,10 @@ def limited(chat_model_dir):
         return out
 
     model.generate = gated_generate
-    with running(create_app(model, tokenizer, model_name="limited", limits=SMALL)) as url:
+    app = create_app(model, tokenizer, model_name="limited", limits=SMALL)
+    with running(app) as url:
         client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
-        yield client, url, gate, entered, generated
+        yield client, url, gate, entered, generated, app.state.server.worker
 
 
 def raw_post(url: str, body: dict) -> socket.socket:
@@ -451,7 +452,7 @@ def test_a_large_body_is_413_before_it_is_read(limited):
 
 
 def test_a_full_queue_is_429_with_retry_after(limited):
-    client, _, gate, entered, _ = limited
+    client, _, gate, entered, _, worker = limited
     gate.clear()
     entered.clear()
     try:
@@ -459,7 +460,7 @@ def test_a_full_queue_is_429_with_retry_after(limited):
             running_ = pool.submit(chat, client, "limited", max_tokens=2)
             wait_for(entered.is_set)  # one job in generate, held at the gate
             queued = pool.submit(chat, client, "limited", max_tokens=2)
-            time.sleep(0.5)  # the second is in the queue: two held, the limit
+            wait_for(lambda: worker.held == 2)  # the second is in the queue: two held, the limit
             with pytest.raises(openai.RateLimitError) as caught:
                 chat(client, "limited", max_tokens=2)
             assert caught.value.status_code == 429 and caught.value.code == "server_busy"
@@ -475,7 +476,7 @@ def test_a_full_queue_is_429_with_retry_after(limited):
 
 
 def test_a_client_that_leaves_cancels_its_plain_request_queued_or_running(limited):
-    client, url, gate, entered, generated = limited
+    client, url, gate, entered, generated, worker = limited
     body = {"model": "limited", "messages": HELLO, "max_tokens": 50, "temperature": 0}
     gate.clear()
     entered.clear()
@@ -483,15 +484,15 @@ def test_a_client_that_leaves_cancels_its_plain_request_queued_or_running(limite
         running_ = raw_post(url, body)  # held in generate at the gate
         wait_for(entered.is_set)
         queued = raw_post(url, body)
-        time.sleep(0.3)
+        wait_for(lambda: worker.held == 2)
         before = len(generated)
         running_.close()
         queued.close()
-        time.sleep(0.5)  # the server notices both have gone
+        waiting = [job for job in list(worker.jobs.queue) if job is not None]
+        wait_for(lambda: worker.current.cancelled and all(job.cancelled for job in waiting))  # both seen gone
     finally:
         gate.set()
-    wait_for(lambda: len(generated) > before)
-    time.sleep(0.3)  # the worker drops the queued job
+    wait_for(lambda: worker.held == 0)  # the worker drops the queued job
     assert chat(client, "limited", max_tokens=2).usage.completion_tokens == 2
     # The running job stopped after its first token; the queued one never reached generate.
     assert generated[before:] == [1, 2]

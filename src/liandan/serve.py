@@ -486,6 +486,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | No
 
     off = {"docs_url": None, "redoc_url": None, "openapi_url": None}
     app = FastAPI(title="liandan serve", lifespan=lifespan, **({} if docs else off))
+    app.state.server = server  # what tests look into (the queue)
     app.add_middleware(AnswerBugs, log=log)  # the innermost: 500s say nothing of the internals
     if api_key:
         app.add_middleware(RequireApiKey, api_key=api_key)

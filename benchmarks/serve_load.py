@@ -119,8 +119,7 @@ def plan(i: int, port: int) -> tuple[str, set[int], object]:
         ("huge-n", {400}, lambda: request(port, "POST", "/v1/chat/completions", {**chat, "n": 100000})),
         ("huge-max_tokens", {400}, lambda: request(port, "POST", "/v1/chat/completions", {**chat, "max_tokens": 10**9})),
         ("10MB-body", {413}, lambda: huge_body(port)),
-        ("cross-site-origin", {403}, lambda: request(port, "POST", "/v1/chat/completions", chat,
-                                                     {"Origin": "https://evil.example"})),  # fmt: skip
+        ("cross-site-origin", {403}, lambda: request(port, "POST", "/v1/chat/completions", chat, {"Origin": "https://x.example"})),
         ("wrong-host", {400}, lambda: request(port, "POST", "/v1/chat/completions", chat, {"Host": "evil.example"})),
         ("leave-mid-request", {0}, lambda: leave_mid_request(port, stream=False)),
         ("leave-mid-stream", {0}, lambda: leave_mid_request(port, stream=True)),
@@ -179,6 +178,10 @@ def report(results: list, elapsed: float, before: int, peak: int, end: int, afte
     if good:
         p99 = statistics.quantiles(good, n=100)[98] if len(good) > 1 else good[0]
         print(f"latency of the 200s: p50 {statistics.median(good) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
+    refused = sorted(seconds for _, status, _, seconds in results if 400 <= status < 500)
+    if len(refused) > 1:  # refusals must not wait behind the model's queue
+        p99 = statistics.quantiles(refused, n=100)[98]
+        print(f"latency of the 4xx: p50 {statistics.median(refused) * 1000:.0f} ms, p99 {p99 * 1000:.0f} ms")
     print(f"server RSS: {before / 2**20:.0f} MiB before, {peak / 2**20:.0f} MiB peak, {end / 2**20:.0f} MiB after")
     for (kind, status), count in sorted(by_kind.items()):
         print(f"  {kind:20} {status:4}  x{count}")

@@ -174,6 +174,22 @@ def test_merge_refuses_non_finite_weights_and_unfinished_runs(tmp_path, chat_mod
         merge(out, tmp_path / "merged")
 
 
+def test_export_refuses_non_finite_weights(tmp_path, chat_model_dir):
+    import shutil
+
+    from liandan.export import export_gguf
+
+    broken = tmp_path / "broken"
+    shutil.copytree(chat_model_dir, broken)
+    weights = load_file(broken / "model.safetensors")
+    weights["model.layers.1.mlp.down_proj.weight"][3, 4] = float("inf")
+    save_file(weights, broken / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out.gguf"
+    with pytest.raises(LiandanError, match=r"weight 'model.layers.1.mlp.down_proj.weight' has non-finite values"):
+        export_gguf(str(broken), out)
+    assert not out.exists()
+
+
 KILLABLE = """
 import json, sys
 from liandan.config import SFTConfig
@@ -191,7 +207,7 @@ def test_killed_at_random_moments_resumes_to_the_same_run(tmp_path, chat_model_d
     args = json.dumps(settings(chat_model_dir, sft_data, out, max_steps=steps))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     kills, resume = 0, "0"
-    for delay in (0.0, 0.05, 0.2):  # after a new metrics line: mid-checkpoint or mid-step
+    for delay in (0.0, 0.2, 0.05):  # after a new metrics line: mid-checkpoint or mid-step
         child = subprocess.Popen([sys.executable, "-c", KILLABLE, args, resume], env=env,
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
         seen = len(metrics(out)) if (out / "metrics.jsonl").exists() else 0

@@ -507,8 +507,8 @@ def fingerprint(config: TrainConfig, run: PreparedRun) -> dict:
     computes, and a hash of the data (its files, counts and token ids)."""
     settings = json.loads(json.dumps({k: v for k, v in to_dict(config).items() if k not in RESUMABLE_CHANGES}))
     digest = hashlib.sha256(json.dumps(run.manifest.get("data"), sort_keys=True, default=str).encode())
-    for item in run.train:
-        digest.update(json.dumps(item.get("input_ids"), default=str).encode())
+    for item in run.train:  # the token ids and masks of every item
+        digest.update(json.dumps({k: v for k, v in item.items() if isinstance(v, (list, dict, int, str))}, sort_keys=True, default=str).encode())
     return {"settings": settings, "data_sha256": digest.hexdigest()}
 
 

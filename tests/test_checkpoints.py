@@ -15,10 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import chat_row, write_jsonl
+from liandan.checkpoints import COMPLETE, INCOMPLETE, STATE_FILE, check_run_complete
 from liandan.config import SFTConfig
 from liandan.errors import LiandanError
 from liandan.merge import merge
-from liandan.train import COMPLETE, INCOMPLETE, STATE_FILE, check_run_complete, train_sft
+from liandan.train import train_sft
 
 
 @pytest.fixture

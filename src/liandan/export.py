@@ -39,6 +39,7 @@ from gguf import GGUFReader
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from .chat import has_chat_template, render_chat, stop_token_ids
+from .checkpoints import refuse_non_finite
 from .errors import LiandanError
 from .files import write_atomic
 from .gguf_reading import drop_quantizer
@@ -47,7 +48,6 @@ from .gguf_writing import Family, family_of, llama_cpp_settings, write_gguf
 from .llama_cpp_check import RuntimeCheck, SourceRun, llama_cpp_version, run_llama_cpp
 from .modelfile import modelfile_text
 from .models import load_model, release_model
-from .train import refuse_non_finite
 
 FORMATS = ("gguf",)
 QUANTS = ("f16", "q8_0")

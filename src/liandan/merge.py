@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import check_run_complete, refuse_non_finite
 from .errors import LiandanError
 from .models import cast_weights, load_adapter_model, load_tokenizer, release_model, resolve_model
-from .train import check_run_complete, refuse_non_finite
 
 
 def merge(run_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32") -> Path:

@@ -11,29 +11,24 @@ What a step does:
    (gradients are synchronised only on the last micro-batch);
 4. clip, optimizer step, scheduler step; log; maybe evaluate and checkpoint.
 
+Dividing by the step's token count (not averaging micro-batch means) makes accumulation and
+multi-process runs give the same gradient as one big batch.
+
 A step whose loss or gradient norm is not finite changes no weight (it is counted in the metrics
 as ``skipped_steps``); ``max_bad_steps`` of them in a row stop the run with an error, and no
 checkpoint or final model is ever written with a non-finite weight.
 
-Dividing by the step's token count (not averaging micro-batch means) makes accumulation and
-multi-process runs give the same gradient as one big batch.
-
-Checkpoints (every ``save_every`` steps, the newest ``save_total_limit`` kept) hold the trained
-weights and RNG states in safetensors, the optimizer in a tensors-only file read with
-``torch.load(weights_only=True)``, and the step, scheduler, settings and data hash in JSON: nothing
-is unpickled on resume. Each is written to a temporary directory, fsynced, marked complete and
-renamed; ``resume`` takes the newest complete one, and refuses changed data or settings unless
-``resume_changed`` is set. The run directory holds an ``INCOMPLETE`` marker until the final model
-is in place, so a run that died while saving is never mistaken for a model.
+Checkpoints (every ``save_every`` steps, the newest ``save_total_limit`` kept; `liandan.checkpoints`)
+unpickle nothing on resume, survive a crash at any moment, and refuse changed data or settings
+unless ``resume_changed`` is set. The run directory holds an ``INCOMPLETE`` marker until the
+final model is in place, so a run that died while saving is never mistaken for a model.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
-import pickle  # only for its error: nothing is unpickled
 import shutil
 import time
 import warnings
@@ -46,29 +41,28 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, is_tensorboard_available, is_wandb_available, set_seed
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from safetensors.torch import load_file, save_file
 
 from .attention import use_training_attention
 from .batching import plan_batches
-from .config import DPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config, to_dict
+from .checkpoints import (
+    INCOMPLETE,
+    fingerprint,
+    fsync,
+    latest_checkpoint,
+    load_checkpoint,
+    refuse_non_finite,
+    save_checkpoint,
+    trained_weights,
+    truncate_metrics,
+    warn,
+)
+from .config import DPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
 from .devices import cpu_supports_bf16
 from .errors import LiandanError
-from .files import write_atomic
 from .generation import SamplingConfig, generate
 from .lora_fusion import fuse_lora_layers
 from .prepare import PreparedRun, prepare_dpo, prepare_pretrain, prepare_sft
-
-CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_state.json"
-COMPLETE = "COMPLETE"
-"""Written last into a checkpoint: without it the checkpoint is torn and skipped."""
-INCOMPLETE = "INCOMPLETE"
-"""In a run directory from the start of training until its final model is completely saved."""
-RESUMABLE_CHANGES = {"output_dir", "save_every", "save_total_limit", "log_every", "eval_every", "report_to",
-                     "sample_prompts", "max_bad_steps", "resume_changed"}  # fmt: skip
-"""Settings a resumed run may change: they do not change what the steps compute."""
 
 
 @dataclass
@@ -195,7 +189,7 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) ->
         warn("checkpoints are not written under FSDP or DeepSpeed (save_every ignored): a crash loses the run")
         save_every = 0
 
-    state = {"step": 0, "skipped_steps": 0, "fingerprint": fingerprint(config, run)}
+    state = {"step": 0, "skipped_steps": 0, "fingerprint": fingerprint(config, run.manifest, run.train)}
     metrics_path = out_dir / "metrics.jsonl"
     if accelerator.is_main_process:
         (out_dir / INCOMPLETE).write_text("training has not finished: this directory is not a model yet\n")
@@ -380,189 +374,14 @@ def make_progress(enabled: bool):
     )  # fmt: skip
 
 
+
 # ---------------------------------------------------------------------------------------------
-# Checkpoints
-
-
-def save_checkpoint(accelerator, out_dir: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """The trained weights and each process's RNG state (safetensors), the optimizer (tensors
-    only) and ``state`` with the scheduler (JSON), written to a temporary directory, fsynced,
-    marked complete and renamed: a run killed at any moment keeps its last complete checkpoint.
-    Then only the newest ``keep`` checkpoints are kept (0 = all)."""
-    step = state["step"]
-    final = out_dir / CHECKPOINTS / f"step-{step:06d}"
-    tmp = out_dir / CHECKPOINTS / f".tmp-step-{step:06d}"
-    weights = trained_weights(accelerator.unwrap_model(model))
-    refuse_non_finite(weights, f"checkpoint at step {step}")
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-    save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
-    if accelerator.is_main_process:
-        save_file(weights, tmp / "weights.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # read back with weights_only=True
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = sorted(p for p in tmp.iterdir())
-        scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        record = {**state, "scheduler": scheduler_state, "files": {p.name: p.stat().st_size for p in files}}
-        (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
-        for path in [*files, tmp / STATE_FILE]:
-            fsync(path)
-        (tmp / COMPLETE).write_text(f"step {step}\n")
-        fsync(tmp / COMPLETE)
-        fsync(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync(final.parent)
-        rotate_checkpoints(out_dir, keep)
-    accelerator.wait_for_everyone()
-    return final
-
-
-def trained_weights(model) -> dict[str, torch.Tensor]:
-    """Every trainable parameter by name (tied ones once), copied to the CPU."""
-    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad}
-
-
-def fsync(path: Path) -> None:
-    """Flush a file's (or a directory's entries') data to the disk before anything relies on it."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def checkpoint_problem(path: Path) -> str | None:
-    """Why the checkpoint at ``path`` cannot be resumed from, or None if it is complete."""
-    if not (path / COMPLETE).is_file():
-        return f"no {COMPLETE} marker (torn while saving, or written by an older liandan)"
-    try:
-        files = json.loads((path / STATE_FILE).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return f"{STATE_FILE} is missing or unreadable"
-    for name, size in files.items():
-        if not (path / name).is_file() or (path / name).stat().st_size != size:
-            return f"{name} is missing or has the wrong size"
-    return None
-
-
-def latest_checkpoint(out_dir: Path, quiet: bool = False) -> Path | None:
-    """The newest complete checkpoint; torn ones are skipped, with a message unless ``quiet``."""
-    for path in sorted((out_dir / CHECKPOINTS).glob("step-*"), reverse=True):
-        problem = checkpoint_problem(path)
-        if problem is None:
-            return path
-        if not quiet:
-            warn(f"skipping checkpoint '{path}': {problem}")
-    return None
-
-
-def rotate_checkpoints(out_dir: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints; torn ones older than the newest go too."""
-    found = sorted((out_dir / CHECKPOINTS).glob("step-*"))
-    complete = [p for p in found if checkpoint_problem(p) is None]
-    kept = complete[-keep:] if keep > 0 else complete
-    for path in found:
-        if path not in kept and complete and path.name < complete[-1].name:
-            shutil.rmtree(path, ignore_errors=True)
-
-
-def load_checkpoint(accelerator, out_dir: Path, model, optimizer, scheduler, current: dict, allow_changes: bool) -> dict:
-    """Restore the newest complete checkpoint into the model, optimizer, scheduler and RNG, and
-    return its state (step, skipped steps). Nothing is unpickled: safetensors, JSON, and the
-    optimizer's tensors through ``torch.load(weights_only=True)``."""
-    checkpoint = latest_checkpoint(out_dir)
-    if checkpoint is None:
-        raise LiandanError(f"--resume: no complete checkpoint in '{out_dir / CHECKPOINTS}' to resume from")
-    state = json.loads((checkpoint / STATE_FILE).read_text())
-    check_fingerprint(state.get("fingerprint") or {}, current, checkpoint, allow_changes)
-    weights = load_file(checkpoint / "weights.safetensors", device="cpu")
-    params = {name: p for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-    if weights.keys() != params.keys():
-        raise LiandanError(f"--resume: checkpoint '{checkpoint}' holds other trained weights than this run has "
-                           f"(e.g. {min(weights.keys() ^ params.keys())!r})")  # fmt: skip
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    try:  # weights_only: a planted pickle cannot run code, it fails to load
-        saved_optimizer = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise LiandanError(f"--resume: '{checkpoint / 'optimizer.pt'}' is not a tensors-only optimizer state: {exc}") from None
-    optimizer.load_state_dict(saved_optimizer)
-    scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
-    rng = load_file(checkpoint / f"rng-{accelerator.process_index}.safetensors")
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
-    return {**state, "fingerprint": current}
-
-
-def fingerprint(config: TrainConfig, run: PreparedRun) -> dict:
-    """What a resumed run must share with its checkpoint: the settings that change what a step
-    computes, and a hash of the data (its files, counts and token ids)."""
-    settings = json.loads(json.dumps({k: v for k, v in to_dict(config).items() if k not in RESUMABLE_CHANGES}))
-    digest = hashlib.sha256(json.dumps(run.manifest.get("data"), sort_keys=True, default=str).encode())
-    for item in run.train:  # the token ids and masks of every item
-        digest.update(json.dumps({k: v for k, v in item.items() if isinstance(v, (list, dict, int, str))}, sort_keys=True, default=str).encode())
-    return {"settings": settings, "data_sha256": digest.hexdigest()}
-
-
-def check_fingerprint(saved: dict, current: dict, checkpoint: Path, allow_changes: bool) -> None:
-    before, now = saved.get("settings") or {}, current["settings"]
-    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
-    problems = [f"settings ({', '.join(changed)})"] if changed else []
-    if saved.get("data_sha256") != current["data_sha256"]:
-        problems.append("training data")
-    if not problems:
-        return
-    message = f"--resume: the {' and the '.join(problems)} differ from those checkpoint '{checkpoint}' was made with"
-    if not allow_changes:
-        raise LiandanError(f"{message}; resume with the original ones, or --set resume_changed=true to continue anyway")
-    warn(f"{message}; continuing (resume_changed is set)")
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the metrics of steps after ``step`` (logged before a crash, to be run again)."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            pass  # a line torn by the crash
-    write_atomic(path, "".join(kept))
+# Saving
 
 
 def json_safe(record: dict) -> dict:
     """Non-finite numbers become null: metrics.jsonl stays valid JSON when a step diverges."""
     return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
-
-
-def refuse_non_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
-    """Raise naming the first tensor with a NaN or an infinity: a diverged model is never saved."""
-    for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise LiandanError(f"{what}: weight '{name}' has non-finite values (NaN or inf); the model diverged, "
-                               "refusing to write it")  # fmt: skip
-
-
-def check_run_complete(path: str | Path) -> None:
-    """For anything that loads a run directory as a model: refuse one whose training has not
-    finished (its final save never completed, so its weights may be missing or half written)."""
-    if (Path(path) / INCOMPLETE).is_file():
-        raise LiandanError(f"'{path}' is an unfinished training run: its final model was never completely saved "
-                           f"(it still has its {INCOMPLETE} marker); continue it with --resume -o {path}")  # fmt: skip
-
-
-def warn(message: str) -> None:
-    Console(stderr=True).print(message, highlight=False)
 
 
 def save_final(accelerator, model, tokenizer, config: TrainConfig, out_dir: Path, run: PreparedRun,

@@ -1,0 +1,225 @@
+"""The worker of `liandan serve`: one thread owns the model and runs generation jobs from a queue,
+one at a time, each in its own batch and cache, so no request sees another's tokens.
+
+    worker = Worker(model, tokenizer, threading.Lock(), ServeLimits())
+    worker.start()
+    worker.submit([Job(prompt_ids=[1, 2, 3], n=1, max_tokens=16, temperature=0.0, top_p=1.0,
+                       stop=[], seed=None, first_index=0, stream=False, stop_ids=[2])])
+
+`Tracker` ends each choice on a stop token or stop string and decodes only the last few tokens of
+each reply per step (decoding whole replies each time would be quadratic).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .chat import stop_token_ids
+from .generation import find_stop, streamable_length
+from .openai_api import ApiError, ServeLimits
+
+log = logging.getLogger("liandan.serve")
+
+
+
+@dataclass
+class Choice:
+    index: int
+    text: str = ""
+    finish_reason: str | None = None
+    tokens: int = 0
+    """Tokens generated, the stop token included (what ``usage.completion_tokens`` counts)."""
+    ids: list[int] = field(default_factory=list)
+    sent: int = 0
+    """Characters of ``text`` already streamed."""
+    prefix: int = 0
+    read: int = 0
+    """``ids[prefix:read]`` is decoded again with each new token, as context for its text; ``ids[read:]``
+    is what has not become text yet (a character's first bytes)."""
+
+
+@dataclass
+class Job:
+    """One prompt with its sampling settings; ``n`` rows generate together. Results come back
+    through ``events`` on the request's event loop: ``("delta", index, text)`` while streaming,
+    then ``("done", [Choice])`` or ``("error", message)``."""
+
+    prompt_ids: list[int]
+    n: int
+    max_tokens: int
+    temperature: float
+    top_p: float
+    stop: list[str]
+    seed: int | None
+    first_index: int
+    stream: bool
+    stop_ids: list[int]
+    """Token ids that end a row: the model's stop tokens (`liandan.chat.chat_stop_ids` for chat)."""
+    loop: asyncio.AbstractEventLoop | None = None
+    """The request's event loop, set by `_Server.prepare` (jobs are made in a thread, off the loop)."""
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False
+
+    def emit(self, event: tuple) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+class Tracker:
+    """A stopping criterion for ``model.generate``, called after every token with the sequences so
+    far: it ends each row on a stop token or stop string, and streams the text that can no longer
+    turn into a stop string."""
+
+    def __init__(self, job: Job, decode: Callable[[list[int]], str], stop_ids: list[int]) -> None:
+        self.job, self.decode, self.stop_ids = job, decode, set(stop_ids)
+        self.choices = [Choice(job.first_index + i) for i in range(job.n)]
+        self.longest_stop = max((len(s) for s in job.stop), default=0)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        for choice, token in zip(self.choices, input_ids[:, -1].tolist()):
+            if choice.finish_reason is None:  # finished rows only receive padding
+                self._advance(choice, token)
+        done = [self.job.cancelled or c.finish_reason is not None for c in self.choices]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+    def _advance(self, choice: Choice, token: int) -> None:
+        choice.tokens += 1
+        if token in self.stop_ids:
+            choice.finish_reason = "stop"
+            self._add_text(choice, self._new_text(choice, final=True))
+        else:
+            choice.ids.append(token)
+            self._add_text(choice, self._new_text(choice, final=False))
+        self._send(choice)
+
+    def _new_text(self, choice: Choice, final: bool) -> str:
+        """The text the last tokens add, decoding only a few tokens (whole replies each time would be
+        quadratic): ``ids[prefix:]`` less ``ids[prefix:read]``, the context that keeps a leading
+        space or a multi-byte character right. Held back while it ends in half a character."""
+        if choice.read == len(choice.ids):
+            return ""
+        known = self.decode(choice.ids[choice.prefix : choice.read])
+        text = self.decode(choice.ids[choice.prefix :])
+        if not final and (len(text) <= len(known) or text.endswith("\ufffd")):
+            return ""
+        choice.prefix, choice.read = choice.read, len(choice.ids)
+        return text[len(known) :]
+
+    def _add_text(self, choice: Choice, piece: str) -> None:
+        if not piece:
+            return
+        start = max(len(choice.text) - self.longest_stop + 1, 0)  # a new stop string ends in the new piece
+        choice.text += piece
+        cut = find_stop(choice.text[start:], self.job.stop)
+        if cut is not None:
+            choice.text, choice.finish_reason = choice.text[: start + cut], "stop"
+
+    def _send(self, choice: Choice) -> None:
+        if not self.job.stream:
+            return
+        final = choice.finish_reason is not None
+        end = len(choice.text) if final else streamable_length(choice.text, self.job.stop)
+        if end > choice.sent:
+            self.job.emit(("delta", choice.index, choice.text[choice.sent : end]))
+            choice.sent = end
+
+    def finish(self) -> list[Choice]:
+        for choice in self.choices:
+            if choice.finish_reason is None:
+                self._add_text(choice, self._new_text(choice, final=True))  # may still find a stop string
+                choice.finish_reason = choice.finish_reason or "length"
+                self._send(choice)
+        return self.choices
+
+
+class Worker:
+    """Owns the model. Requests never share a batch or a cache, so none can see another's tokens."""
+
+    def __init__(self, model: Any, tokenizer: Any, lock: threading.Lock, limits: ServeLimits) -> None:
+        self.model, self.tokenizer, self.lock, self.limits = model, tokenizer, lock, limits
+        self.stop_ids = stop_token_ids(tokenizer, getattr(model, "generation_config", None))
+        pad = tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else (self.stop_ids[0] if self.stop_ids else None)
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._loop, name="liandan-serve", daemon=True)
+        self.current: Job | None = None
+        self.closing = False
+        self.held = 0
+        """Jobs queued or running, at most ``limits.max_queued``."""
+        self.held_lock = threading.Lock()
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.closing = True
+        if self.current is not None:
+            self.current.cancelled = True
+        self.jobs.put(None)
+        self.thread.join(timeout=30)
+
+    def submit(self, jobs: list[Job]) -> None:
+        """Queues all of ``jobs`` or, when that would hold more than ``max_queued``, none (a 429)."""
+        with self.held_lock:
+            if self.held + len(jobs) > self.limits.max_queued:
+                raise ApiError(429, f"the server is busy ({self.held} jobs queued, at most {self.limits.max_queued}); "
+                               "retry later", type="rate_limit_error", code="server_busy",
+                               headers={"Retry-After": str(self.limits.retry_after_s)})  # fmt: skip
+            self.held += len(jobs)
+        for job in jobs:
+            self.jobs.put(job)
+
+    def _loop(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            try:
+                self._take(job)
+            finally:
+                with self.held_lock:
+                    self.held -= 1
+
+    def _take(self, job: Job) -> None:
+        if job.cancelled:  # its client has gone
+            return job.emit(("error", "the client left"))
+        if self.closing:
+            return job.emit(("error", "the server is shutting down"))
+        self.current = job
+        try:
+            job.emit(("done", self._run(job)))
+        except Exception:
+            log.exception("generation failed")  # the details stay in the server's log
+            job.emit(("error", "generation failed (the server's log has the details)"))
+        finally:
+            self.current = None
+
+    def _decode(self, ids: list[int]) -> str:
+        with self.lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+
+    def _run(self, job: Job) -> list[Choice]:
+        # Seeded per request, so the same request with the same seed gives the same output.
+        if job.seed is None:
+            torch.seed()
+        else:
+            torch.manual_seed(job.seed)
+        input_ids = torch.tensor([job.prompt_ids] * job.n, device=self.model.device)  # (n, T)
+        tracker = Tracker(job, self._decode, job.stop_ids)
+        sampling = {"do_sample": False} if job.temperature == 0 else {
+            "do_sample": True, "temperature": job.temperature, "top_p": job.top_p, "top_k": 0,
+        }  # fmt: skip
+        with torch.inference_mode():
+            self.model.generate(
+                input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=job.max_tokens, eos_token_id=job.stop_ids or None,
+                pad_token_id=self.pad_id, repetition_penalty=1.0, stopping_criteria=[tracker], **sampling,
+            )  # fmt: skip
+        return tracker.finish()

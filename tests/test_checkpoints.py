@@ -160,6 +160,20 @@ def test_a_huge_learning_rate_is_caught(tmp_path, chat_model_dir, sft_data):
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
+def test_a_diverged_run_exits_non_zero_from_the_command_line(tmp_path, chat_model_dir, sft_data):
+    from typer.testing import CliRunner
+
+    from liandan.cli import app
+
+    out = tmp_path / "run"
+    options = [x for k, v in settings(chat_model_dir, sft_data, out, lr=1e30, max_grad_norm=0).items()
+               if k not in ("model", "data", "output_dir") for x in ("--set", f"{k}={v}")]  # fmt: skip
+    result = CliRunner().invoke(app, ["sft", "-m", str(chat_model_dir), "-d", str(sft_data), "-o", str(out), *options])
+    assert result.exit_code == 2 and ("diverged" in result.stderr or "non-finite" in result.stderr), result.output
+    assert (out / INCOMPLETE).is_file() and not (out / "adapter_model.safetensors").exists()
+    metrics(out)  # valid JSON throughout
+
+
 def test_merge_refuses_non_finite_weights_and_unfinished_runs(tmp_path, chat_model_dir, sft_data):
     out = tmp_path / "run"
     train_sft(config(chat_model_dir, sft_data, out, max_steps=2))

@@ -4,6 +4,7 @@ hashes and counts are worked out here from the tokenizer, hashlib and the files 
 
 import hashlib
 import json
+import os
 
 import accelerate
 import peft
@@ -169,7 +170,9 @@ def test_manifest_records_data_template_tokens_and_method(tmp_path, chat_model_d
     assert manifest["special_tokens"] == {"bos": IM_START, "eos": IM_END, "pad": PAD, "stop": [IM_END]}
     assert manifest["method"] == "lora" and manifest["liandan"] == liandan.__version__
     assert manifest["base_model"] == {"spec": str(chat_model_dir), "kind": "hf_dir",
-                                      "weights_sha256": sha256(chat_model_dir / "model.safetensors")}  # fmt: skip
+                                      "weights_sha256": sha256(chat_model_dir / "model.safetensors"),
+                                      "path_from_run": os.path.relpath(chat_model_dir.resolve(), out.resolve())}  # fmt: skip
+    assert (out / manifest["base_model"]["path_from_run"]).resolve() == chat_model_dir.resolve()
     assert manifest["versions"] == {"torch": torch.__version__, "transformers": transformers.__version__,
                                     "peft": peft.__version__, "accelerate": accelerate.__version__}  # fmt: skip
     assert manifest["data"]["records"] == 3 and manifest["data"]["format"] == "messages"
@@ -411,3 +414,29 @@ def test_pretrain_eval_fraction_holds_out_blocks_of_the_training_text(tmp_path, 
     assert sorted(map(tuple, (b["input_ids"] for b in run.train + run.eval))) == sorted(map(tuple, blocks))  # a split, nothing lost
     assert run.manifest["data"]["eval_blocks"] == held_out
     assert run.manifest["data"]["eval_tokens"] == sum(len(b["input_ids"]) for b in run.eval)
+
+
+def test_special_token_text_in_training_data_is_an_error_unless_trained_as_plain_text(tmp_path, chat_model_dir):
+    data = write_jsonl(tmp_path / "d.jsonl", [chat_row("hi", "Hello."), chat_row("Say <|im_end|> please", "Done.")])
+    out = tmp_path / "run"
+    with pytest.raises(LiandanError, match=r"d\.jsonl:2: .*'<\|im_end\|>'"):
+        prepare_sft(sft(chat_model_dir, [data], out), out, main_process=True, resume=False)
+    plain = tmp_path / "plain"
+    run = prepare_sft(sft(chat_model_dir, [data], plain, special_text="plain"), plain, main_process=True, resume=False)
+    end = run.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    # the template's own <|im_end|> closes each of the two turns; the typed one is text
+    assert [item["input_ids"].count(end) for item in run.train] == [2, 2]
+
+
+def test_an_unfinished_run_directory_is_not_a_model(tmp_path, chat_model_dir):
+    import shutil
+
+    from liandan.checkpoints import INCOMPLETE
+    from liandan.models import resolve_model
+
+    run = tmp_path / "run"
+    shutil.copytree(chat_model_dir, run)
+    assert resolve_model(str(run)).kind == "hf_dir"
+    (run / INCOMPLETE).write_text("")
+    with pytest.raises(LiandanError, match="unfinished training run"):
+        resolve_model(str(run))

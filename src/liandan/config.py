@@ -110,6 +110,9 @@ class TrainConfig:
     """Extra trackers through accelerate: tensorboard, wandb (when installed)."""
     trust_remote_code: bool = False
     """Allow model code from the model's repository to run."""
+    special_text: str = "error"
+    """Special-token text (e.g. '<|im_start|>') typed inside the data: error (stop, naming
+    FILE:LINE and field) or plain (train it as ordinary characters). Never a control token."""
 
     def __post_init__(self) -> None:
         if isinstance(self.lora, dict):
@@ -133,6 +136,7 @@ class TrainConfig:
             (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction})"),
             (self.attention in ("auto", "eager", "sdpa", "flash_attention_2"), f"attention must be auto, eager, sdpa or flash_attention_2 (got {self.attention!r})"),
             (self.mixed_precision in ("auto", "no", "bf16", "fp16"), f"mixed_precision must be auto, no, bf16 or fp16 (got {self.mixed_precision!r})"),
+            (self.special_text in ("error", "plain"), f"special_text must be error or plain (got {self.special_text!r})"),
         ]  # fmt: skip
         raise_first(checks)
 

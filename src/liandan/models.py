@@ -35,6 +35,7 @@ from huggingface_hub import constants, try_to_load_from_cache
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from .checkpoints import check_run_complete
 from .data import HUB_ID
 from .default_model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
 from .devices import pick_device, pick_dtype
@@ -78,6 +79,7 @@ def resolve_model(spec: str | os.PathLike | None) -> ModelSource:
         check_gguf_file(path)
         return ModelSource(spec, "gguf", str(path))
     if path.is_dir():
+        check_run_complete(path)  # a run whose final save never finished is not a model yet
         if (path / "adapter_config.json").is_file():
             return ModelSource(spec, "adapter", str(path))
         check_model_dir(path)

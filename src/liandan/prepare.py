@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,8 +70,8 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
         train_examples, eval_examples = split_examples(data.examples, config.eval_fraction, config.seed)
     replay, replay_info = replay_examples(config, tokenizer, len(train_examples),
                                           weights_sha256=weights_hash(resolve_model(config.model)), device=device)  # fmt: skip
-    train, train_stats = encode_all(tokenizer, train_examples + replay, config.max_length)
-    evals, eval_stats = encode_all(tokenizer, eval_examples, config.max_length)
+    train, train_stats = encode_all(tokenizer, train_examples + replay, config.max_length, special_text=config.special_text)
+    evals, eval_stats = encode_all(tokenizer, eval_examples, config.max_length, special_text=config.special_text)
     if not train:
         raise LiandanError("no training example has a trained token after encoding (see the report above)")
     model = attach_trainable(model, config, new_token_ids)
@@ -89,8 +90,8 @@ def prepare_dpo(config: DPOConfig, out_dir: Path, *, main_process: bool, resume:
         held_out = read_pairs(config.eval_data)
     else:
         pairs, held_out = split_examples(pairs, config.eval_fraction, config.seed)
-    train = [encode_pair(tokenizer, p, config.max_length) for p in pairs]
-    evals = [encode_pair(tokenizer, p, config.max_length) for p in held_out]
+    train = [encode_pair(tokenizer, p, config.max_length, config.special_text) for p in pairs]
+    evals = [encode_pair(tokenizer, p, config.max_length, config.special_text) for p in held_out]
     model = attach_trainable(model, config, new_ids)
     pad = pad_id(tokenizer)
     if config.full:  # no adapters to switch off: the reference log-probs are computed now, once
@@ -108,11 +109,11 @@ def prepare_dpo(config: DPOConfig, out_dir: Path, *, main_process: bool, resume:
 def prepare_pretrain(config: PretrainConfig, out_dir: Path, *, main_process: bool, resume: bool, device: Any = "cpu") -> PreparedRun:
     model, tokenizer, added, new_ids = load_trainable_base(config, out_dir, main_process, resume)
     documents = read_texts(config.data)
-    train, tokens = text_blocks(tokenizer, documents, config.max_length)
+    train, tokens = text_blocks(tokenizer, documents, config.max_length, special_text=config.special_text)
     if not train:
         raise LiandanError(f"{', '.join(config.data)}: too little text for one block of {config.max_length} tokens")
     if config.eval_data:
-        evals, eval_tokens = text_blocks(tokenizer, read_texts(config.eval_data), config.max_length)
+        evals, eval_tokens = text_blocks(tokenizer, read_texts(config.eval_data), config.max_length, special_text=config.special_text)
     else:  # held-out blocks of the training text
         train, evals = split_examples(train, config.eval_fraction, config.seed)
         eval_tokens = sum(len(block["input_ids"]) for block in evals)
@@ -261,7 +262,8 @@ def build_manifest(config: TrainConfig, model: Any, tokenizer: Any, data: dict, 
         "liandan": __version__,
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "peft": peft.__version__, "accelerate": accelerate.__version__},  # fmt: skip
-        "base_model": {"spec": config.model, "kind": source.kind, "weights_sha256": weights_hash(source)},
+        "base_model": {"spec": config.model, "kind": source.kind, "weights_sha256": weights_hash(source),
+                       **base_path_from_run(source, config.output_dir)},  # fmt: skip
         "method": "full" if config.full else "lora",
         **({} if config.full else adapted_modules(model)),
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
@@ -270,6 +272,14 @@ def build_manifest(config: TrainConfig, model: Any, tokenizer: Any, data: dict, 
                            "pad": tokenizer.pad_token_id, "stop": stop_token_ids(tokenizer)},  # fmt: skip
         "data": data,
     }
+
+
+def base_path_from_run(source, output_dir: str) -> dict:
+    """``{"path_from_run": ...}`` for a local base model: where it is seen from the run directory,
+    so that the run finds its base wherever it is used from (`liandan.models.manifest_base`)."""
+    if source.kind not in ("hf_dir", "gguf", "adapter"):
+        return {}
+    return {"path_from_run": os.path.relpath(Path(source.location).resolve(), Path(output_dir).resolve())}
 
 
 def sft_data_manifest(data, stats: dict, eval_stats: dict, eval_files: list[str]) -> dict:

@@ -246,3 +246,41 @@ def test_killed_at_random_moments_resumes_to_the_same_run(tmp_path, chat_model_d
     for name in uninterrupted:
         torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6)
     check_run_complete(out)
+
+
+def test_a_full_disk_while_saving_ends_clearly_and_keeps_the_last_checkpoint(tmp_path, chat_model_dir, sft_data, monkeypatch):
+    """ENOSPC partway through a checkpoint (its RNG state written, then the weights fail): one
+    clear error naming the directory, and --resume picks the previous complete checkpoint."""
+    import errno
+
+    import liandan.checkpoints
+
+    full = train_sft(config(chat_model_dir, sft_data, tmp_path / "full", save_every=0)).losses
+    out = tmp_path / "run"
+    real_save_file, calls = liandan.checkpoints.save_file, []
+
+    def save_file_until_full(tensors, path, *args, **kwargs):
+        calls.append(path)
+        if "step-000003" in str(path) and path.name == "weights.safetensors":
+            with open(path, "wb") as half:  # a partly written file, as a full disk leaves it
+                half.write(b"\0" * 100)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(liandan.checkpoints, "save_file", save_file_until_full)
+    with pytest.raises(LiandanError) as raised:
+        train_sft(config(chat_model_dir, sft_data, out))
+    message = str(raised.value)
+    assert "\n" not in message and "no space left" in message.lower(), message
+    assert str(out / "checkpoints") in message and "step-000002" in message, message
+    monkeypatch.setattr(liandan.checkpoints, "save_file", real_save_file)
+
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["step-000001", "step-000002"], checkpoints  # no torn temporary directory left
+    assert (out / INCOMPLETE).is_file() and not (out / "adapter_model.safetensors").exists()
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3]
+    rest = train_sft(config(chat_model_dir, sft_data, out), resume=True).losses
+    assert len(rest) == 4  # resumed from step 2, the last complete checkpoint
+    assert [m["loss"] for m in metrics(out)] == pytest.approx(full, rel=1e-5)
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
+    check_run_complete(out)

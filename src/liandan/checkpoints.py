@@ -15,6 +15,7 @@ checkpoint's unless ``resume_changed`` is set.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -51,31 +52,41 @@ def save_checkpoint(accelerator, out_dir: Path, model, optimizer, scheduler, sta
     tmp = out_dir / CHECKPOINTS / f".tmp-step-{step:06d}"
     weights = trained_weights(accelerator.unwrap_model(model))
     refuse_non_finite(weights, f"checkpoint at step {step}")
-    if accelerator.is_main_process:
+    try:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
+        save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
+        if accelerator.is_main_process:
+            save_file(weights, tmp / "weights.safetensors")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # read back with weights_only=True
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            files = sorted(p for p in tmp.iterdir())
+            scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
+            record = {**state, "scheduler": scheduler_state, "files": {p.name: p.stat().st_size for p in files}}
+            (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
+            for path in [*files, tmp / STATE_FILE]:
+                fsync(path)
+            (tmp / COMPLETE).write_text(f"step {step}\n")
+            fsync(tmp / COMPLETE)
+            fsync(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            fsync(final.parent)
+            rotate_checkpoints(out_dir, keep)
+    except OSError as exc:  # a full disk, a lost mount: one clear line, the last complete checkpoint kept
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-    save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
-    if accelerator.is_main_process:
-        save_file(weights, tmp / "weights.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # read back with weights_only=True
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        files = sorted(p for p in tmp.iterdir())
-        scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-        record = {**state, "scheduler": scheduler_state, "files": {p.name: p.stat().st_size for p in files}}
-        (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
-        for path in [*files, tmp / STATE_FILE]:
-            fsync(path)
-        (tmp / COMPLETE).write_text(f"step {step}\n")
-        fsync(tmp / COMPLETE)
-        fsync(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync(final.parent)
-        rotate_checkpoints(out_dir, keep)
+        kept = latest_checkpoint(out_dir, quiet=True)
+        raise LiandanError(
+            f"could not write the checkpoint at step {step} in '{out_dir / CHECKPOINTS}': {exc.strerror or exc}; "
+            + (f"the last complete checkpoint '{kept}' is kept; " if kept else "")
+            + ("free some disk space" if exc.errno == errno.ENOSPC else "fix the cause")
+            + " and continue with --resume"
+        ) from None
     accelerator.wait_for_everyone()
     return final
 

@@ -284,3 +284,65 @@ def test_a_full_disk_while_saving_ends_clearly_and_keeps_the_last_checkpoint(tmp
     assert [m["loss"] for m in metrics(out)] == pytest.approx(full, rel=1e-5)
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]
     check_run_complete(out)
+
+
+def logged(run, step):
+    """Whether metrics.jsonl has a line for ``step`` yet (a torn last line is not one)."""
+    try:
+        return any(line.startswith(f'{{"step": {step},') for line in (run / "metrics.jsonl").read_text().splitlines())
+    except OSError:
+        return False
+
+
+@pytest.mark.slow
+def test_killed_at_twenty_random_moments_resumes_to_the_same_run(tmp_path, chat_model_dir, sft_data):
+    """SIGKILL one run at 20 seeded random moments (a checkpoint every step, so many land while a
+    checkpoint is being written), resuming it each time: its per-step losses and final adapter
+    equal those of a run that was never interrupted. Each attempt is forked from a server that
+    imported liandan once (a fresh interpreter costs ~10 s of imports)."""
+    import multiprocessing
+    import random
+
+    from liandan.checkpoints import latest_checkpoint
+
+    steps, target, rng = 40, 20, random.Random(15)
+    full = train_sft(config(chat_model_dir, sft_data, tmp_path / "full", max_steps=steps, save_every=0))
+    out = tmp_path / "killed"
+    run_config = config(chat_model_dir, sft_data, out, max_steps=steps)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["liandan.train"])
+    kills, torn, resumed_from, started = 0, 0, [], time.monotonic()
+    while kills < target:
+        kept = latest_checkpoint(out, quiet=True)
+        before = int(kept.name.split("-")[1]) if kept else 0
+        resumed_from.append(before)
+        child = context.Process(target=train_sft, args=(run_config,), kwargs={"resume": before > 0}, daemon=True)
+        child.start()
+        deadline = time.monotonic() + 60
+        while child.is_alive() and time.monotonic() < deadline:  # one new complete checkpoint: progress
+            if any(int(p.name.split("-")[1]) > before for p in (out / "checkpoints").glob("step-*")):
+                break
+            time.sleep(0.005)
+        if rng.random() < 0.5:  # aim at the next checkpoint's writes: they start once its step is logged
+            while child.is_alive() and time.monotonic() < deadline and not logged(out, before + 2):
+                time.sleep(0.002)
+            time.sleep(rng.uniform(0.0, 0.025))
+        else:  # anywhere in the next step or two, or the checkpoint writes between them
+            time.sleep(rng.uniform(0.0, 0.3))
+        assert child.is_alive(), f"the run ended (exit code {child.exitcode}) before kill {kills + 1}"
+        child.kill()
+        child.join()
+        kills += 1
+        torn += any((out / "checkpoints").glob(".tmp-step-*"))  # killed while writing a checkpoint
+    print(f"{kills} kills ({torn} mid-checkpoint) in {time.monotonic() - started:.1f} s; resumed from {resumed_from}")
+    child = context.Process(target=train_sft, args=(run_config,), kwargs={"resume": True})
+    child.start()
+    child.join(120)
+    assert child.exitcode == 0
+    assert [m["step"] for m in metrics(out)] == list(range(1, steps + 1))
+    assert [m["loss"] for m in metrics(out)] == pytest.approx(full.losses, rel=1e-5)
+    resumed = load_file(out / "adapter_model.safetensors")
+    uninterrupted = load_file(tmp_path / "full" / "adapter_model.safetensors")
+    for name in uninterrupted:
+        torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6)
+    check_run_complete(out)

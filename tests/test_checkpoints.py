@@ -274,3 +274,24 @@ def test_killed_at_random_moments_resumes_to_the_same_run(tmp_path, chat_model_d
     for name in uninterrupted:
         torch.testing.assert_close(resumed[name], uninterrupted[name], rtol=1e-5, atol=1e-6)
     check_run_complete(out)
+
+
+def test_a_full_disk_at_the_final_save_ends_clearly_and_leaves_no_model(tmp_path, chat_model_dir, sft_data, monkeypatch):
+    """ENOSPC while the final model is written: one LiandanError, no staging directory left, and the
+    run directory still marked unfinished (so nothing takes it for a model)."""
+    import errno
+
+    import liandan.train
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(liandan.train, "save_config", full_disk)
+    run = tmp_path / "run"
+    with pytest.raises(LiandanError, match="could not write the final model .*No space left on device.*--resume") as caught:
+        train_sft(config(chat_model_dir, sft_data, run, max_steps=2))
+    assert "\n" not in str(caught.value)
+    assert not (run / ".final-tmp").exists() and not (run / "adapter_model.safetensors").exists()
+    assert (run / INCOMPLETE).is_file()
+    with pytest.raises(LiandanError, match="unfinished training run"):
+        check_run_complete(run)

@@ -398,15 +398,20 @@ def save_final(accelerator, model, tokenizer, config: TrainConfig, out_dir: Path
     restore_model()
     staging = out_dir / ".final-tmp"
     shutil.rmtree(staging, ignore_errors=True)
-    unwrapped.save_pretrained(staging, safe_serialization=True)
-    tokenizer.save_pretrained(staging)
-    run.write_manifest(staging)
-    save_config(config, staging / "config.yaml")
-    if config.sample_prompts:
-        write_samples(unwrapped, tokenizer, config.sample_prompts, staging / "samples.jsonl")
-    moved = sorted(staging.iterdir())
-    for path in moved:
-        fsync(path)
+    try:
+        unwrapped.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        run.write_manifest(staging)
+        save_config(config, staging / "config.yaml")
+        if config.sample_prompts:
+            write_samples(unwrapped, tokenizer, config.sample_prompts, staging / "samples.jsonl")
+        moved = sorted(staging.iterdir())
+        for path in moved:
+            fsync(path)
+    except OSError as exc:  # e.g. a full disk: the run directory keeps its checkpoints and its INCOMPLETE marker
+        shutil.rmtree(staging, ignore_errors=True)
+        raise LiandanError(f"could not write the final model to '{out_dir}': {exc.strerror or exc}; the run's "
+                           f"checkpoints are kept: free some disk space and continue with --resume -o {out_dir}") from exc  # fmt: skip
     for path in moved:
         os.replace(path, out_dir / path.name)
     staging.rmdir()

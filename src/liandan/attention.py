@@ -71,18 +71,27 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         return own_attention_per_example(module, query, key, value, lengths, rows, dropout, scaling, window, softcap, sinks, kwargs, unknown)
     dropout = dropout if module.training else 0.0
     outputs = []
-    # split (not slicing) so that backward concatenates the slices' gradients instead of adding
-    # zero-padded copies of the whole row
+    for q, k, v in examples(query, key, value, lengths, rows):
+        if q.shape[2] <= EAGER_MAX or softcap is not None or sinks is not None:
+            outputs.append(causal_attention(q, k, v, scaling, window, softcap, sinks, dropout))
+        else:
+            mask = None if window is None or window >= q.shape[2] else allowed(q.shape[2], window, q.device)[None, None]
+            outputs.append(sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=mask is None)[0])
+    return joined(outputs, query), None
+
+
+def examples(query, key, value, lengths: list[int], rows: int):
+    """(q, k, v) of each example: ``lengths`` along the sequence of each of ``rows`` rows. Split
+    (not sliced) so that backward concatenates the slices' gradients instead of adding
+    zero-padded copies of the whole row."""
     for row in range(rows):
         r = slice(row, row + 1)
-        for q, k, v in zip(query[r].split(lengths, 2), key[r].split(lengths, 2), value[r].split(lengths, 2)):
-            if q.shape[2] <= EAGER_MAX or softcap is not None or sinks is not None:
-                outputs.append(causal_attention(q, k, v, scaling, window, softcap, sinks, dropout))
-            else:
-                mask = None if window is None or window >= q.shape[2] else allowed(q.shape[2], window, q.device)[None, None]
-                outputs.append(sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=mask is None)[0])
-    out = torch.cat(outputs, dim=1)  # (1, rows*T, H, D) or (1, T, H, D)
-    return out.view(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+        yield from zip(query[r].split(lengths, 2), key[r].split(lengths, 2), value[r].split(lengths, 2))
+
+
+def joined(outputs: list[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
+    """The examples' outputs, each (1, t, H, D), back in the batch's shape (B, T, H, D)."""
+    return torch.cat(outputs, dim=1).view(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
 
 
 def causal_attention(query, key, value, scaling: float, window: int | None = None, softcap: float | None = None,
@@ -147,14 +156,11 @@ def own_attention_per_example(module, query, key, value, lengths, rows, dropout,
                            "train with packing off (--set packing=false)")  # fmt: skip
     extra = {k: v for k, v in (("sliding_window", window), ("softcap", softcap), ("s_aux", sinks)) if v is not None}
     outputs = []
-    for row in range(rows):
-        r = slice(row, row + 1)
-        for q, k, v in zip(query[r].split(lengths, 2), key[r].split(lengths, 2), value[r].split(lengths, 2)):
-            mask = torch.zeros(q.shape[2], q.shape[2], dtype=q.dtype, device=q.device)
-            mask = mask.masked_fill(~allowed(q.shape[2], window, q.device), torch.finfo(q.dtype).min)[None, None]
-            outputs.append(eager(module, q, k, v, mask, dropout=dropout, scaling=scaling, **extra, **kwargs)[0])
-    out = torch.cat(outputs, dim=1)
-    return out.view(query.shape[0], query.shape[2], query.shape[1], query.shape[3]), None
+    for q, k, v in examples(query, key, value, lengths, rows):
+        mask = torch.zeros(q.shape[2], q.shape[2], dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill(~allowed(q.shape[2], window, q.device), torch.finfo(q.dtype).min)[None, None]
+        outputs.append(eager(module, q, k, v, mask, dropout=dropout, scaling=scaling, **extra, **kwargs)[0])
+    return joined(outputs, query), None
 
 
 def register() -> None:

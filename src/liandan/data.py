@@ -227,10 +227,11 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return record
 
 
-def parse_json(text: str) -> object:
+def parse_json(text: str, one_line: bool = False) -> object:
     """``json.loads`` that refuses what would silently mean something else: a key given twice in
     one object (JSON keeps the last one) and nesting too deep to read (a RecursionError).
-    Raises ValueError with a one-line reason."""
+    Raises ValueError with a one-line reason (its position as a column only, for ``one_line``
+    text such as a JSONL line or a CSV cell)."""
     try:
         return json.loads(text, object_pairs_hook=_unique_keys)
     except _DuplicateKey as exc:
@@ -238,7 +239,8 @@ def parse_json(text: str) -> object:
     except RecursionError:
         raise ValueError("nested too deeply to read") from None
     except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON: {exc.msg} (line {exc.lineno} column {exc.colno})") from None
+        at = f"column {exc.colno}" if one_line else f"line {exc.lineno} column {exc.colno}"
+        raise ValueError(f"not valid JSON: {exc.msg} ({at})") from None
 
 
 def jsonl_records(path: str) -> Iterator[tuple[str, object]]:
@@ -248,9 +250,9 @@ def jsonl_records(path: str) -> Iterator[tuple[str, object]]:
             continue
         where = f"{path}:{number}"
         try:
-            yield where, parse_json(line)
+            yield where, parse_json(line, one_line=True)
         except ValueError as exc:
-            yield where, RecordError(where, str(exc).replace(" (line 1 column", " (column"))
+            yield where, RecordError(where, str(exc))
 
 
 def json_records(path: str) -> Iterator[tuple[str, object]]:
@@ -293,9 +295,9 @@ def csv_record(row: dict, width: int, where: str) -> object:
         cell = row.get(key)
         if isinstance(cell, str) and cell.lstrip().startswith("["):
             try:
-                row[key] = parse_json(cell)
+                row[key] = parse_json(cell, one_line=True)
             except ValueError as exc:
-                return RecordError(where, f"field '{key}': {str(exc).replace(' (line 1 column', ' (column')}")
+                return RecordError(where, f"field '{key}': {exc}")
     return {k: v for k, v in row.items() if not (k in ("input", "system") and v == "")}
 
 

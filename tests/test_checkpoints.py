@@ -5,14 +5,19 @@ with SIGKILL at any moment resumes to the same result as an uninterrupted one.""
 import json
 import os
 import pickle
+import random
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import chat_row, write_jsonl
-from liandan.checkpoints import COMPLETE, INCOMPLETE, STATE_FILE, check_run_complete
+from liandan.checkpoints import COMPLETE, INCOMPLETE, STATE_FILE, check_run_complete, rng_state, set_rng_state
 from liandan.config import SFTConfig
 from liandan.errors import LiandanError
 from liandan.merge import merge
@@ -37,6 +42,7 @@ def config(*args, **overrides):
 
 def metrics(run):
     """Every line of metrics.jsonl, parsed strictly: a bare NaN or Infinity is an error."""
+
     def refuse(constant):
         raise ValueError(f"not JSON: {constant}")
 
@@ -102,6 +108,50 @@ def test_torn_checkpoint_is_skipped_and_old_ones_rotated(tmp_path, chat_model_di
     assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4, 5, 6]  # step 4's line was not doubled
     assert not (out / INCOMPLETE).exists()
     check_run_complete(out)
+
+
+def test_checkpoints_by_minutes(tmp_path, chat_model_dir, sft_data):
+    """save_every_minutes alone checkpoints (here: after every step, the interval being tiny);
+    with both intervals at 0 there are none."""
+    out = tmp_path / "timed"
+    train_sft(config(chat_model_dir, sft_data, out, save_every=0, save_every_minutes=1e-9, save_total_limit=0), stop_after=3)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002", "step-000003"]
+    train_sft(config(chat_model_dir, sft_data, tmp_path / "none", save_every=0, save_every_minutes=0))
+    assert not (tmp_path / "none" / "checkpoints").exists()
+
+
+def test_rng_state_holds_torch_python_and_numpy():
+    state = rng_state()
+    expected = (torch.rand(3), random.random(), random.gauss(0, 1), np.random.rand(2), np.random.randn())
+    set_rng_state(state)
+    again = (torch.rand(3), random.random(), random.gauss(0, 1), np.random.rand(2), np.random.randn())
+    assert torch.equal(expected[0], again[0]) and expected[1:3] == again[1:3]
+    assert np.array_equal(expected[3], again[3]) and expected[4] == again[4]
+    random.gauss(0, 1)  # leaves a cached second gaussian in both generators
+    np.random.randn()
+    state = rng_state()
+    expected = (random.gauss(0, 1), np.random.randn())
+    set_rng_state(state)
+    assert (random.gauss(0, 1), np.random.randn()) == expected
+
+
+def test_fsdp_checkpoint_resumes_to_the_same_run(tmp_path):
+    """FSDP2 (``fully_shard``) on 2 CPU processes: a checkpoint gathers the sharded LoRA weights
+    and optimizer state whole (full shapes on disk, optimizer state keyed by name), and a fresh
+    model with other LoRA init resumed from it continues with the same losses and ends with the
+    same weights as the run that never stopped."""
+    worker = Path(__file__).with_name("fsdp_checkpoint_worker.py")
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(worker), str(tmp_path)],
+                   check=True, capture_output=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    results = [json.loads((tmp_path / f"result-{rank}.json").read_text()) for rank in (0, 1)]
+    for result in results:
+        assert result["restored_step"] == 2
+        assert result["resumed"] == result["straight"]
+    main = results[0]
+    assert main["max_weight_diff"] == 0.0 and main["weight_names"]
+    assert main["saved_shapes"]["base_model.model.model.layers.0.mlp.down_proj.lora_A.default.weight"] == [4, 64]
+    assert main["optimizer_keys"][0].startswith("base_model.model.")
+    assert json.loads((tmp_path / "checkpoints" / "step-000002" / STATE_FILE).read_text())["layout"] == "fsdp"
 
 
 def poison(monkeypatch, bad_steps):

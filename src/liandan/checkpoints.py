@@ -5,12 +5,17 @@
     check_run_complete("runs/sft")         # raises while the run's final save has not finished
 
 A checkpoint is a directory ``checkpoints/step-NNNNNN`` holding the trained weights and each
-process's RNG state (safetensors), the optimizer's state (tensors only, read back with
-``torch.load(weights_only=True)``) and ``trainer_state.json`` (step, skipped steps, scheduler,
-settings and data hash, the size of every file). Nothing in it is unpickled. It is written to a
-temporary directory, fsynced, given its ``COMPLETE`` marker and renamed, so a crash at any
-moment leaves the previous complete checkpoint; resume refuses other data or settings than the
-checkpoint's unless ``resume_changed`` is set.
+process's RNG states (torch, Python, NumPy; safetensors), the optimizer's state (tensors only,
+read back with ``torch.load(weights_only=True)``) and ``trainer_state.json`` (step, skipped
+steps, scheduler, settings and data hash, the size of every file). Nothing in it is unpickled.
+Under FSDP the weights and the optimizer state are gathered whole onto the main process
+(``torch.distributed.checkpoint``'s full state dicts) and scattered back on resume, so a
+checkpoint has the same files however many processes wrote it. DeepSpeed keeps its optimizer
+inside its engine, whose own checkpoints are pickles: no checkpoints are written under it.
+
+It is written to a temporary directory, fsynced, given its ``COMPLETE`` marker and renamed, so
+a crash at any moment leaves the previous complete checkpoint; resume refuses other data or
+settings than the checkpoint's unless ``resume_changed`` is set.
 """
 
 from __future__ import annotations
@@ -18,14 +23,25 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import os
 import pickle  # only for its error: nothing is unpickled
+import random
 import shutil
 from pathlib import Path
 
+import numpy as np
 import torch
+from accelerate.utils import DistributedType
 from rich.console import Console
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from .config import TrainConfig, to_dict
 from .errors import LiandanError
@@ -37,36 +53,36 @@ COMPLETE = "COMPLETE"
 """Written last into a checkpoint: without it the checkpoint is torn and skipped."""
 INCOMPLETE = "INCOMPLETE"
 """In a run directory from the start of training until its final model is completely saved."""
-RESUMABLE_CHANGES = {"output_dir", "save_every", "save_total_limit", "log_every", "eval_every", "report_to",
-                     "sample_prompts", "max_bad_steps", "resume_changed"}  # fmt: skip
+RESUMABLE_CHANGES = {"output_dir", "save_every", "save_every_minutes", "save_total_limit", "log_every", "eval_every",
+                     "report_to", "sample_prompts", "max_bad_steps", "resume_changed"}  # fmt: skip
 """Settings a resumed run may change: they do not change what the steps compute."""
 
 
 def save_checkpoint(accelerator, out_dir: Path, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-    """The trained weights and each process's RNG state (safetensors), the optimizer (tensors
+    """The trained weights and each process's RNG states (safetensors), the optimizer (tensors
     only) and ``state`` with the scheduler (JSON), written to a temporary directory, fsynced,
     marked complete and renamed: a run killed at any moment keeps its last complete checkpoint.
-    Then only the newest ``keep`` checkpoints are kept (0 = all)."""
+    Then only the newest ``keep`` checkpoints are kept (0 = all). Every process must call it."""
     step = state["step"]
     final = out_dir / CHECKPOINTS / f"step-{step:06d}"
     tmp = out_dir / CHECKPOINTS / f".tmp-step-{step:06d}"
-    weights = trained_weights(accelerator.unwrap_model(model))
+    weights, optimizer_state = gather_trained(accelerator, model, optimizer)
     refuse_non_finite(weights, f"checkpoint at step {step}")
     try:
         if accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
-        rng = {"cpu": torch.get_rng_state(), **({"cuda": torch.cuda.get_rng_state()} if torch.cuda.is_available() else {})}
-        save_file(rng, tmp / f"rng-{accelerator.process_index}.safetensors")
+        save_file(rng_state(), tmp / f"rng-{accelerator.process_index}.safetensors")
         if accelerator.is_main_process:
             save_file(weights, tmp / "weights.safetensors")
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")  # read back with weights_only=True
+            torch.save(optimizer_state, tmp / "optimizer.pt")  # read back with weights_only=True
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             files = sorted(p for p in tmp.iterdir())
             scheduler_state = {k: v for k, v in scheduler.state_dict().items() if k != "lr_lambdas"}
-            record = {**state, "scheduler": scheduler_state, "files": {p.name: p.stat().st_size for p in files}}
+            record = {**state, "scheduler": scheduler_state, "layout": layout(accelerator),
+                      "files": {p.name: p.stat().st_size for p in files}}  # fmt: skip
             (tmp / STATE_FILE).write_text(json.dumps(record, indent=1) + "\n")
             for path in [*files, tmp / STATE_FILE]:
                 fsync(path)
@@ -94,6 +110,84 @@ def save_checkpoint(accelerator, out_dir: Path, model, optimizer, scheduler, sta
 def trained_weights(model) -> dict[str, torch.Tensor]:
     """Every trainable parameter by name (tied ones once), copied to the CPU."""
     return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def checkpoints_supported(accelerator) -> bool:
+    """False under DeepSpeed, whose engine holds the optimizer and saves it only as pickles."""
+    return accelerator.distributed_type != DistributedType.DEEPSPEED
+
+
+def layout(accelerator) -> str:
+    """How the optimizer state is keyed: ``fsdp`` (by parameter name) or ``plain`` (by index)."""
+    return "fsdp" if accelerator.distributed_type == DistributedType.FSDP else "plain"
+
+
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+"""Whole tensors, on the CPU of the main process only, trainable parameters only."""
+
+
+def gather_trained(accelerator, model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The trainable weights and the optimizer's state, whole. Under FSDP every process takes
+    part and the main process gets them ({} elsewhere); otherwise every process has them."""
+    if layout(accelerator) == "fsdp":
+        raw = getattr(optimizer, "optimizer", optimizer)
+        weights = {k: v.contiguous() for k, v in get_model_state_dict(model, options=FULL).items()}
+        return weights, get_optimizer_state_dict(model, raw, options=FULL)
+    return trained_weights(accelerator.unwrap_model(model)), optimizer.state_dict()
+
+
+def scatter_trained(accelerator, model, optimizer, weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
+    """Put saved trainable weights and optimizer state back. Under FSDP the main process's copy
+    (read from the checkpoint) is sent to every process, each keeping its own shard."""
+    if layout(accelerator) == "fsdp":
+        raw = getattr(optimizer, "optimizer", optimizer)
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=False)
+        set_model_state_dict(model, weights, options=options)
+        set_optimizer_state_dict(model, raw, optimizer_state, options=options)
+        return
+    params = {name: p for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    optimizer.load_state_dict(optimizer_state)
+
+
+def trained_names(accelerator, model) -> set[str]:
+    """The names a checkpoint's weights must have: this run's trainable parameters."""
+    if layout(accelerator) == "fsdp":
+        return set(get_model_state_dict(model, options=StateDictOptions(ignore_frozen_params=True)))
+    return {name for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This process's random generators (torch CPU and CUDA, Python's ``random``, NumPy's global
+    one) as tensors, so a resumed run draws the same numbers as an uninterrupted one."""
+    version, internal, gauss = random.getstate()
+    _, keys, position, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "cpu": torch.get_rng_state(),
+        "python": torch.tensor([version, *internal], dtype=torch.int64),
+        "python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
+        "numpy": torch.from_numpy(keys.astype(np.int64)),
+        "numpy_extra": torch.tensor([position, has_gauss, cached], dtype=torch.float64),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore what `rng_state` saved (a generator it does not hold is left as it is)."""
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    if "python" in state:
+        version, *internal = state["python"].tolist()
+        gauss = float(state["python_gauss"][0])
+        random.setstate((version, tuple(internal), None if math.isnan(gauss) else gauss))
+    if "numpy" in state:
+        position, has_gauss, cached = state["numpy_extra"].tolist()
+        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(position), int(has_gauss), cached))
 
 
 def fsync(path: Path) -> None:
@@ -149,24 +243,25 @@ def load_checkpoint(accelerator, out_dir: Path, model, optimizer, scheduler, cur
         raise LiandanError(f"--resume: no complete checkpoint in '{out_dir / CHECKPOINTS}' to resume from")
     state = json.loads((checkpoint / STATE_FILE).read_text())
     check_fingerprint(state.get("fingerprint") or {}, current, checkpoint, allow_changes)
-    weights = load_file(checkpoint / "weights.safetensors", device="cpu")
-    params = {name: p for name, p in accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
-    if weights.keys() != params.keys():
-        raise LiandanError(f"--resume: checkpoint '{checkpoint}' holds other trained weights than this run has "
-                           f"(e.g. {min(weights.keys() ^ params.keys())!r})")  # fmt: skip
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    try:  # weights_only: a planted pickle cannot run code, it fails to load
-        saved_optimizer = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
-        raise LiandanError(f"--resume: '{checkpoint / 'optimizer.pt'}' is not a tensors-only optimizer state: {exc}") from None
-    optimizer.load_state_dict(saved_optimizer)
+    if state.get("layout", "plain") != layout(accelerator):
+        raise LiandanError(f"--resume: checkpoint '{checkpoint}' was written {'with' if state.get('layout') == 'fsdp' else 'without'} "
+                           "FSDP; resume it the same way (its optimizer state is keyed differently)")  # fmt: skip
+    names = trained_names(accelerator, model)
+    weights, saved_optimizer = {}, {}
+    if accelerator.is_main_process or layout(accelerator) == "plain":
+        weights = load_file(checkpoint / "weights.safetensors", device="cpu")
+        if weights.keys() != names:
+            raise LiandanError(f"--resume: checkpoint '{checkpoint}' holds other trained weights than this run has "
+                               f"(e.g. {min(weights.keys() ^ names)!r})")  # fmt: skip
+        try:  # weights_only: a planted pickle cannot run code, it fails to load
+            saved_optimizer = torch.load(checkpoint / "optimizer.pt", map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:
+            raise LiandanError(
+                f"--resume: '{checkpoint / 'optimizer.pt'}' is not a tensors-only optimizer state: {exc}"
+            ) from None
+    scatter_trained(accelerator, model, optimizer, weights, saved_optimizer)
     scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(scheduler.lr_lambdas)})
-    rng = load_file(checkpoint / f"rng-{accelerator.process_index}.safetensors")
-    torch.set_rng_state(rng["cpu"])
-    if "cuda" in rng and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng["cuda"])
+    set_rng_state(load_file(checkpoint / f"rng-{accelerator.process_index}.safetensors"))
     return {**state, "fingerprint": current}
 
 

@@ -94,7 +94,10 @@ class TrainConfig:
     eval_every: int = 0
     """Evaluate every N steps (0 = only at the end, when there is an eval split)."""
     save_every: int = 50
-    """Write a resumable checkpoint every N steps (0 = none: a crash loses the whole run)."""
+    """Write a resumable checkpoint every N steps (0 = not by steps)."""
+    save_every_minutes: float = 30.0
+    """Also write one when this many minutes have passed since the last (0 = not by time). With
+    both at 0 there are no checkpoints: a crash loses the whole run."""
     save_total_limit: int = 2
     """Keep only the newest N checkpoints (0 = keep all)."""
     max_bad_steps: int = 3
@@ -124,6 +127,7 @@ class TrainConfig:
             (self.log_every >= 1, f"log_every must be at least 1 (got {self.log_every})"),
             (self.eval_every >= 0, f"eval_every must be 0 (only at the end) or more (got {self.eval_every})"),
             (self.save_every >= 0, f"save_every must be 0 (no checkpoints) or more (got {self.save_every})"),
+            (math.isfinite(self.save_every_minutes) and self.save_every_minutes >= 0, f"save_every_minutes must be a finite number, 0 (not by time) or more (got {self.save_every_minutes})"),
             (self.save_total_limit >= 0, f"save_total_limit must be 0 (keep all) or more (got {self.save_total_limit})"),
             (self.max_bad_steps >= 1, f"max_bad_steps must be at least 1 (got {self.max_bad_steps})"),
             (self.max_steps >= 0, f"max_steps must be 0 or more (got {self.max_steps})"),

@@ -47,6 +47,7 @@ from .attention import use_training_attention
 from .batching import plan_batches
 from .checkpoints import (
     INCOMPLETE,
+    checkpoints_supported,
     fingerprint,
     fsync,
     latest_checkpoint,
@@ -184,10 +185,12 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) ->
     model, optimizer = accelerator.prepare(model, optimizer)
     if config.report_to:
         accelerator.init_trackers("liandan", config={"lr": config.lr, "steps": steps})
-    save_every = config.save_every
-    if save_every and sharded(accelerator):
-        warn("checkpoints are not written under FSDP or DeepSpeed (save_every ignored): a crash loses the run")
-        save_every = 0
+    saving = bool(config.save_every or config.save_every_minutes)
+    if saving and not checkpoints_supported(accelerator):
+        warn("checkpoints are not written under DeepSpeed (its engine saves its optimizer only as pickles, which "
+             "liandan never loads): save_every ignored, a crash loses the run")  # fmt: skip
+        saving = False
+    last_save = time.monotonic()
 
     state = {"step": 0, "skipped_steps": 0, "fingerprint": fingerprint(config, run.manifest, run.train)}
     metrics_path = out_dir / "metrics.jsonl"
@@ -263,9 +266,10 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) ->
                     + (f"The last good checkpoint is '{kept}'. " if kept else "")
                     + "Try a lower lr, or max_grad_norm above 0 (max_bad_steps sets how many are tolerated)."
                 )
-            if save_every and (step + 1) % save_every == 0 and step + 1 < steps:
+            if saving and step + 1 < steps and checkpoint_due(config, step + 1, last_save, accelerator):
                 state["step"] = step + 1
                 save_checkpoint(accelerator, out_dir, model, optimizer, scheduler, state, config.save_total_limit)
+                last_save = time.monotonic()
     if last < steps:  # interrupted on purpose: leave a resumable checkpoint and nothing final
         state["step"] = last
         save_checkpoint(accelerator, out_dir, model, optimizer, scheduler, state, config.save_total_limit)
@@ -274,6 +278,21 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) ->
     save_final(accelerator, model, tokenizer, config, out_dir, run, restore_model)
     accelerator.end_training()
     return result
+
+
+def checkpoint_due(config: TrainConfig, done: int, last_save: float, accelerator) -> bool:
+    """Whether to checkpoint after ``done`` steps: every ``save_every`` steps, or once
+    ``save_every_minutes`` have passed since the last one (the main process's clock decides, so
+    every process saves at the same step)."""
+    if config.save_every and done % config.save_every == 0:
+        return True
+    if not config.save_every_minutes:
+        return False
+    late = time.monotonic() - last_save >= config.save_every_minutes * 60
+    if accelerator.num_processes > 1:
+        flag = torch.tensor(float(late and accelerator.is_main_process), device=accelerator.device)
+        late = float(accelerator.reduce(flag, "sum")) > 0
+    return late
 
 
 def check_trackers(names: list[str]) -> None:

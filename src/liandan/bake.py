@@ -31,7 +31,7 @@ import torch
 from rich.console import Console
 from rich.progress import Progress
 
-from .chat import render_chat
+from .chat import encode_generation_prompt
 from .checks import parse_checks, run_checks
 from .config import SFTConfig, load_config
 from .errors import LiandanError
@@ -199,8 +199,7 @@ def prompt_cost(config: BakeConfig, system: str, prompts: list, run_dir: Path) -
             for prompt in prompts:
                 ids = {}
                 for key, messages in (("with", prompt.chat_messages(system)), ("without", prompt.chat_messages())):
-                    text = render_chat(tokenizer, messages)
-                    ids[key] = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids.to(model.device)
+                    ids[key] = torch.tensor([encode_generation_prompt(tokenizer, messages)], device=model.device)
                 extra.append(ids["with"].shape[1] - ids["without"].shape[1])
                 with_ms.append(_prefill_ms(model, ids["with"]))
                 without_ms.append(_prefill_ms(model, ids["without"]))

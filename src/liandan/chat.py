@@ -286,16 +286,18 @@ def _plain_ranges(
     return merged
 
 
-def encode_generation_prompt(tokenizer: Any, messages: list[dict]) -> list[int]:
-    """The conversation plus the assistant header as token ids, for generation (chat, serve):
-    the model's template (ChatML when it has none), and special-token text that a user typed in a
-    message encoded as the plain characters it is, so no one can forge a turn or a stop. Raises
-    when the template drops a message. Keys other than ``train`` (``name``, ``tool_calls``) are
-    passed to the template as they are."""
+def encode_generation_prompt(tokenizer: Any, messages: list[dict], check_roles: bool = True) -> list[int]:
+    """The conversation plus the assistant header as token ids, for generation (chat, serve,
+    compare, eval): the model's template (ChatML when it has none), and special-token text that a
+    user typed in a message encoded as the plain characters it is, so no one can forge a turn or a
+    stop. Raises when the template drops a message, unless ``check_roles`` is False (comparing
+    models shows what each template does). Keys other than ``train`` (``name``, ``tool_calls``)
+    are passed to the template as they are."""
     clean = [{key: value for key, value in m.items() if key != "train"} for m in messages]
     template = None if has_chat_template(tokenizer) else CHATML_TEMPLATE
     text = _render(tokenizer, clean, True, template)
-    _check_rendered(tokenizer, clean, True, template)
+    if check_roles:
+        _check_rendered(tokenizer, clean, True, template)
     plain = _plain_ranges(tokenizer, clean, text, special_texts(tokenizer), True, template)
     return _tokenize_segments(tokenizer, text, plain)[0]
 

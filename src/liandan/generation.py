@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import GenerationConfig, LogitsProcessorList
 
-from .chat import chat_stop_ids, has_chat_template, render_chat, stop_token_ids
+from .chat import chat_stop_ids, encode_generation_prompt, has_chat_template, render_chat, stop_token_ids
 from .errors import LiandanError
 from .prompts import Prompt, prompts_from_strings
 
@@ -132,6 +132,15 @@ def prompt_text(tokenizer: Any, prompt: Prompt, mode: str, system: str | None) -
     raise LiandanError(f"--mode {mode}: expected one of {', '.join(MODES)}")
 
 
+def prompt_ids(tokenizer: Any, prompt: Prompt, mode: str, system: str | None) -> list[int]:
+    """The token ids generation starts from. Chat: the template's render, with special-token text
+    typed in a message kept as plain characters (a prompt cannot forge a turn). Raw: the text
+    tokenized as the model was pre-trained (BOS added; what the user writes is what it reads)."""
+    if mode == "chat":
+        return encode_generation_prompt(tokenizer, prompt.chat_messages(system), check_roles=False)
+    return list(tokenizer(prompt_text(tokenizer, prompt, mode, system), add_special_tokens=True)["input_ids"])
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -151,21 +160,19 @@ def generate(
     prompts = as_prompts(prompts)
     name = model_name or getattr(getattr(model, "liandan_source", None), "name", "model")
     texts = [prompt_text(tokenizer, p, mode, system) for p in prompts]
+    encoded = [prompt_ids(tokenizer, p, mode, system) for p in prompts]
     note = ""
     if mode == "chat" and not has_chat_template(tokenizer):
         note = "model has no chat template: prompt rendered as ChatML text"
     stops = (chat_stop_ids if mode == "chat" else stop_token_ids)(tokenizer, getattr(model, "generation_config", None))
-    # Chat renders already hold the template's special tokens (BOS included); raw text is
-    # tokenized the way the model was pre-trained, special tokens added.
-    add_special = mode == "raw"
     torch.manual_seed(config.seed)
     # Prompts of similar length share a batch, so little compute goes to padding.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     results: list[Generation] = []
     for start in range(0, len(texts), config.batch_size):
         indices = order[start : start + config.batch_size]
-        batch = [texts[i] for i in indices]
-        new_ids, step_times = _generate_batch(model, tokenizer, batch, config, stops, add_special)
+        batch = [encoded[i] for i in indices]
+        new_ids, step_times = _generate_batch(model, tokenizer, batch, config, stops)
         for row, ids in enumerate(new_ids):
             index = indices[row // config.num_samples]
             count, stopped = count_until_stop(ids, stops)
@@ -228,13 +235,13 @@ def generation_config(sampling: SamplingConfig, stops: Sequence[int], pad_token_
     return GenerationConfig(**{**values, **overrides})
 
 
-def _generate_batch(model, tokenizer, texts, config, stops, add_special) -> tuple[list[list[int]], list[float]]:
-    """Run one left-padded batch; returns each row's new token ids, and the step times of
-    `_StepClock` (an output of n tokens took ``times[n - 1]`` seconds)."""
+def _generate_batch(model, tokenizer, rows: list[list[int]], config, stops) -> tuple[list[list[int]], list[float]]:
+    """Run one left-padded batch of prompt ids; returns each row's new token ids, and the step
+    times of `_StepClock` (an output of n tokens took ``times[n - 1]`` seconds)."""
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"  # new tokens must follow the prompt directly in every row
     try:
-        encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=add_special)
+        encoded = tokenizer.pad({"input_ids": rows}, padding=True, return_tensors="pt")
     finally:
         tokenizer.padding_side = side
     encoded = encoded.to(model.device)

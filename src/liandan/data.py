@@ -262,7 +262,7 @@ def json_records(path: str) -> Iterator[tuple[str, object]]:
     try:
         data = parse_json(text)
     except ValueError as exc:
-        raise LiandanError(f"{path}: {exc}") from None
+        raise LiandanError(f"{path}:{failing_record(text)} {exc}") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -270,6 +270,28 @@ def json_records(path: str) -> Iterator[tuple[str, object]]:
         raise LiandanError(f"{path}: expected a list of records or an object with a 'data' list; got {got}")
     for number, record in enumerate(data, 1):
         yield f"{path}:record {number}", record
+
+
+def failing_record(text: str) -> str:
+    """Where in a JSON list of records the first one that cannot be read starts, as
+    ``record N (line L):``, so that a duplicate key or a too-deep record is found without a
+    position of its own; "" when the text is not a list or every record reads."""
+    decoder = json.JSONDecoder(object_pairs_hook=_unique_keys)
+    at = len(text) - len(text.lstrip())
+    if not text.startswith("[", at):
+        return ""
+    at += 1
+    for number in range(1, len(text)):
+        at = len(text) - len(text[at:].lstrip())
+        if text.startswith("]", at) or at >= len(text):
+            return ""
+        try:
+            _, at = decoder.raw_decode(text, at)
+        except (_DuplicateKey, RecursionError, json.JSONDecodeError):
+            return f"record {number} (line {text.count(chr(10), 0, at) + 1}):"
+        at = len(text) - len(text[at:].lstrip())
+        at += text.startswith(",", at)
+    return ""
 
 
 def csv_records(path: str) -> Iterator[tuple[str, object]]:

@@ -291,11 +291,10 @@ def _check_base_hash(run_dir: Path, spec: str, location: str, recorded: str | No
     """A base model whose weights changed since the run was trained would load and run, wrongly."""
     if not recorded:
         return
-    path = Path(location)
-    weights = path / "model.safetensors" if path.is_dir() else path
-    if not weights.is_file():
+    weights = weights_file(location)
+    if weights is None:
         return  # not on disk yet (the default model before its first use is fetched by load_model)
-    actual = _sha256_cached(weights)
+    actual = weights_sha256(location)
     if actual != recorded:
         raise LiandanError(
             f"run '{run_dir}': the base model '{spec}' at '{weights}' has changed since the run was trained "
@@ -303,11 +302,25 @@ def _check_base_hash(run_dir: Path, spec: str, location: str, recorded: str | No
         )
 
 
+def weights_file(location: str | Path) -> Path | None:
+    """The one file holding a model's weights: ``model.safetensors`` of a model directory, or the
+    file itself (a GGUF); None for a hub id, or weights sharded over several files."""
+    path = Path(location)
+    for candidate in (path / "model.safetensors", path):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
 _HASHES: dict[tuple[str, int, int], str] = {}
 
 
-def _sha256_cached(path: Path) -> str:
-    """A file's SHA-256, computed once per process for a given path, size and mtime."""
+def weights_sha256(location: str | Path) -> str | None:
+    """The SHA-256 of `weights_file`, computed once per process for a given path, size and mtime
+    (the manifest records it, and loading a run checks its base model against it)."""
+    path = weights_file(location)
+    if path is None:
+        return None
     stat = path.stat()
     key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
     if key not in _HASHES:

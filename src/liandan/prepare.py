@@ -36,7 +36,7 @@ from .data import read_examples, read_texts, split_examples, summarize_skipped
 from .encoding import encode_all, encode_pair, pad_id, text_blocks
 from .errors import LiandanError
 from .files import file_sha256
-from .models import load_model, resolve_model
+from .models import load_model, resolve_model, weights_sha256
 from .objectives import dpo_objective, precompute_reference, sft_objective
 from .preference import read_pairs
 from .replay import replay_examples
@@ -297,11 +297,8 @@ def file_hashes(paths: list[str]) -> dict[str, str]:
 
 
 def weights_hash(source) -> str | None:
-    path = Path(source.location)
-    for candidate in (path / "model.safetensors", path):
-        if candidate.is_file():
-            return file_sha256(candidate)
-    return None
+    """The base model's weights hash for the manifest (`liandan.models.weights_sha256`)."""
+    return weights_sha256(source.location)
 
 
 def print_data_summary(data, stats: dict, eval_stats: dict, replay_info: dict) -> None:

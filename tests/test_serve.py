@@ -14,7 +14,6 @@ from contextlib import contextmanager
 
 import openai
 import pytest
-import uvicorn
 from openai import OpenAI
 
 from liandan.chat import encode_generation_prompt, render_chat
@@ -22,7 +21,7 @@ from liandan.errors import LiandanError
 from liandan.generation import SamplingConfig, find_stop, generate, streamable_length
 from liandan.models import load_model
 from liandan.openai_api import ServeLimits
-from liandan.serve import create_app, default_model_name
+from liandan.serve import create_app, default_model_name, uvicorn_server
 
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "Question 3?"}]
@@ -34,7 +33,7 @@ def running(app):
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    server = uvicorn_server(app, log_level="warning", lifespan="on")  # the connection limits `serve` runs with
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30

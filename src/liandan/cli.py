@@ -390,21 +390,23 @@ def serve(
     model: Annotated[str, typer.Argument(help="Model: default, a model, merged or run directory, a .gguf file or a hub id.")] = "default",
     host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LIANDAN_API_KEY",
-                                                   help="Require this Bearer key (or set LIANDAN_API_KEY).")] = None,  # fmt: skip
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LIANDAN_API_KEY", help="Require this Bearer key on every path (or set LIANDAN_API_KEY).")] = None,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="Name clients use (default: the directory's name).")] = None,
     max_prompt_tokens: Annotated[Optional[int], typer.Option("--max-prompt-tokens", help="Refuse longer prompts (400).")] = None,
+    limit: Annotated[Optional[list[str]], typer.Option("--limit", metavar="KEY=VALUE", help="Set a server limit (repeatable). Defaults: max_n=8, max_tokens=4096, max_prompts=16, max_stops=4, max_stop_chars=256, max_body_bytes=2097152, max_queued=64, retry_after_s=2, max_connections=4 x max_queued, keep_alive_s=5, max_header_bytes=16384.")] = None,
+    allow_host: Annotated[Optional[list[str]], typer.Option("--allow-host", metavar="NAME", help="Also answer to this Host name (repeatable; '*': any). Always: localhost, 127.0.0.1, ::1, --host.")] = None,
+    allow_origin: Annotated[Optional[list[str]], typer.Option("--allow-origin", metavar="URL", help="Accept browser requests from this web origin, e.g. http://localhost:3000 (repeatable).")] = None,
+    docs: Annotated[bool, typer.Option("--docs", help="Serve /docs and /openapi.json (behind --api-key when set).")] = False,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
     """Serve a model behind an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions)."""
     with user_errors():
-        from .serve import serve as run_server
+        from . import serve as serving
 
-        check_models([model])
         quiet_libraries()
-        run_server(model, host=host, port=port, api_key=api_key, dtype=dtype, device=device,
-                   model_name=model_name, max_prompt_tokens=max_prompt_tokens)  # fmt: skip
+        serving.serve(model, host=host, port=port, api_key=api_key, dtype=dtype, device=device, model_name=model_name, docs=docs,
+                      max_prompt_tokens=max_prompt_tokens, limits=serving.parse_limits(limit), extra_hosts=allow_host, origins=allow_origin)  # fmt: skip
 
 
 @app.command()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import secrets
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
@@ -23,6 +24,8 @@ from typing import Annotated, Any, Literal
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+
+from .errors import LiandanError
 
 # OpenAI parameters liandan does not implement: refused when set, rather than silently ignored.
 UNSUPPORTED = (
@@ -80,8 +83,10 @@ class CompletionRequest(SamplingRequest):
 
 @dataclass(frozen=True)
 class ServeLimits:
-    """What one request may ask of `liandan.serve`, so that no client can tie up the model, the
-    memory or the queue. Each limit answers in OpenAI's error shape, naming the limit."""
+    """What one request, and one client, may ask of `liandan.serve`, so that no client can tie up the
+    model, the memory, the queue or the connections. Each request limit answers in OpenAI's error
+    shape, naming the limit; the connection limits are uvicorn's own settings. On the command line:
+    ``liandan serve --limit max_n=4 --limit max_queued=128``."""
 
     max_n: int = 8
     """Choices per prompt (``n``); more is a 400."""
@@ -101,11 +106,23 @@ class ServeLimits:
     a 429 with ``Retry-After``."""
     retry_after_s: int = 2
     """The ``Retry-After`` a 429 carries."""
+    max_connections: int | None = None
+    """Open connections, idle ones included; a request while more are open is a 503 from uvicorn.
+    None: 4 x ``max_queued`` (room for streams and clients waiting on a 429's ``Retry-After``)."""
+    keep_alive_s: int = 5
+    """Seconds an idle connection stays open after its last response."""
+    max_header_bytes: int = 16 * 1024
+    """Bytes of a request's line and headers held while they are unfinished; a client that sends
+    more without ending its headers gets a 400 from the HTTP parser (h11)."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if not isinstance(value, int) or value < 1:
+            if (value is not None or name != "max_connections") and (type(value) is not int or value < 1):
                 raise ValueError(f"ServeLimits.{name} must be a whole number of at least 1 (got {value!r})")
+
+    @property
+    def connections(self) -> int:
+        return self.max_connections or 4 * self.max_queued
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,7 +230,22 @@ def allowed_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> tuple[str, ...
     ``extra``; None (any) when it listens on every address, as its name on the network is not known."""
     if bind_host in ANY_HOST or "*" in extra:
         return None
-    return tuple(dict.fromkeys((*LOCAL_HOSTS, bind_host.strip("[]").lower(), *(h.lower() for h in extra))))
+    for name in extra:  # the Host header's port is dropped before the check, so a name with one never matches
+        if not name or any(c in name for c in "/ @") or name.count(":") == 1:
+            raise LiandanError(f"--allow-host {name!r}: expected a host name or address without scheme or port, "
+                               "e.g. my-box.lan or 192.168.1.5 ('*': any name)")  # fmt: skip
+    return tuple(dict.fromkeys((*LOCAL_HOSTS, bind_host.strip("[]").lower(), *(h.strip("[]").lower() for h in extra))))
+
+
+def web_origin(origin: str) -> str:
+    """``"https://App.example.com/"`` -> ``"https://app.example.com"``, the form a browser sends in
+    ``Origin``; anything else (a path, no scheme, ``*``) is a `LiandanError`, as it would never match."""
+    parts = urllib.parse.urlsplit(origin.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or parts.path not in ("", "/") \
+            or parts.query or parts.fragment:  # fmt: skip
+        raise LiandanError(f"--allow-origin {origin!r}: expected a web page's origin: scheme, host and port if not "
+                           "the default, e.g. https://app.example.com or http://localhost:3000")  # fmt: skip
+    return f"{parts.scheme}://{parts.netloc}".lower()
 
 
 def _host_name(host: str) -> str:

@@ -8,8 +8,9 @@
         model="my-sft", messages=[{"role": "user", "content": "Hi"}], temperature=0)
     print(reply.choices[0].message.content, reply.choices[0].finish_reason)
 
-From Python, `create_app` gives the FastAPI app without opening a socket, and `serve` loads a model
-with `liandan.models.load_model` and runs the app with uvicorn:
+From Python, `create_app` gives the FastAPI app without opening a socket, `uvicorn_server` the
+uvicorn server `serve` runs it with (its connection limits, and the queue answered at shutdown), and
+`serve` loads a model with `liandan.models.load_model` and runs the app:
 
     from liandan.serve import serve
     serve("runs/my-sft", port=8000, api_key="secret")
@@ -34,11 +35,13 @@ Origin and body-size checks (`GuardRequests`), the wire format and the API key l
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import difflib
 import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +56,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .chat import chat_stop_ids, encode_generation_prompt, has_chat_template
 from .errors import LiandanError
-from .models import context_length, load_model
+from .models import check_models, context_length, load_model
 from .openai_api import (
     LOCAL_HOSTS,
     UNSET,
@@ -72,6 +75,7 @@ from .openai_api import (
     error_response,
     sse,
     validation_error,
+    web_origin,
 )
 from .serve_worker import Choice, Job, Worker
 
@@ -195,7 +199,7 @@ class _Server:
             for job in jobs:
                 kind, payload = await job.events.get()
                 if kind == "error":
-                    raise ApiError(500, payload, type="server_error")
+                    raise payload
                 choices += payload
         finally:
             watcher.cancel()
@@ -232,8 +236,9 @@ async def _stream(server: _Server, jobs: list[Job], head: dict, chunk: Callable[
         for job in jobs:
             while (event := await job.events.get())[0] == "delta":
                 yield sse({**head, **chunk(event[1], event[2], None)})
-            if event[0] == "error":
-                yield sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
+            if event[0] == "error":  # the status line went out with the first chunk: the error is an event
+                error = event[1]
+                yield sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
                 return
             for choice in event[1]:
                 yield sse({**head, **chunk(choice.index, None, choice.finish_reason)})
@@ -260,9 +265,10 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | No
     stops with the app (its lifespan), so run it with uvicorn or another ASGI server.
 
     ``limits`` bound each request (`ServeLimits`: n, max_tokens, prompts, stop strings, body size,
-    queue). ``hosts`` are the Host header names answered (None: any; a wrong one is a 400), and a
-    browser request whose Origin is neither the server's own nor in ``origins`` is a 403: together they
-    keep web pages the user visits from driving the server. ``docs`` serves ``/docs`` and
+    queue; its connection limits apply through `uvicorn_server`). ``hosts`` are the Host header names
+    answered (None: any; a wrong one is a 400), and a browser request whose Origin is neither the
+    server's own nor in ``origins`` is a 403: together they keep web pages the user visits from
+    driving the server. ``docs`` serves ``/docs`` and
     ``/openapi.json`` (off by default; behind the API key when there is one)."""
     if not model_name:
         raise LiandanError("--model-name must not be empty")
@@ -290,7 +296,7 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | No
         app.add_middleware(RequireApiKey, api_key=api_key)
     # Added last, so it runs first: a request from another site is refused before the key is looked at.
     app.add_middleware(GuardRequests, hosts=hosts, max_body_bytes=limits.max_body_bytes,
-                       origins=tuple(o.lower().rstrip("/") for o in origins))  # fmt: skip
+                       origins=tuple(web_origin(o) for o in origins))  # fmt: skip
     _add_error_handlers(app)
     _add_routes(app, server)
     return app
@@ -371,22 +377,45 @@ def default_model_name(spec: str | None) -> str:
     return path.resolve().name if path.exists() else spec
 
 
+def parse_limits(items: Sequence[str] | None) -> ServeLimits:
+    """``--limit KEY=VALUE`` options (``["max_n=4", "max_queued=128"]``) as `ServeLimits`; a bad
+    one is a `LiandanError` naming it and what was expected."""
+    keys = [f.name for f in dataclasses.fields(ServeLimits)]
+    values: dict[str, int] = {}
+    for item in items or ():
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not equals:
+            raise LiandanError(f"--limit {item}: expected KEY=VALUE, e.g. max_n=4; the limits are {', '.join(keys)}")
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+            guess = f" (did you mean '{close[0]}'?)" if close else ""
+            raise LiandanError(f"--limit {item}: unknown limit '{key}'{guess}; the limits are {', '.join(keys)}")
+        if not (value.isascii() and value.isdigit()) or int(value) < 1:
+            raise LiandanError(f"--limit {item}: {key} must be a whole number of at least 1 (got '{value}')")
+        values[key] = int(value)
+    return ServeLimits(**values)
+
+
 def serve(spec: str = "default", *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str = "auto", device: str = "auto", model_name: str | None = None,
-          max_prompt_tokens: int | None = None, limits: ServeLimits | None = None, extra_hosts: tuple[str, ...] = (),
-          origins: tuple[str, ...] = (), docs: bool = False) -> None:  # fmt: skip
+          max_prompt_tokens: int | None = None, limits: ServeLimits | None = None,
+          extra_hosts: Sequence[str] | None = None, origins: Sequence[str] | None = None, docs: bool = False) -> None:  # fmt: skip
     """Load ``spec`` with `liandan.models.load_model` and serve it on ``host:port`` until interrupted.
 
-    ``limits``, ``origins`` and ``docs`` are `create_app`'s. The Host names answered are the localhost
-    names, ``host`` itself and ``extra_hosts`` (``"*"``: any); any name when ``host`` is 0.0.0.0 or ::."""
+    ``limits``, ``origins`` and ``docs`` are `create_app`'s; the connection limits are applied as in
+    `uvicorn_server`. The Host names answered are the localhost names, ``host`` itself and
+    ``extra_hosts`` (``"*"``: any); any name when ``host`` is 0.0.0.0 or ::. Every option is checked
+    before the model loads."""
     if not 0 < port < 65536:
         raise LiandanError(f"--port {port}: expected a port number from 1 to 65535")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise LiandanError(f"--max-prompt-tokens must be at least 1 (got {max_prompt_tokens})")
+    hosts, origins = allowed_hosts(host, tuple(extra_hosts or ())), tuple(web_origin(o) for o in origins or ())
+    check_models([spec])
     model, tokenizer = load_model(spec, device=device, dtype=dtype)
     name = model_name or default_model_name(spec)
     app = create_app(model, tokenizer, model_name=name, api_key=api_key, max_prompt_tokens=max_prompt_tokens,
-                     limits=limits, hosts=allowed_hosts(host, extra_hosts), origins=origins, docs=docs)  # fmt: skip
+                     limits=limits, hosts=hosts, origins=origins, docs=docs)  # fmt: skip
     print(f"serving '{name}' at http://{host}:{port}/v1 (OpenAI API: /v1/models, /v1/chat/completions, "
           "/v1/completions); Ctrl+C stops it", flush=True)  # fmt: skip
     if not has_chat_template(tokenizer):
@@ -394,8 +423,34 @@ def serve(spec: str = "default", *, host: str = "127.0.0.1", port: int = 8000, a
     if host not in LOOPBACK and not api_key:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
               flush=True)  # fmt: skip
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info"))
     try:
-        server.run()
+        uvicorn_server(app, host=host, port=port, log_level="info").run()
     except SystemExit as exc:  # uvicorn exits when it cannot bind
         raise LiandanError(f"could not listen on {host}:{port} (is the port in use? choose another with --port)") from exc
+
+
+def uvicorn_server(app: FastAPI, **config: Any) -> uvicorn.Server:
+    """uvicorn's server for an app of `create_app`, with the connection limits of its `ServeLimits`
+    (at most ``connections`` open, ``keep_alive_s``, ``max_header_bytes``); ``config`` is the rest of
+    `uvicorn.Config` (host, port, log_level). At shutdown, jobs still queued are answered with a 503."""
+    server: _Server = app.state.server
+    limits = server.limits
+    return _ClosingServer(server.worker, uvicorn.Config(
+        app, http="h11",  # the parser max_header_bytes is for (httptools, when installed, has its own)
+        limit_concurrency=limits.connections + 1,  # uvicorn counts the connection asking among the open ones
+        timeout_keep_alive=limits.keep_alive_s, h11_max_incomplete_event_size=limits.max_header_bytes, **config,
+    ))  # fmt: skip
+
+
+class _ClosingServer(uvicorn.Server):
+    """Closes the worker's queue as shutdown begins. uvicorn waits for open requests to finish before
+    the app's lifespan ends, and queued jobs would otherwise all run first (or, on a second Ctrl+C,
+    get no answer at all)."""
+
+    def __init__(self, worker: Worker, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self.worker = worker
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        self.worker.close()
+        await super().shutdown(sockets)

@@ -29,6 +29,10 @@ from .openai_api import ApiError, ServeLimits
 log = logging.getLogger("liandan.serve")
 
 
+def _shutting_down() -> ApiError:
+    return ApiError(503, "the server is shutting down; send the request again once it is back",
+                    type="server_error", code="server_shutting_down")  # fmt: skip
+
 
 @dataclass
 class Choice:
@@ -50,7 +54,7 @@ class Choice:
 class Job:
     """One prompt with its sampling settings; ``n`` rows generate together. Results come back
     through ``events`` on the request's event loop: ``("delta", index, text)`` while streaming,
-    then ``("done", [Choice])`` or ``("error", message)``."""
+    then ``("done", [Choice])`` or ``("error", ApiError)``."""
 
     prompt_ids: list[int]
     n: int
@@ -161,8 +165,25 @@ class Worker:
     def start(self) -> None:
         self.thread.start()
 
+    def close(self) -> None:
+        """Refuses new jobs and answers those still queued with a 503 at once; the running job
+        finishes. Called as the server begins to shut down, so that no client waits for a reply
+        that will not come (or for the whole queue to run first)."""
+        with self.held_lock:
+            self.closing = True
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is None:  # stop() came first: the worker still has to see it
+                return self.jobs.put(None)
+            job.emit(("error", _shutting_down()))
+            with self.held_lock:
+                self.held -= 1
+
     def stop(self) -> None:
-        self.closing = True
+        self.close()
         if self.current is not None:
             self.current.cancelled = True
         self.jobs.put(None)
@@ -170,14 +191,16 @@ class Worker:
 
     def submit(self, jobs: list[Job]) -> None:
         """Queues all of ``jobs`` or, when that would hold more than ``max_queued``, none (a 429)."""
-        with self.held_lock:
+        with self.held_lock:  # held with the puts, so that close() sees all of the jobs or none
+            if self.closing:
+                raise _shutting_down()
             if self.held + len(jobs) > self.limits.max_queued:
                 raise ApiError(429, f"the server is busy ({self.held} jobs queued, at most {self.limits.max_queued}); "
                                "retry later", type="rate_limit_error", code="server_busy",
                                headers={"Retry-After": str(self.limits.retry_after_s)})  # fmt: skip
             self.held += len(jobs)
-        for job in jobs:
-            self.jobs.put(job)
+            for job in jobs:
+                self.jobs.put(job)
 
     def _loop(self) -> None:
         while (job := self.jobs.get()) is not None:
@@ -188,16 +211,16 @@ class Worker:
                     self.held -= 1
 
     def _take(self, job: Job) -> None:
-        if job.cancelled:  # its client has gone
-            return job.emit(("error", "the client left"))
+        if job.cancelled:  # its client has gone: nobody reads this
+            return job.emit(("error", ApiError(499, "the client left", type="server_error")))
         if self.closing:
-            return job.emit(("error", "the server is shutting down"))
+            return job.emit(("error", _shutting_down()))
         self.current = job
         try:
             job.emit(("done", self._run(job)))
         except Exception:
             log.exception("generation failed")  # the details stay in the server's log
-            job.emit(("error", "generation failed (the server's log has the details)"))
+            job.emit(("error", ApiError(500, "generation failed (the server's log has the details)", type="server_error")))
         finally:
             self.current = None
 

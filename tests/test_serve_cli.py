@@ -246,6 +246,31 @@ def test_headers_still_incomplete_after_max_header_bytes_are_400(gated):
         assert request(address)[0] == 200
 
 
+def test_a_connection_slow_to_send_its_headers_is_closed(gated):
+    """Slowloris: a client that connects and sends nothing, or trickles a header that never ends,
+    loses its connection after header_timeout_s; one that keeps its connection open after a
+    response gets the same deadline for its next request."""
+    model, tokenizer, *_ = gated
+    limits = ServeLimits(header_timeout_s=1, keep_alive_s=30)
+    with served(create_app(model, tokenizer, model_name="m", limits=limits)) as (address, server):
+        silent = socket.create_connection(address, timeout=10)
+        trickling = socket.create_connection(address, timeout=10)
+        trickling.sendall(f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{address[1]}\r\nX-Slow: a".encode())
+        kept = socket.create_connection(address, timeout=10)
+        kept.sendall(f"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1:{address[1]}\r\n\r\n".encode())
+        answer = b""
+        while not answer.endswith(b"]}"):
+            answer += kept.recv(65536)
+        assert answer.startswith(b"HTTP/1.1 200")
+        began = time.monotonic()
+        for sock in (silent, trickling, kept):  # closed by the server well before keep_alive_s or the 10 s timeout
+            assert sock.recv(65536) == b""
+            sock.close()
+        assert time.monotonic() - began < 5
+        wait_for(lambda: not server.server_state.connections)
+        assert request(address)[0] == 200  # the server itself goes on answering
+
+
 # ---------------------------------------------------------------------------------------------
 # Shutdown
 

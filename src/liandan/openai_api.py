@@ -114,6 +114,10 @@ class ServeLimits:
     max_header_bytes: int = 16 * 1024
     """Bytes of a request's line and headers held while they are unfinished; a client that sends
     more without ending its headers gets a 400 from the HTTP parser (h11)."""
+    header_timeout_s: int = 10
+    """Seconds a connection may take to send a request's line and headers, from when it opens or
+    its last response ends; then it is closed, so clients that connect and trickle (or send
+    nothing) cannot hold the connection cap."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():

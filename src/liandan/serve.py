@@ -53,6 +53,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.background import BackgroundTask
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .chat import chat_stop_ids, encode_generation_prompt, has_chat_template
 from .errors import LiandanError
@@ -435,11 +436,37 @@ def uvicorn_server(app: FastAPI, **config: Any) -> uvicorn.Server:
     `uvicorn.Config` (host, port, log_level). At shutdown, jobs still queued are answered with a 503."""
     server: _Server = app.state.server
     limits = server.limits
+    protocol = type("HeaderDeadlineH11", (_HeaderDeadline,), {"header_timeout_s": limits.header_timeout_s})
     return _ClosingServer(server.worker, uvicorn.Config(
-        app, http="h11",  # the parser max_header_bytes is for (httptools, when installed, has its own)
+        app, http=protocol,  # h11, the parser max_header_bytes is for (httptools, when installed, has its own)
         limit_concurrency=limits.connections + 1,  # uvicorn counts the connection asking among the open ones
         timeout_keep_alive=limits.keep_alive_s, h11_max_incomplete_event_size=limits.max_header_bytes, **config,
     ))  # fmt: skip
+
+
+class _HeaderDeadline(H11Protocol):
+    """uvicorn's h11 protocol with a deadline for each request's line and headers: a connection
+    that has not begun a request ``header_timeout_s`` after it opened, or after its last response
+    ended, is closed (uvicorn's keep-alive timer stops at the first byte, so a client that trickles
+    a header, or sends nothing at all, would otherwise hold its connection for ever)."""
+
+    header_timeout_s = 10
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)
+        self._arm_header_deadline()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        self._arm_header_deadline()
+
+    def _arm_header_deadline(self) -> None:
+        waiting_after = self.cycle  # a new request replaces the cycle; until then, none has begun
+        self.loop.call_later(self.header_timeout_s, self._header_deadline, waiting_after)
+
+    def _header_deadline(self, waiting_after: Any) -> None:
+        if self.cycle is waiting_after and not self.transport.is_closing():
+            self.transport.close()
 
 
 class _ClosingServer(uvicorn.Server):

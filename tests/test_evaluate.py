@@ -1,5 +1,6 @@
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,7 +10,18 @@ from conftest import write_jsonl
 
 from liandan.cli import app
 from liandan.errors import LiandanError
-from liandan.evaluation import EvalConfig, answer_nll, evaluate, read_eval_set, read_general_prompts, read_set_spec, repetition
+from liandan.evaluation import (
+    EvalConfig,
+    answer_nll,
+    build_result,
+    evaluate,
+    health,
+    read_eval_set,
+    read_general_prompts,
+    read_set_spec,
+    repetition,
+    score_set,
+)
 
 runner = CliRunner()
 
@@ -99,16 +111,22 @@ def test_answer_nll_is_the_mean_log_likelihood_of_the_answer_tokens(chat_model_d
     model, tok = load_model(str(chat_model_dir), dtype="float32")
     prompts = prompts_from_strings(["hello there", "What is the capital of France?"])
     answers = ["Paris.", "I am fine, thank you."]
-    total, count = 0.0, 0
+    sums, counts = [], []
     for prompt, answer in zip(prompts, answers):
         enc = encode_chat_example(tok, [{"role": "user", "content": prompt.text}, {"role": "assistant", "content": answer}])
         with torch.no_grad():
             logp = model(torch.tensor([enc.input_ids])).logits[0].log_softmax(-1)
-        for t in range(1, len(enc.input_ids)):
-            if enc.labels[t] != -100:
-                total -= float(logp[t - 1, enc.labels[t]])
-                count += 1
-    assert answer_nll(model, tok, prompts, answers) == pytest.approx(total / count, rel=1e-5)
+        trained = [t for t in range(1, len(enc.input_ids)) if enc.labels[t] != -100]
+        sums.append(-sum(float(logp[t - 1, enc.labels[t]]) for t in trained))
+        counts.append(len(trained))
+    mean = sum(sums) / sum(counts)
+    assert answer_nll(model, tok, prompts, answers) == pytest.approx(mean, rel=1e-5)
+    # per item, for the paired bootstrap: the same mean, and each answer's own sum and count
+    # (a batch of 1 puts each answer in its own padded batch; the default batches them together)
+    for batch_size in (1, 8):
+        got_mean, got_sums, got_counts = answer_nll(model, tok, prompts, answers, batch_size=batch_size, per_item=True)
+        assert got_mean == pytest.approx(mean, rel=1e-5) and got_counts == counts
+        assert got_sums == pytest.approx(sums, rel=1e-5)
 
 
 def test_evaluate_two_models_and_the_result_shape(chat_model_dir, sets):
@@ -133,6 +151,12 @@ def test_evaluate_two_models_and_the_result_shape(chat_model_dir, sets):
     assert first["outputs"][a]["new_tokens"] <= 6 and set(first["outputs"][a]["checks"]) == {"contains"}
     assert sum(seen) == 2 * (3 + 3 + 2) + 2  # every prompt of every set, and the baseline's drift answers
     assert result["scores"][a]["probes"]["kept"] == 1.0
+    for metric in result["metrics"]:  # the same model twice: no change, and never called significant
+        interval = metric["intervals"][b]
+        assert set(metric["intervals"]) == {b} and interval["diff"] == pytest.approx(0, abs=1e-6), metric["key"]
+        assert interval["low"] <= 0 <= interval["high"] and not interval["significant"], metric["key"]
+    drift = next(m for m in result["metrics"] if m["key"] == "drift.perplexity")["intervals"][b]
+    assert drift["method"] == "bootstrap" and drift["n"] == 2 and drift["high"] - drift["low"] < 1e-3
     json.dumps(result)  # JSON-ready
 
 
@@ -160,3 +184,58 @@ def test_eval_cli_writes_reports_and_bad_input_writes_nothing(tmp_path, chat_mod
         result = runner.invoke(app, [*args, *extra, "--out", str(out)])
         assert result.exit_code == 2 and message in " ".join(result.stderr.split()), (extra, result.stderr)
         assert not out.exists()
+
+
+def fake_generations(texts, stopped, tokens):
+    return [SimpleNamespace(text=t, stopped=s, new_tokens=n) for t, s, n in zip(texts, stopped, tokens, strict=True)]
+
+
+def test_build_result_compares_every_metric_item_by_item(tmp_path):
+    """Two models' per-item results, made without models: each metric gets the paired interval of
+    the second against the first, by the method its kind needs."""
+    task = read_eval_set(write_jsonl(tmp_path / "task.jsonl", [{"prompt": f"q{i}", "checks": {"contains": "yes"}} for i in range(30)]),
+                         name="task")  # fmt: skip
+    probes = read_eval_set(write_jsonl(tmp_path / "probes.jsonl", [{"prompt": f"p{i}", "checks": {"contains": "ok"}} for i in range(20)]),
+                           name="probes")  # fmt: skip
+    runs = {  # before fails every task prompt, after passes them all; after forgets 2 of the 18 probes passed before
+        "base": (["no"] * 30, ["ok"] * 18 + ["x"] * 2, [False] * 50, [40] * 50),
+        "tuned": (["yes"] * 30, ["ok"] * 16 + ["x"] * 4, [True] * 50, [10] * 50),
+    }
+    per_model, outputs, items = {}, {"task": {}, "probes": {}}, {}
+    for name, (task_texts, probe_texts, stopped, tokens) in runs.items():
+        task_gens = fake_generations(task_texts, stopped[:30], tokens[:30])
+        probe_gens = fake_generations(probe_texts, stopped[30:], tokens[30:])
+        outputs["task"][name], task_scores = score_set(task, task_gens)
+        outputs["probes"][name], probe_scores = score_set(probes, probe_gens)
+        per_model[name] = {"task": task_scores, "probes": probe_scores, "health": health(task_gens + probe_gens)}
+    nll = {"base": [2.0, 4.0, 3.0], "tuned": [2.0, 4.0, 3.0]}  # drift: the same answers, equally likely
+    margins = {"base": [-0.5, 0.5, -0.2, 1.0], "tuned": [0.5, 1.5, 0.8, 2.0]}  # every margin +1
+    for name in runs:
+        per_model[name]["drift"] = {"nll": 9 / 6, "perplexity": math.exp(9 / 6)}
+        per_model[name]["prefs"] = {"accuracy": sum(m > 0 for m in margins[name]) / 4, "margin": sum(margins[name]) / 4}
+        items[name] = {"drift": {"nll_sums": nll[name], "tokens": [2, 2, 2]},
+                       "prefs": {"margins": margins[name], "per_token_margins": margins[name]}}  # fmt: skip
+    config = EvalConfig(models=list(runs))
+    result = build_result(config, per_model, outputs, task, probes, {m: str(tmp_path / m) for m in runs}, items)
+    got = {m["key"]: m["intervals"]["tuned"] for m in result["metrics"]}
+    assert all(set(m["intervals"]) == {"tuned"} for m in result["metrics"])  # the baseline is not compared with itself
+
+    # 30 of 30 gained: McNemar p = 2 / 2^30; a large, significant gain
+    assert got["task.score"]["method"] == "mcnemar-exact" and got["task.score"]["n"] == 30
+    assert got["task.score"]["p"] == pytest.approx(2 / 2**30) and got["task.score"]["diff"] == 1.0
+    assert got["task.score"]["significant"] and got["task.score"]["low"] > 0.8 and got["task.contains"] == got["task.score"]
+    # kept: over the 18 probes the baseline passed only; 2 lost, none gained -> p = 2 * 1/4 = 0.5
+    assert got["probes.kept"]["n"] == 18 and got["probes.kept"]["diff"] == pytest.approx(-2 / 18)
+    assert got["probes.kept"]["p"] == 0.5 and not got["probes.kept"]["significant"]
+    assert got["probes.score"]["n"] == 20 and got["probes.score"]["diff"] == pytest.approx(-0.1)
+    # health pools all 50 generations: every one now stops, and each is 30 tokens shorter
+    assert got["health.stop_rate"]["n"] == 50 and got["health.stop_rate"]["significant"]
+    assert got["health.mean_tokens"]["method"] == "bootstrap"
+    assert (got["health.mean_tokens"]["low"], got["health.mean_tokens"]["high"]) == (-30, -30)
+    assert got["drift.perplexity"]["diff"] == 0 and (got["drift.perplexity"]["low"], got["drift.perplexity"]["high"]) == (0, 0)
+    assert got["prefs.margin"]["diff"] == pytest.approx(1) and got["prefs.margin"]["significant"]
+    assert got["prefs.accuracy"]["diff"] == 0.5 and got["prefs.accuracy"]["p"] == 0.5  # 2 gained of 4: too few to tell
+    assert json.loads(json.dumps(result))["metrics"][0]["intervals"]["tuned"] == got["task.score"]
+
+    without = build_result(config, per_model, outputs, task, probes, {m: str(tmp_path / m) for m in runs})
+    assert "intervals" not in next(m for m in without["metrics"] if m["key"] == "drift.perplexity")  # no per-item data

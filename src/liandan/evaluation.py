@@ -39,9 +39,10 @@ from .eval_report import render_html
 from .generation import SamplingConfig, generate
 from .losses import IGNORE_INDEX
 from .models import load_model, release_model
-from .objectives import collate_pairs, micro_batch_loss, pair_logps
+from .objectives import collate_pairs, micro_batch_loss, pair_logps, trained_token_nll
 from .preference import read_pairs
 from .prompts import Prompt, builtin_path, read_general_prompts, read_prompts
+from .uncertainty import paired_bootstrap_mean, paired_bootstrap_ratio, paired_proportions
 
 
 @dataclass
@@ -196,22 +197,28 @@ def repetition(text: str, n: int = 4) -> float:
     return 1 - len(set(grams)) / len(grams) if grams else 0.0
 
 
-def answer_nll(model: Any, tokenizer: Any, prompts: list[Prompt], answers: list[str], batch_size: int = 8) -> float:
+def answer_nll(model: Any, tokenizer: Any, prompts: list[Prompt], answers: list[str], batch_size: int = 8,
+               per_item: bool = False) -> float | tuple[float, list[float], list[int]]:  # fmt: skip
     """Mean negative log-likelihood per token of ``answers`` (stop token included) given their
-    prompts, under ``model``. exp() of it is the perplexity the drift metric reports."""
+    prompts, under ``model``. exp() of it is the perplexity the drift metric reports. With
+    ``per_item``: (mean, each answer's NLL sum, each answer's token count), which the paired
+    bootstrap of `liandan.uncertainty` resamples."""
     encoded = []
     for prompt, answer in zip(prompts, answers, strict=True):
         item = encode_chat_example(tokenizer, [*prompt.chat_messages(), {"role": "assistant", "content": answer}])
         encoded.append({"input_ids": item.input_ids, "labels": item.labels})
     pad = pad_id(tokenizer)
-    total, count = 0.0, 0
+    total, count, sums, counts = 0.0, 0, [], []
     with torch.inference_mode():
         for start in range(0, len(encoded), batch_size):
             batch = collate(encoded[start : start + batch_size], packing=False, pad_id=pad)
             batch = {k: v.to(model.device) for k, v in batch.items()}
-            loss_sum, n = micro_batch_loss(model, batch)
-            total, count = total + float(loss_sum), count + n
-    return total / max(count, 1)
+            nll, rows = trained_token_nll(model, batch)  # (N,), (N,): one row index per trained token
+            total, count = total + float(nll.sum()), count + nll.numel()
+            sums += torch.zeros(batch["input_ids"].shape[0], device=nll.device).index_add(0, rows, nll).tolist()
+            counts += (batch["targets"] != IGNORE_INDEX).sum(-1).tolist()
+    mean = total / max(count, 1)
+    return (mean, sums, counts) if per_item else mean
 
 
 def preference_accuracy(model: Any, tokenizer: Any, pairs: list, batch_size: int = 8) -> dict:
@@ -231,19 +238,24 @@ def preference_accuracy(model: Any, tokenizer: Any, pairs: list, batch_size: int
     # Summed log-probs favour the shorter reply whatever the model prefers; the per-token
     # comparison shows the preference when the two replies differ in length.
     return {"accuracy": _mean(m > 0 for m in margins), "margin": _mean(margins),
-            "accuracy_per_token": _mean(m > 0 for m in per_token)}  # fmt: skip
+            "accuracy_per_token": _mean(m > 0 for m in per_token),
+            "items": {"margins": margins, "per_token_margins": per_token}}  # fmt: skip
 
 
-def text_nll(model: Any, tokenizer: Any, documents: list, block: int = 512) -> float:
-    """Mean negative log-likelihood per token of held-out text, in blocks of ``block`` tokens."""
+def text_nll(model: Any, tokenizer: Any, documents: list, block: int = 512,
+             per_item: bool = False) -> float | tuple[float, list[float], list[int]]:  # fmt: skip
+    """Mean negative log-likelihood per token of held-out text, in blocks of ``block`` tokens;
+    with ``per_item``: (mean, each block's NLL sum, each block's token count)."""
     blocks, _ = text_blocks(tokenizer, documents, block)
-    total, count = 0.0, 0
+    sums, counts = [], []
     with torch.inference_mode():
         for item in blocks:
             batch = {k: v.to(model.device) for k, v in collate([item], packing=False, pad_id=pad_id(tokenizer)).items()}
             loss_sum, n = micro_batch_loss(model, batch)
-            total, count = total + float(loss_sum), count + n
-    return total / max(count, 1)
+            sums.append(float(loss_sum))
+            counts.append(n)
+    mean = sum(sums) / max(sum(counts), 1)
+    return (mean, sums, counts) if per_item else mean
 
 
 def _mean(values) -> float | None:
@@ -289,6 +301,7 @@ class Evaluation:
         if not (self.task or self.probes or self.drift_prompts or self.pairs or self.texts):
             raise LiandanError("nothing to evaluate: give --task FILE, or keep the probe or drift sets")
         self.per_model: dict[str, dict] = {}
+        self.items: dict[str, dict] = {}  # per model: per-item drift, preference and text figures, for intervals
         self.outputs: dict[str, dict[str, list]] = {"task": {}, "probes": {}}
         self.drift_answers: list[str] | None = None
         self.specs: dict[str, str] = {}
@@ -310,7 +323,7 @@ class Evaluation:
         return self.per_model[name]
 
     def _score(self, model, tokenizer, name: str, system: str | None, step) -> dict:
-        config, scores, gens = self.config, {}, []
+        config, scores, gens, items = self.config, {}, [], {}
         for eval_set, limit, sys_prompt in ((self.task, config.max_new_tokens, system), (self.probes, config.probe_max_new_tokens, None)):
             if eval_set is None:
                 continue
@@ -325,16 +338,20 @@ class Evaluation:
                 sampling = SamplingConfig(max_new_tokens=config.drift_max_new_tokens, batch_size=config.batch_size)
                 self.drift_answers = [g.text for g in generate(model, tokenizer, self.drift_prompts, config=sampling, model_name=name,
                                                                on_batch=lambda n: step(f"{name} · drift answers", n))]  # fmt: skip
-            nll = answer_nll(model, tokenizer, self.drift_prompts, self.drift_answers)
+            nll, *drift = answer_nll(model, tokenizer, self.drift_prompts, self.drift_answers, per_item=True)
             step(f"{name} · drift", len(self.drift_prompts))
             scores["drift"] = {"nll": nll, "perplexity": math.exp(nll)}
+            items["drift"] = {"nll_sums": drift[0], "tokens": drift[1]}
         if self.pairs:
             scores["prefs"] = preference_accuracy(model, tokenizer, self.pairs)
+            items["prefs"] = scores["prefs"].pop("items")
             step(f"{name} · preference pairs", len(self.pairs))
         if self.texts:
-            nll = text_nll(model, tokenizer, self.texts)
+            nll, *text = text_nll(model, tokenizer, self.texts, per_item=True)
             scores["text"] = {"nll": nll, "perplexity": math.exp(nll)}
+            items["text"] = {"nll_sums": text[0], "tokens": text[1]}
             step(f"{name} · held-out text", 1)
+        self.items[name] = items
         return scores
 
     def units(self, models: int = 1) -> int:
@@ -345,7 +362,7 @@ class Evaluation:
         return models * per_model + baseline_answers
 
     def result(self) -> EvalResult:
-        return build_result(self.config, self.per_model, self.outputs, self.task, self.probes, self.specs)
+        return build_result(self.config, self.per_model, self.outputs, self.task, self.probes, self.specs, self.items)
 
 
 METRICS = [  # key, label, better, format
@@ -372,7 +389,10 @@ class EvalResult(dict):
 
 
 def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalSet | None, probes: EvalSet | None,
-                 specs: dict[str, str]) -> EvalResult:  # fmt: skip
+                 specs: dict[str, str], items: dict | None = None) -> EvalResult:  # fmt: skip
+    """The result dict. Each metric carries, per model after the first, ``intervals[model]``: its
+    paired difference from the first model with a 95% interval (`compare_models`), computed from
+    the per-item ``outputs`` of the task and probe sets and ``items`` (`Evaluation.items`)."""
     models = list(per_model)
     if probes is not None and models:
         add_kept(per_model, outputs["probes"], models[0])
@@ -383,6 +403,9 @@ def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalS
         values = {m: per_model[m].get(group, {}).get(name) for m in models}
         if any(v is not None for v in values.values()):
             metrics.append({"key": key, "label": label, "better": better, "format": fmt, "values": values})
+            intervals = {m: c for m in models[1:] if (c := compare_models(key, models[0], m, outputs, items or {}))}
+            if intervals:
+                metrics[-1]["intervals"] = intervals
     sets = [set_section(s, outputs[s.name], models, title) for s, title in
             ((task, f"Task set: {config.task}"), (probes, "Retention probes")) if s is not None]  # fmt: skip
     bars = []
@@ -412,6 +435,41 @@ def add_kept(per_model: dict, probe_outputs: dict, baseline: str) -> None:
     known = [i for i, o in enumerate(probe_outputs[baseline]) if o["passed"]]
     for model, outs in probe_outputs.items():
         per_model[model]["probes"]["kept"] = _mean(outs[i]["passed"] for i in known)
+
+
+def compare_models(key: str, before: str, after: str, outputs: dict, items: dict) -> dict | None:
+    """Metric ``key`` of model ``after`` against ``before``, paired item by item (see
+    `liandan.uncertainty`): pass/fail metrics by McNemar's exact test and Newcombe's interval,
+    means and perplexities by a paired bootstrap. None when the per-item results are missing."""
+    group, name = key.split(".")
+    if group in ("task", "probes", "health"):
+        sets = ("task", "probes") if group == "health" else (group,)  # health pools every generation
+        b = [o for s in sets for o in outputs.get(s, {}).get(before) or []]
+        a = [o for s in sets for o in outputs.get(s, {}).get(after) or []]
+        if not b or len(a) != len(b):
+            return None
+        if key == "probes.kept":  # defined over the probes the baseline passed
+            a = [y for x, y in zip(b, a) if x["passed"]]
+            return paired_proportions([True] * len(a), [y["passed"] for y in a])
+        if key == "health.mean_tokens":
+            return paired_bootstrap_mean([x["new_tokens"] for x in b], [y["new_tokens"] for y in a])
+        if key == "health.repetition":
+            return paired_bootstrap_mean([repetition(x["text"]) for x in b], [repetition(y["text"]) for y in a])
+        flag = "stopped" if key == "health.stop_rate" else "passed" if name == "score" else None
+        pairs = [(x[flag], y[flag]) if flag else (x["checks"].get(name), y["checks"].get(name)) for x, y in zip(b, a)]
+        pairs = [(x, y) for x, y in pairs if isinstance(x, bool) and isinstance(y, bool)]  # a check may not apply
+        return paired_proportions([x for x, _ in pairs], [y for _, y in pairs])
+    b, a = items.get(before, {}).get(group), items.get(after, {}).get(group)
+    if not b or not a:
+        return None
+    if group in ("drift", "text") and name == "perplexity":
+        return paired_bootstrap_ratio((b["nll_sums"], b["tokens"]), (a["nll_sums"], a["tokens"]))
+    if key == "prefs.margin":
+        return paired_bootstrap_mean(b["margins"], a["margins"])
+    if key in ("prefs.accuracy", "prefs.accuracy_per_token"):
+        column = "margins" if key == "prefs.accuracy" else "per_token_margins"
+        return paired_proportions([m > 0 for m in b[column]], [m > 0 for m in a[column]])
+    return None
 
 
 def set_section(eval_set: EvalSet, outputs: dict, models: list[str], title: str) -> dict:

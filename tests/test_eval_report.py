@@ -2,10 +2,11 @@ import json
 import re
 
 import pytest
+from rich.console import Console
 
 from liandan import eval_report, files
 from liandan.errors import LiandanError
-from liandan.eval_report import format_delta, render_html, render_markdown, write_eval_report
+from liandan.eval_report import format_change, format_delta, format_interval, print_metrics, render_html, render_markdown, write_eval_report
 from liandan.plots import PALETTE
 
 from browser import colour_pixels, render
@@ -206,3 +207,50 @@ def test_page_renders_in_headless_chromium(tmp_path):
     text = sum(n for n, rgb in colours if sum(rgb) < 300) / (1280 * 2000)  # dark glyphs
     assert ink > 0.01 and text > 0.003, (ink, text)
     assert len(colours) > 200  # anti-aliased text and plots, not a few flat fills
+
+
+def with_intervals(result):
+    """make_result's metrics with the paired intervals `liandan eval` adds: a clear gain, a change
+    within noise, and a clear drop in perplexity."""
+    def interval(diff, low, high, significant, method="mcnemar-exact"):
+        return {AFTER: {"diff": diff, "low": low, "high": high, "p": None if method == "bootstrap" else 0.01,
+                        "method": method, "n": 40, "significant": significant}}  # fmt: skip
+
+    result["metrics"][0]["intervals"] = interval(0.95, 0.801, 0.99, True)
+    result["metrics"][1]["intervals"] = interval(-0.05, -0.141, 0.04, False)
+    result["metrics"][2]["intervals"] = interval(-0.42, -0.6, -0.2, True, "bootstrap")
+    return result
+
+
+def test_format_change_adds_the_interval_and_marks_noise():
+    metrics, models = with_intervals(make_result())["metrics"], [BEFORE, AFTER]
+    assert format_change(metrics[0], AFTER, models) == ("+95.0 [+80.1, +99.0]", "better")
+    assert format_change(metrics[1], AFTER, models) == ("−5.0 [−14.1, +4.0], noise", "noise")
+    assert format_change(metrics[2], AFTER, models) == ("−0.420 [−0.600, −0.200]", "better")
+    assert format_change(metrics[3], AFTER, models) is None  # no before value: no change to show
+    assert format_change(make_result()["metrics"][0], AFTER, models) == ("+95.0", "better")  # no interval: as before
+    assert format_interval({"low": -0.0004, "high": 0.2}, "percent") == "[±0.0, +20.0]"
+    assert format_interval({"low": None, "high": 0.2}, "percent") is None
+
+
+def test_every_report_shows_the_intervals():
+    result = with_intervals(make_result())
+    page = render_html(result)
+    assert '95.0% <span class="delta better">(+95.0 [+80.1, +99.0])</span>' in metric_row(page, "Task: schema-valid")
+    assert '55.0% <span class="delta noise">(−5.0 [−14.1, +4.0], noise)</span>' in metric_row(page, "Retention: facts")
+    assert "95% interval over the same items" in page
+    # the headline bar chart: a whisker on each "after" bar that has an interval (the two percent metrics)
+    assert page.count('class="whisker"') == 2
+    md = render_markdown(result)
+    assert "| Task: schema-valid ↑ | 0.0% | 95.0% (+95.0 [+80.1, +99.0]) |" in md
+    assert "| Retention: facts ↑ | 60.0% | 55.0% (−5.0 [−14.1, +4.0], noise) |" in md and "*noise* marks" in md
+    assert json.loads(eval_report._render_json(result))["metrics"][1]["intervals"][AFTER]["significant"] is False
+    console = Console(record=True, width=200)
+    print_metrics(result, console)
+    text = console.export_text()
+    assert "95.0% (+95.0 [+80.1, +99.0])" in text and "55.0% (−5.0 [−14.1, +4.0], noise)" in text
+    assert "percentages [its 95%" in text  # the caption's brackets are text, not console markup
+    plain = Console(record=True, width=200)
+    print_metrics(make_result(), plain)
+    assert "95.0% (+95.0)" in plain.export_text() and "interval" not in plain.export_text()
+    assert "whisker" not in render_html(make_result()) and "interval" not in render_markdown(make_result())

@@ -147,6 +147,44 @@ def test_bars_follow_the_axis_for_numbers_below_and_above_zero():
     assert zero.find("title").text == "m, zero: 0"
 
 
+def whiskers(root: ET.Element) -> list[tuple[float, float, float]]:
+    """(x, top y, bottom y) of each whisker's vertical line."""
+    lines = [w for w in root.iter("line") if w.get("class") == "whisker"]
+    return [(float(w.get("x1")), min(float(w.get("y1")), float(w.get("y2"))), max(float(w.get("y1")), float(w.get("y2"))))
+            for w in lines]  # fmt: skip
+
+
+def test_whiskers_span_their_range_on_the_axis_and_centre_on_their_bar():
+    result = {"models": ["a", "b"]}
+    groups = {"task": {"a": 0.2, "b": 0.6}, "probes": {"a": 0.9, "b": 0.8}}
+    ranges = {"task": {"b": (0.45, 0.75)}, "probes": {"b": (0.7, 1.1)}}  # past 100%: clipped to the axis, no cap there
+    root = parse(bar_chart("Metrics", groups, "percent", result, model_colours(result), ranges))
+    axis = grid(root)
+    assert list(axis) == ["0%", "25%", "50%", "75%", "100%"]
+
+    def y(v):
+        return axis["0%"] + v * (axis["100%"] - axis["0%"])
+
+    drawn = bars(root)
+    (x1, top1, bottom1), (x2, top2, bottom2) = whiskers(root)
+    centre = [float(r.get("x")) + float(r.get("width")) / 2 for r in drawn]
+    assert (x1, x2) == pytest.approx((centre[1], centre[3]), abs=0.15)  # on the "b" bars
+    assert (top1, bottom1) == pytest.approx((y(0.75), y(0.45)), abs=0.15)
+    assert (top2, bottom2) == pytest.approx((y(1.0), y(0.7)), abs=0.15)
+    caps = [w for w in root.iter("line") if w.get("class") is None and w.get("stroke") == "#1f2937"]
+    assert len(caps) == 3  # both ends of the first, only the lower end of the clipped one
+    assert not whiskers(parse(bar_chart("Metrics", groups, "percent", result, model_colours(result))))
+    # a range on a model or group with no bar, or with a missing end, draws nothing
+    ranges = {"task": {"c": (0.1, 0.2), "b": (None, 0.3)}, "nowhere": {"a": (0.1, 0.2)}}
+    assert not whiskers(parse(bar_chart("Metrics", groups, "percent", result, model_colours(result), ranges)))
+
+
+def test_whiskers_widen_a_number_axis():
+    result = {"models": ["a"]}
+    root = parse(bar_chart("Perplexity", {"drift": {"a": 2.0}}, "number", result, model_colours(result), {"drift": {"a": (1.5, 3.4)}}))
+    assert max(float(k) for k in grid(root)) >= 3.4
+
+
 def test_bar_chart_escapes_every_label():
     result = {"models": [NASTY], "labels": {NASTY: NASTY + " label"}}
     svg = bar_chart(NASTY + " title", {NASTY + " group": {NASTY: 0.5}}, "percent", result, model_colours(result))

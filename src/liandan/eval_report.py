@@ -20,6 +20,7 @@ from html import escape
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape as escape_markup
 from rich.table import Table
 
 from .errors import LiandanError
@@ -41,6 +42,38 @@ def format_delta(before, after, fmt: str | None, better: str | None) -> tuple[st
         return "±" + text, "same"
     kind = "same" if better not in ("higher", "lower") else "better" if (d > 0) == (better == "higher") else "worse"
     return ("+" if d > 0 else MINUS) + text, kind
+
+
+def _signed(v: float, fmt: str | None) -> str:
+    text = f"{abs(v) * 100:.1f}" if fmt == "percent" else three_digits(abs(v))
+    return ("±" if float(text) == 0 else "+" if v > 0 else MINUS) + text
+
+
+def format_interval(interval: dict | None, fmt: str | None) -> str | None:
+    """``"[−4.1, +10.0]"``: a difference's 95% interval, in the units of `format_delta`."""
+    if not isinstance(interval, dict):
+        return None
+    low, high = finite_number(interval.get("low")), finite_number(interval.get("high"))
+    if low is None or high is None:
+        return None
+    return f"[{_signed(low, fmt)}, {_signed(high, fmt)}]"
+
+
+def format_change(metric: dict, model: str, models: list[str]) -> tuple[str, str] | None:
+    """A model's change against the first, with its 95% interval when the metric has one:
+    ``("+95.0 [+80.1, +99.0]", "better")``, or ``("+2.9 [−4.1, +10.0], noise", "noise")`` when
+    the data cannot tell the change from chance (`liandan.uncertainty`)."""
+    values, fmt = metric.get("values") or {}, metric.get("format")
+    delta = format_delta(values.get(models[0]), values.get(model), fmt, metric.get("better"))
+    if delta is None:
+        return None
+    interval = (metric.get("intervals") or {}).get(model)
+    bounds = format_interval(interval, fmt)
+    if bounds is None:
+        return delta
+    if interval.get("significant"):
+        return f"{delta[0]} {bounds}", delta[1]
+    return f"{delta[0]} {bounds}, noise", "noise"
 
 
 def _check_names(set_: dict) -> list[str]:
@@ -104,7 +137,7 @@ thead th{font-size:.85rem;background:#f6f8fa;border-bottom:1px solid #d8dee4}
 .num{text-align:right;font-variant-numeric:tabular-nums;white-space:nowrap}
 table.metrics td:first-child{min-width:14rem} table.metrics .num{min-width:9rem}
 .delta{font-size:.85em;margin-left:.2em} .delta.better{color:#1a7f37;font-weight:600}
-.delta.worse{color:#cf222e;font-weight:600} .delta.same{color:#8c959f}
+.delta.worse{color:#cf222e;font-weight:600} .delta.same,.delta.noise{color:#8c959f}
 table.settings{display:block;font-size:.85rem;margin-top:.3rem}
 table.settings tbody{display:grid;grid-template-columns:repeat(auto-fill,minmax(15rem,1fr));column-gap:1.5rem}
 table.settings tr{display:flex;gap:.6rem;border-bottom:1px solid #eef1f4}
@@ -174,9 +207,9 @@ def _metric_row(metric: dict, models: list[str]) -> str:
     cells = [f"<td>{name}<br><span class='dir'>{hint}</span></td>"]
     for i, model in enumerate(models):
         text = escape(format_value(values.get(model), fmt))
-        delta = format_delta(values.get(models[0]), values.get(model), fmt, better) if i else None
+        delta = format_change(metric, model, models) if i else None
         if delta:
-            text += f' <span class="delta {delta[1]}">({delta[0]})</span>'
+            text += f' <span class="delta {delta[1]}">({escape(delta[0])})</span>'
         cells.append(f'<td class="num">{text}</td>')
     return "<tr>" + "".join(cells) + "</tr>"
 
@@ -190,16 +223,22 @@ def _metrics_section(result: dict, colours: dict[str, str]) -> str:
     hint = ""
     if len(models) > 1:
         hint = (f'<p class="hint">Changes in brackets are against {escape(model_label(result, models[0]))}; '
-                "for percentages they are in percentage points.</p>")  # fmt: skip
+                "for percentages they are in percentage points.")  # fmt: skip
+        if any(metric.get("intervals") for metric in result["metrics"]):
+            hint += (" [low, high] is the change's 95% interval over the same items; <i>noise</i> (grey) marks a change "
+                     "the data cannot tell from chance (the interval includes no change). Whiskers on the bars span "
+                     f"{escape(model_label(result, models[0]))}'s value plus that interval.")  # fmt: skip
+        hint += "</p>"
     return (f'<section class="card"><h2>Metrics</h2><div class="scroll"><table class="metrics"><thead><tr>{head}'
             f"</tr></thead><tbody>{rows}</tbody></table></div>{hint}</section>")  # fmt: skip
 
 
 def _plots_section(result: dict, colours: dict[str, str]) -> str:
     charts = []  # (caption, svg)
-    headline = {str(m.get("label") or m.get("key")): m.get("values") or {}
-                for m in result.get("metrics") or [] if m.get("format") == "percent"}  # fmt: skip
-    charts.append(("Metrics (percent)", bar_chart("Metrics (percent)", headline, "percent", result, colours)))
+    percent = [m for m in result.get("metrics") or [] if m.get("format") == "percent"]
+    headline = {str(m.get("label") or m.get("key")): m.get("values") or {} for m in percent}
+    whiskers = {str(m.get("label") or m.get("key")): _whiskers(m, result.get("models") or []) for m in percent}
+    charts.append(("Metrics (percent)", bar_chart("Metrics (percent)", headline, "percent", result, colours, whiskers)))
     for chart in result.get("bars") or []:
         title = str(chart.get("title") or "")
         charts.append((title, bar_chart(title, chart.get("groups") or {}, chart.get("format"), result, colours)))
@@ -208,6 +247,19 @@ def _plots_section(result: dict, colours: dict[str, str]) -> str:
         charts.append((caption, loss_chart(run, points or [], result, colours[run])))
     figures = "".join(f"<figure><figcaption>{escape(c)}</figcaption>{svg}</figure>" for c, svg in charts if svg)
     return f'<section class="card"><h2>Plots</h2><div class="plots">{figures}</div></section>' if figures else ""
+
+
+def _whiskers(metric: dict, models: list[str]) -> dict[str, tuple[float, float]]:
+    """Per model after the first: where its value could lie given the first's value and the
+    difference's interval, (before + low, before + high). The whisker clears the first model's
+    bar exactly when the interval excludes no change."""
+    before = finite_number((metric.get("values") or {}).get(models[0])) if models else None
+    out = {}
+    for model, interval in (metric.get("intervals") or {}).items():
+        low, high = (finite_number((interval or {}).get(k)) for k in ("low", "high"))
+        if before is not None and low is not None and high is not None:
+            out[model] = (before + low, before + high)
+    return out
 
 
 def _badges(output: dict, check_names: list[str]) -> str:
@@ -306,8 +358,8 @@ def _md_metric(metric: dict, models: list[str]) -> list[str]:
     values, fmt, better = metric.get("values") or {}, metric.get("format"), metric.get("better")
     cells = [_md(metric.get("label") or metric.get("key") or "?") + {"higher": " ↑", "lower": " ↓"}.get(better, "")]
     for i, model in enumerate(models):
-        delta = format_delta(values.get(models[0]), values.get(model), fmt, better) if i else None
-        cells.append(format_value(values.get(model), fmt) + (f" ({delta[0]})" if delta else ""))
+        delta = format_change(metric, model, models) if i else None
+        cells.append(format_value(values.get(model), fmt) + (f" ({_md(delta[0])})" if delta else ""))
     return cells
 
 
@@ -349,7 +401,10 @@ def render_markdown(result: dict) -> str:
         out += ["## Metrics", ""]
         if len(models) > 1:
             out += [f"Changes in brackets are against {_md_model(result, models[0])}, for percentages in "
-                    "percentage points. ↑ higher is better, ↓ lower is better. Outputs: ✓ passed, ✗ failed.",
+                    "percentage points. ↑ higher is better, ↓ lower is better. Outputs: ✓ passed, ✗ failed."
+                    + (" [low, high] is the change's 95% interval over the same items; *noise* marks a change the "
+                       "data cannot tell from chance (the interval includes no change)."
+                       if any(metric.get("intervals") for metric in result["metrics"]) else ""),
                     ""]  # fmt: skip
         head = ["metric", *(_md_model(result, m) for m in models)]
         out += _md_table(head, [_md_metric(metric, models) for metric in result["metrics"]])
@@ -389,15 +444,19 @@ def print_metrics(result: dict, console=None) -> None:
     table.add_column("metric")
     for model in models:
         table.add_column(model_label(result, model) + ("" if model_label(result, model) == model else f"\n{model}"), justify="right")
-    styles = {"better": "green", "worse": "red", "same": "dim"}
+    styles = {"better": "green", "worse": "red", "same": "dim", "noise": "dim"}
     for metric in result["metrics"]:
         values = metric["values"]
         cells = [format_value(values.get(models[0]), metric.get("format"))]
         for model in models[1:]:
             cell = format_value(values.get(model), metric.get("format"))
-            delta = format_delta(values.get(models[0]), values.get(model), metric.get("format"), metric.get("better"))
+            delta = format_change(metric, model, models)
             if delta:
-                cell += f" [{styles[delta[1]]}]({delta[0]})[/]"
+                cell += f" [{styles[delta[1]]}]({escape_markup(delta[0])})[/]"
             cells.append(cell)
         table.add_row(metric["label"], *cells)
+    if len(models) > 1 and any(metric.get("intervals") for metric in result["metrics"]):
+        table.caption = escape_markup("(change against the first model, in points for percentages [its 95% interval]); "
+                                      "noise: the interval includes no change, so the data cannot tell it from chance")  # fmt: skip
+        table.caption_justify = "left"
     console.print(table)

@@ -165,18 +165,25 @@ def _wrap(text: str, max_width: float, lines: int = 3) -> list[str]:
     return out[:-1] + [last]
 
 
-def bar_chart(title: str, groups: dict, fmt: str | None, result: dict, colours: dict[str, str]) -> str:
-    """Grouped bars, one group per category or metric and one bar per model; "" if nothing to draw."""
+def bar_chart(title: str, groups: dict, fmt: str | None, result: dict, colours: dict[str, str],
+              whiskers: dict | None = None) -> str:  # fmt: skip
+    """Grouped bars, one group per category or metric and one bar per model; "" if nothing to draw.
+    ``whiskers`` ({group: {model: (low, high)}}, optional) draws a range on a bar, such as where
+    the value could lie given an interval (the eval report's 95% intervals)."""
     groups = {str(g): {m: finite_number(v) for m, v in (values or {}).items()} for g, values in groups.items()}
     models = [m for m in colours if any(values.get(m) is not None for values in groups.values())]
     groups = {g: values for g, values in groups.items() if any(values.get(m) is not None for m in models)}
     if not groups:
         return ""
+    ranges = {(str(g), m): (finite_number(lo), finite_number(hi))
+              for g, per_model in (whiskers or {}).items() for m, (lo, hi) in (per_model or {}).items()}  # fmt: skip
+    ranges = {k: r for k, r in ranges.items() if None not in r and k[0] in groups and groups[k[0]].get(k[1]) is not None}
     values = [v for vals in groups.values() for v in vals.values() if v is not None]
     if fmt == "percent" and 0 <= min(values) and max(values) <= 1:
         ticks = [0, 0.25, 0.5, 0.75, 1.0]  # shares always on the full scale, so charts compare at a glance
     else:
-        ticks = _ticks(min(0.0, *values), max(0.0, *values))
+        ends = [v for r in ranges.values() for v in r]  # whiskers stay on the axis
+        ticks = _ticks(min(0.0, *values, *ends), max(0.0, *values, *ends))
     width = LEFT + max(488, len(groups) * (len(models) * 14 + 28)) + RIGHT
     slot = (width - RIGHT - LEFT) / len(groups)
     bar = min(36.0, slot * 0.6 / len(models))
@@ -199,6 +206,9 @@ def bar_chart(title: str, groups: dict, fmt: str | None, result: dict, colours: 
             tip = escape(f"{model_label(result, model)}, {group}: {format_value(v, fmt)}")
             body.append(f'<rect x="{x0 + j * bar + 1:.1f}" y="{y_top:.1f}" width="{bar - 2:.1f}" '
                         f'height="{y_bottom - y_top:.1f}" fill="{colours[model]}"><title>{tip}</title></rect>')  # fmt: skip
+            if (group, model) in ranges:
+                body += _whisker(x0 + (j + 0.5) * bar, *ranges[group, model], y, ticks, min(8.0, bar / 2))
+                y_top = min(y_top, y(min(max(ranges[group, model][1], ticks[0]), ticks[-1])))  # the value's label above it
             if bar >= 24:  # narrower bars keep the value in their tooltip only
                 short = f"{v * 100:.0f}%" if fmt == "percent" else three_digits(v)
                 body.append(f'<text x="{x0 + (j + 0.5) * bar:.1f}" y="{y_top - 4:.1f}" text-anchor="middle" '
@@ -208,6 +218,17 @@ def bar_chart(title: str, groups: dict, fmt: str | None, result: dict, colours: 
                         f'text-anchor="middle">{escape(line)}</text>')  # fmt: skip
     body.append(f'<line x1="{LEFT}" x2="{width - RIGHT}" y1="{y(0):.1f}" y2="{y(0):.1f}" stroke="#6b7280"/>')
     return _svg(width, height, title, body)
+
+
+def _whisker(x: float, low: float, high: float, y, ticks: list[float], cap: float) -> list[str]:
+    """A vertical range with caps, clipped to the axis (a cap only where the range ends inside it)."""
+    lo, hi = max(low, ticks[0]), min(high, ticks[-1])
+    stroke = 'stroke="#1f2937" stroke-width="1.5"'
+    out = [f'<line class="whisker" x1="{x:.1f}" x2="{x:.1f}" y1="{y(lo):.1f}" y2="{y(hi):.1f}" {stroke}/>']
+    for v, inside in ((lo, lo == low), (hi, hi == high)):
+        if inside:
+            out.append(f'<line x1="{x - cap / 2:.1f}" x2="{x + cap / 2:.1f}" y1="{y(v):.1f}" y2="{y(v):.1f}" {stroke}/>')
+    return out
 
 
 def _x_axis(ticks: list[float], x, bottom: float, width: float) -> list[str]:

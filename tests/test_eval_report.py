@@ -1,5 +1,6 @@
 import json
 import re
+from types import SimpleNamespace
 
 import pytest
 from rich.console import Console
@@ -8,6 +9,7 @@ from liandan import eval_report, files
 from liandan.errors import LiandanError
 from liandan.eval_report import format_change, format_delta, format_interval, print_metrics, render_html, render_markdown, write_eval_report
 from liandan.plots import PALETTE
+from liandan.quickstart import QuickstartConfig, build_summary
 
 from browser import colour_pixels, render
 
@@ -254,3 +256,14 @@ def test_every_report_shows_the_intervals():
     print_metrics(make_result(), plain)
     assert "95.0% (+95.0)" in plain.export_text() and "interval" not in plain.export_text()
     assert "whisker" not in render_html(make_result()) and "interval" not in render_markdown(make_result())
+
+
+def test_quickstart_summary_carries_each_change_with_its_interval(tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps({"data": {"train_examples": 12}}))
+    trained = SimpleNamespace(steps=3, losses=[2.0, 1.5, 1.2])
+    summary = build_summary(QuickstartConfig(), with_intervals(make_result()), trained, {"train": 1.0}, tmp_path)
+    schema, facts, tokens = (summary["metrics"][k] for k in ("task.schema", "retention.facts", "task.tokens"))
+    assert schema["delta"] == pytest.approx(0.95) and schema["interval"]["low"] == 0.801 and schema["interval"]["significant"]
+    assert facts["interval"]["significant"] is False and tokens["interval"] is None
+    json.dumps(summary)

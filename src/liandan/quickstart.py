@@ -2,7 +2,8 @@
 
     from liandan.quickstart import QuickstartConfig, quickstart
     summary = quickstart(QuickstartConfig())          # the default model on examples/extract
-    summary["metrics"]["task.schema"]                 # {'before': 0.0, 'after': 0.97, 'delta': 0.97}
+    summary["metrics"]["task.schema"]                 # {'before': 0.0, 'after': 0.97, 'delta': 0.97, 'interval':
+                                                      #  {'low': 0.87, 'high': 0.99, 'significant': True, ...}}
 
 Steps, each with its own progress bar:
 1. the model's chat vs raw answers to a few task prompts, side by side (``compare.html``);
@@ -181,8 +182,10 @@ def build_summary(config: QuickstartConfig, result: dict, trained, timings: dict
     metrics = {}
     for metric in result["metrics"]:
         b, a = metric["values"].get(before), metric["values"].get(after)
+        # interval: the change's 95% interval over the same items and whether it is more than noise
         metrics[metric["key"]] = {"label": metric["label"], "before": b, "after": a, "better": metric["better"],
-                                  "delta": None if a is None or b is None else a - b}  # fmt: skip
+                                  "delta": None if a is None or b is None else a - b,
+                                  "interval": (metric.get("intervals") or {}).get(after)}  # fmt: skip
     manifest = json.loads((out / "run" / "manifest.json").read_text())
     return {
         "model": config.model, "train": config.train, "test": config.test, "schema": config.schema,

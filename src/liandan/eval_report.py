@@ -252,7 +252,7 @@ def _plots_section(result: dict, colours: dict[str, str]) -> str:
 def _whiskers(metric: dict, models: list[str]) -> dict[str, tuple[float, float]]:
     """Per model after the first: where its value could lie given the first's value and the
     difference's interval, (before + low, before + high). The whisker clears the first model's
-    bar exactly when the interval excludes no change."""
+    bar when the interval excludes 0."""
     before = finite_number((metric.get("values") or {}).get(models[0])) if models else None
     out = {}
     for model, interval in (metric.get("intervals") or {}).items():

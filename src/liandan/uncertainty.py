@@ -2,7 +2,7 @@
 
     from liandan.uncertainty import paired_proportions, paired_bootstrap_mean
     paired_proportions([True, True, False, False], [True, True, True, True])
-    # {'diff': 0.5, 'low': -0.15, 'high': 0.85, 'p': 0.5, 'method': 'mcnemar-exact', 'n': 4, 'significant': False}
+    # {'diff': 0.5, 'low': -0.102..., 'high': 0.849..., 'p': 0.5, 'method': 'mcnemar-exact', 'n': 4, 'significant': False}
     paired_bootstrap_mean([10, 12, 9], [20, 22, 19])["significant"]   # True: every item moved by +10
 
 Every model answers the same items, so a difference is measured item by item (paired), which is
@@ -12,10 +12,10 @@ far tighter than comparing two independent pass rates. Each function returns one
 - Pass/fail items (`paired_proportions`): McNemar's exact test, a two-sided binomial test on the
   items that changed verdict, and Newcombe's score interval for a paired difference (method 10 of
   Newcombe 1998, "Improved confidence intervals for the difference between binomial proportions
-  based on paired data", Stat Med 17:2635). Both are exact or near-exact with a few dozen items,
-  where a normal approximation or a bootstrap of a proportion is poor (a bootstrap of 0/60 vs 0/60
-  gives [0, 0] and says nothing). Significant when p < 0.05 *and* the interval excludes 0, so the
-  mark never contradicts the interval shown next to it.
+  based on paired data", Stat Med 17:2635). The test is exact and the interval keeps near its
+  nominal coverage with a few dozen items, where a normal approximation or a bootstrap is poor (a
+  bootstrap of 0/60 vs 0/60 gives [0, 0] and says nothing). Significant when p < 0.05 *and* the
+  interval excludes 0, so the mark never contradicts the interval shown next to it.
 - Continuous items (`paired_bootstrap_mean`) and ratios of sums such as perplexity
   (`paired_bootstrap_ratio`): a seeded paired bootstrap, the same resampled item indices for both
   models, and the 95% percentile interval of the resampled differences. Significant when the

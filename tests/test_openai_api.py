@@ -12,15 +12,19 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 
 from liandan.openai_api import (
+    PROMPT_SHAPES,
     ApiError,
     ChatRequest,
     CompletionRequest,
     GuardRequests,
     RequireApiKey,
     ServeLimits,
+    TokenLogprob,
     allowed_hosts,
     chat_chunk,
+    chat_logprobs,
     completion_chunk,
+    completion_logprobs,
     error_response,
     field_path,
     sse,
@@ -58,7 +62,7 @@ def openai_error(message, param=None, code=None, type="invalid_request_error") -
 def test_a_minimal_chat_request_has_every_option_unset():
     request = chat()
     assert request.model_dump() == {"model": "m", **UNSET_SAMPLING, "messages": [{"role": "user", "content": "Hi"}],
-                                    "max_completion_tokens": None}  # fmt: skip
+                                    "max_completion_tokens": None, "logprobs": None, "top_logprobs": None}  # fmt: skip
     assert request.model_extra == {}
 
 
@@ -73,8 +77,8 @@ def test_chat_request_fields_parse_to_their_types():
 
 
 def test_unknown_openai_fields_are_kept_for_the_server_to_refuse():
-    request = chat(logprobs=True, user="alice")
-    assert request.model_extra == {"logprobs": True, "user": "alice"}
+    request = chat(echo=True, user="alice")  # echo is the completions endpoint's
+    assert request.model_extra == {"echo": True, "user": "alice"}
 
 
 def test_messages_become_template_dicts():
@@ -94,8 +98,27 @@ def test_messages_become_template_dicts():
 
 def test_completion_request_takes_one_prompt_or_several():
     single = CompletionRequest.model_validate({"model": "m", "prompt": "Once"})
-    assert single.model_dump() == {"model": "m", **UNSET_SAMPLING, "prompt": "Once"}
+    assert single.model_dump() == {"model": "m", **UNSET_SAMPLING, "prompt": "Once", "logprobs": None, "echo": None}
     assert CompletionRequest.model_validate({"model": "m", "prompt": ["a", "b"]}).prompt == ["a", "b"]
+
+
+def test_completion_request_takes_token_ids_and_scoring_options():
+    """As lm-evaluation-harness sends a log-likelihood request when it has the model's tokenizer."""
+    request = CompletionRequest.model_validate(
+        {"model": "m", "prompt": [[5, 6, 7], [8]], "max_tokens": 0, "logprobs": 1, "echo": True})  # fmt: skip
+    assert (request.prompt, request.max_tokens, request.logprobs, request.echo) == ([[5, 6, 7], [8]], 0, 1, True)
+    assert CompletionRequest.model_validate({"model": "m", "prompt": [0, 2]}).prompt == [0, 2]
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [({"prompt": []}, "prompt"), ({"prompt": [[]]}, "prompt"), ({"prompt": [1, -2]}, "prompt"),
+     ({"prompt": [[1], "a"]}, "prompt"), ({"prompt": [1.5]}, "prompt"), ({"logprobs": -1}, "logprobs"),
+     ({"logprobs": True}, "logprobs"), ({"echo": "yes"}, "echo"), ({"max_tokens": -1}, "max_tokens")],
+)  # fmt: skip
+def test_bad_token_ids_and_scoring_options_name_their_param(fields, param):
+    status, body = answer(validation_error(refused(CompletionRequest, {"model": "m", "prompt": "x", **fields})))
+    assert status == 400 and body["error"]["param"] == param
 
 
 @pytest.mark.parametrize(
@@ -103,7 +126,8 @@ def test_completion_request_takes_one_prompt_or_several():
     [({"temperature": "0.5"}, "temperature"), ({"temperature": True}, "temperature"), ({"temperature": 2.01}, "temperature"),
      ({"temperature": -0.1}, "temperature"), ({"top_p": 1.01}, "top_p"), ({"top_p": -0.5}, "top_p"),
      ({"max_tokens": 1.5}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
-     ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"n": 0}, "n"),
+     ({"max_completion_tokens": 0}, "max_completion_tokens"), ({"n": 0}, "n"), ({"logprobs": 1}, "logprobs"),
+     ({"top_logprobs": -1}, "top_logprobs"), ({"top_logprobs": 1.0}, "top_logprobs"),
      ({"seed": 2**64}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"seed": "7"}, "seed"), ({"stream": 1}, "stream"),
      ({"stop": ["a", 1]}, "stop"), ({"stream_options": {"include_usage": "yes"}}, "stream_options"),
      ({"model": None}, "model"), ({"messages": []}, "messages"), ({"messages": [{"role": "tool", "content": "x"}]}, "messages"),
@@ -145,7 +169,12 @@ def test_a_field_is_not_mixed_up_with_another_that_starts_with_its_name():
 def test_a_list_error_points_at_the_item():
     error = refused(CompletionRequest, {"model": "m", "prompt": ["a", 2]})
     assert answer(validation_error(error))[1] == openai_error(
-        "'prompt': Input should be a valid string; or 'prompt.1': Input should be a valid string", param="prompt")  # fmt: skip
+        f"'prompt': expected {PROMPT_SHAPES}; item 1 (2) is not a string, as item 0 is", param="prompt")  # fmt: skip
+    error = refused(CompletionRequest, {"model": "m", "prompt": [[1, 2], [3, -4]]})
+    message = answer(validation_error(error))[1]["error"]["message"]
+    assert message.endswith("item 1 ([3, -4]) is not a list of token ids, as item 0 is")
+    error = refused(CompletionRequest, {"model": "m", "prompt": [1.5]})
+    assert answer(validation_error(error))[1]["error"]["message"].endswith("item 0 (1.5) fits none of them")
 
 
 def test_a_missing_field_and_an_out_of_range_value():
@@ -347,3 +376,38 @@ def test_completion_chunks_as_openai_streams_them():
         "choices": [{"index": 0, "text": "Once", "logprobs": None, "finish_reason": None}]}  # fmt: skip
     assert completion_chunk(3, None, "length") == {
         "choices": [{"index": 3, "text": "", "logprobs": None, "finish_reason": "length"}]}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities in OpenAI's two shapes
+
+# "héllo": "h", then "é" in two tokens (the first ends inside the character, so adds ""), then "llo".
+TOKENS = [TokenLogprob("h", None, None), TokenLogprob("", -0.5, [("x", -0.25), ("", -0.5)]),
+          TokenLogprob("é", -1.0, [("é", -1.0)]), TokenLogprob("llo", -2.0, [("lo", -1.5), ("la", -float("inf"))])]  # fmt: skip
+
+
+def test_completion_logprobs_are_parallel_lists_with_the_chosen_token_among_the_top():
+    assert completion_logprobs(TOKENS) == {
+        "tokens": ["h", "", "é", "llo"],
+        "token_logprobs": [None, -0.5, -1.0, -2.0],
+        "top_logprobs": [None, {"x": -0.25, "": -0.5}, {"é": -1.0}, {"lo": -1.5, "llo": -2.0, "la": -9999.0}],
+        "text_offset": [0, 1, 1, 2],
+    }  # fmt: skip
+    assert completion_logprobs(TOKENS[2:], start=7)["text_offset"] == [7, 8]  # a streamed chunk, 7 characters in
+    assert json.loads(json.dumps(completion_logprobs(TOKENS), allow_nan=False))  # -inf is written as -9999.0
+    # Two alternatives that read the same: the likelier stays.
+    assert completion_logprobs([TokenLogprob("a", -3.0, [("", -1.0), ("", -2.0)])])["top_logprobs"] == [
+        {"": -1.0, "a": -3.0}]  # fmt: skip
+
+
+def test_chat_logprobs_carry_bytes_and_exactly_the_top_asked_for():
+    content = chat_logprobs(TOKENS[1:3])["content"]
+    assert content == [
+        {"token": "", "logprob": -0.5, "bytes": [],
+         "top_logprobs": [{"token": "x", "logprob": -0.25, "bytes": [120]}, {"token": "", "logprob": -0.5, "bytes": []}]},
+        {"token": "é", "logprob": -1.0, "bytes": [195, 169],
+         "top_logprobs": [{"token": "é", "logprob": -1.0, "bytes": [195, 169]}]},
+    ]  # fmt: skip
+    assert chat_logprobs([])["refusal"] is None
+    assert chat_chunk(0, "é", None, TOKENS[2:3])["choices"][0]["logprobs"] == chat_logprobs(TOKENS[2:3])
+    assert completion_chunk(0, "llo", None, TOKENS[3:], 2)["choices"][0]["logprobs"]["text_offset"] == [2]

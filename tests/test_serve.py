@@ -309,7 +309,7 @@ def test_wrong_or_missing_api_key_is_401(stopper):
     ("options", "param"),
     [({"temperature": -1}, "temperature"), ({"temperature": 2.5}, "temperature"), ({"n": 0}, "n"),
      ({"top_p": 1.5}, "top_p"), ({"max_tokens": 0}, "max_tokens"), ({"stop": ""}, "stop"),
-     ({"logprobs": True}, "logprobs"), ({"messages": []}, "messages")],
+     ({"top_logprobs": 2}, "top_logprobs"), ({"messages": []}, "messages")],
 )  # fmt: skip
 def test_bad_values_are_400(stopper, options, param):
     options = {"messages": HELLO, **options}

@@ -7,6 +7,8 @@ shape, the API-key check, and server-sent event chunks.
 
 Requests are strict ("0.5" is not a temperature, 1.5 is not a max_tokens); OpenAI parameters that
 liandan does not implement are refused when set (`UNSUPPORTED`) rather than silently ignored.
+`TokenLogprob` is one token's log-probability as the worker finds it; `completion_logprobs` and
+`chat_logprobs` write a choice's tokens in the two shapes OpenAI answers ``logprobs`` with.
 `ServeLimits` bounds what one request may ask for; `GuardRequests` refuses, before a body is read,
 requests from other sites (Host and Origin checks) and bodies that are too large.
 """
@@ -23,13 +25,15 @@ from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, WrapValidator
+from pydantic_core import PydanticCustomError
 
 from .errors import LiandanError
 
 # OpenAI parameters liandan does not implement: refused when set, rather than silently ignored.
+# "top_logprobs" and "echo" belong to one endpoint each (chat, completions); the other refuses them.
 UNSUPPORTED = (
-    "logprobs", "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "frequency_penalty",
+    "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "frequency_penalty",
     "presence_penalty", "tools", "tool_choice", "functions", "function_call", "response_format",
 )  # fmt: skip
 UNSET = (None, False, 0, "", [], {}, "none", "auto", {"type": "text"})
@@ -75,10 +79,58 @@ class _Message(BaseModel):
 class ChatRequest(SamplingRequest):
     messages: Annotated[list[_Message], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
+    logprobs: StrictBool | None = None
+    top_logprobs: Annotated[StrictInt, Field(ge=0)] | None = None  # capped by ServeLimits.max_logprobs
+
+
+TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
+PROMPT_SHAPES = "a string, a list of strings, a list of token ids (whole numbers from 0) or a list of lists of token ids"
+
+
+def _prompt_kind(value: Any) -> str | None:
+    if isinstance(value, str):
+        return "a string"
+    if type(value) is int and value >= 0:
+        return "a token id"
+    if isinstance(value, list) and value and all(type(v) is int and v >= 0 for v in value):
+        return "a list of token ids"
+    return None
+
+
+def _one_prompt_error(value: Any, handler: Callable) -> Any:
+    """One message for ``prompt`` naming its four shapes and the first item that breaks them
+    (pydantic would list every way each alternative failed)."""
+    if not isinstance(value, str):
+        if not isinstance(value, list) or not value:
+            raise PydanticCustomError("prompt", f"expected {PROMPT_SHAPES}")
+        kind = _prompt_kind(value[0])
+        for i, item in enumerate(value):
+            if kind is None or _prompt_kind(item) != kind:
+                why = "fits none of them" if kind is None else f"is not {kind}, as item 0 is"
+                raise PydanticCustomError("prompt", f"expected {PROMPT_SHAPES}; item {i} ({json.dumps(item)[:40]}) {why}")
+    return handler(value)
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1)]
+    # lm-evaluation-harness sends token ids when it has the model's tokenizer.
+    prompt: Annotated[StrictStr | list[StrictStr] | TokenIds | list[TokenIds], WrapValidator(_one_prompt_error)]
+    max_tokens: Annotated[StrictInt, Field(ge=0)] | None = None  # 0 only with echo: score the prompt
+    logprobs: Annotated[StrictInt, Field(ge=0)] | None = None  # capped by ServeLimits.max_logprobs
+    echo: StrictBool | None = None
+
+
+def top_logprobs(request: ChatRequest | CompletionRequest, limits: ServeLimits) -> int | None:
+    """How many of the likeliest tokens to list beside each token (completions' ``logprobs``, chat's
+    ``top_logprobs``); None: no log-probabilities. Chat's ``top_logprobs`` needs ``logprobs: true``."""
+    if isinstance(request, ChatRequest):
+        if request.top_logprobs is not None and not request.logprobs:
+            raise ApiError(400, "'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        name, count = "top_logprobs", (request.top_logprobs or 0) if request.logprobs else None
+    else:
+        name, count = "logprobs", request.logprobs
+    if count is not None and count > limits.max_logprobs:
+        raise ApiError(400, f"'{name}': at most {limits.max_logprobs} on this server (got {count})", param=name)
+    return count
 
 
 @dataclass(frozen=True)
@@ -118,6 +170,9 @@ class ServeLimits:
     """Seconds a connection may take to send a request's line and headers, from when it opens or
     its last response ends; then it is closed, so clients that connect and trickle (or send
     nothing) cannot hold the connection cap."""
+    max_logprobs: int = 20
+    """Most likely tokens listed for each token (completions' ``logprobs``, chat's ``top_logprobs``;
+    OpenAI allows 5 and 20, vLLM 20); more is a 400."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
@@ -332,10 +387,69 @@ def sse(data: dict | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data)}\n\n"
 
 
-def chat_chunk(index: int, text: str | None, finish_reason: str | None) -> dict:
+def chat_chunk(index: int, text: str | None, finish_reason: str | None, tokens: list[TokenLogprob] | None = None,
+               start: int = 0) -> dict:  # fmt: skip
     delta = {} if text is None else {"content": text}
-    return {"choices": [{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}]}
+    logprobs = None if tokens is None else chat_logprobs(tokens)
+    return {"choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}]}
 
 
-def completion_chunk(index: int, text: str | None, finish_reason: str | None) -> dict:
-    return {"choices": [{"index": index, "text": text or "", "logprobs": None, "finish_reason": finish_reason}]}
+def completion_chunk(index: int, text: str | None, finish_reason: str | None, tokens: list[TokenLogprob] | None = None,
+                     start: int = 0) -> dict:  # fmt: skip
+    """``start``: where the chunk's first token begins in the choice's whole text (``text_offset``)."""
+    logprobs = None if tokens is None else completion_logprobs(tokens, start)
+    return {"choices": [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities
+
+
+@dataclass
+class TokenLogprob:
+    """One token of a choice: the text it adds, its log-probability under the model (the
+    log-softmax of the raw logits, before temperature or top-p) and the most likely tokens at its
+    place, most likely first. A token that ends inside a character adds "" and the one that
+    completes the character adds all of it, so the tokens of a choice join to its text."""
+
+    token: str
+    logprob: float | None
+    """None for the first token of an echoed prompt, which nothing before it predicts."""
+    top: list[tuple[str, float]] | None
+
+
+LOWEST_LOGPROB = -9999.0
+"""What -inf becomes (as vLLM writes it): JSON has no infinity."""
+
+
+def _finite(logprob: float) -> float:
+    return max(logprob, LOWEST_LOGPROB)
+
+
+def completion_logprobs(tokens: list[TokenLogprob], start: int = 0) -> dict:
+    """The legacy completions shape: parallel lists, and ``top_logprobs`` as ``{token: logprob}``
+    that always holds the chosen token too (so it may have one more than asked, as OpenAI says)."""
+    offsets, top_logprobs = [], []
+    for token in tokens:
+        offsets.append(start)
+        start += len(token.token)
+        if token.top is None:
+            top_logprobs.append(None)
+            continue
+        top: dict[str, float] = {}
+        for text, logprob in [*token.top, (token.token, token.logprob)]:
+            top.setdefault(text, logprob)  # two tokens may read the same ("" inside a character): keep the likelier
+        top_logprobs.append({t: _finite(p) for t, p in sorted(top.items(), key=lambda item: -item[1])})
+    return {"tokens": [t.token for t in tokens],
+            "token_logprobs": [None if t.logprob is None else _finite(t.logprob) for t in tokens],
+            "top_logprobs": top_logprobs, "text_offset": offsets}  # fmt: skip
+
+
+def chat_logprobs(tokens: list[TokenLogprob]) -> dict:
+    """The chat shape: ``{"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}``."""
+
+    def entry(token: str, logprob: float) -> dict:
+        return {"token": token, "logprob": _finite(logprob), "bytes": list(token.encode("utf-8"))}
+
+    content = [{**entry(t.token, t.logprob), "top_logprobs": [entry(*alt) for alt in t.top or []]} for t in tokens]
+    return {"content": content, "refusal": None}

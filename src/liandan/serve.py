@@ -20,6 +20,9 @@ stop tokens, as trained) and ``POST /v1/completions`` (raw text, no template); b
 server-sent events with ``"stream": true``. Honoured: ``temperature`` (default 1, as OpenAI; 0 is
 greedy), ``top_p``, ``max_tokens``, ``stop``, ``seed``, ``n``; ``finish_reason`` is ``stop`` when
 the model's stop token or a stop string ended a choice and ``length`` when ``max_tokens`` did.
+Log-probabilities for evaluators (lm-evaluation-harness, as against OpenAI or vLLM): completions take
+``logprobs: N``, ``echo`` (the prompt's tokens scored too; with ``max_tokens: 0``, only them) and
+prompts as token ids; chat takes ``logprobs: true`` and ``top_logprobs: N``.
 Text is decoded with special tokens kept, as ``liandan generate`` shows it; the stop token itself
 is never part of it.
 
@@ -72,9 +75,12 @@ from .openai_api import (
     ServeLimits,
     allowed_hosts,
     chat_chunk,
+    chat_logprobs,
     completion_chunk,
+    completion_logprobs,
     error_response,
     sse,
+    top_logprobs,
     validation_error,
     web_origin,
 )
@@ -104,6 +110,8 @@ class _Server:
     chat_stop_ids: list[int] = field(default_factory=list)
     """Stop tokens of chat completions; completions stop at the worker's (the model's own)."""
     limits: ServeLimits = field(default_factory=ServeLimits)
+    vocab: int | None = None
+    """Token ids a prompt may hold: those both the tokenizer and the model's embeddings know."""
 
     def check(self, request: SamplingRequest) -> None:
         for name, value in (request.model_extra or {}).items():
@@ -151,15 +159,16 @@ class _Server:
                            "lower max_tokens", param=param, code="context_length_exceeded")  # fmt: skip
         return max_tokens
 
-    def jobs(self, request: SamplingRequest, prompts: list[list[int]], max_tokens: int | None, default: int | None,
-             param: str, stop_ids: list[int]) -> list[Job]:  # fmt: skip
+    def jobs(self, request: ChatRequest | CompletionRequest, prompts: list[list[int]], max_tokens: int | None,
+             default: int | None, param: str, stop_ids: list[int], echo: bool = False) -> list[Job]:  # fmt: skip
         n = request.n or 1
         temperature = 1.0 if request.temperature is None else request.temperature
         top_p = 1.0 if request.top_p is None else request.top_p
+        logprobs = top_logprobs(request, self.limits)
         return [
             Job(prompt_ids=ids, n=n, max_tokens=self.budget(ids, max_tokens, default, param),
                 temperature=temperature, top_p=top_p, stop=self.stops(request), seed=request.seed,
-                first_index=i * n, stream=bool(request.stream), stop_ids=stop_ids)
+                first_index=i * n, stream=bool(request.stream), stop_ids=stop_ids, logprobs=logprobs, echo=echo)
             for i, ids in enumerate(prompts)
         ]  # fmt: skip
 
@@ -176,12 +185,22 @@ class _Server:
 
     def completion_jobs(self, request: CompletionRequest) -> list[Job]:
         self.check(request)
-        prompts = [request.prompt] if isinstance(request.prompt, str) else request.prompt
+        if request.max_tokens == 0 and not request.echo:
+            raise ApiError(400, "'max_tokens': 0 generates nothing; it is for scoring a prompt, with 'echo': true",
+                           param="max_tokens")  # fmt: skip
+        prompt = request.prompt  # a string, strings, token ids, or lists of token ids
+        prompts = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
         if len(prompts) > self.limits.max_prompts:
             raise ApiError(400, f"'prompt': at most {self.limits.max_prompts} prompts per request on this server "
                            f"(got {len(prompts)})", param="prompt")  # fmt: skip
-        ids = [self.encode(p, add_special_tokens=True) for p in prompts]  # as pre-trained: BOS and all
-        return self.jobs(request, ids, request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt", self.worker.stop_ids)
+        for ids in prompts:
+            if not isinstance(ids, str) and self.vocab is not None and max(ids) >= self.vocab:
+                raise ApiError(400, f"'prompt': token id {max(ids)} is not in this model's vocabulary (ids 0 to "
+                               f"{self.vocab - 1})", param="prompt")  # fmt: skip
+        # Text is encoded as pre-trained, BOS and all; token ids are taken as they are.
+        ids = [self.encode(p, add_special_tokens=True) if isinstance(p, str) else p for p in prompts]
+        return self.jobs(request, ids, request.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt", self.worker.stop_ids,
+                         echo=bool(request.echo))  # fmt: skip
 
     async def prepare(self, make: Callable[[Any], list[Job]], request: SamplingRequest) -> list[Job]:
         """``make(request)`` in a thread: chat templates and tokenizers are slow on long inputs."""
@@ -225,18 +244,23 @@ def _usage(jobs: list[Job], choices: list[Choice]) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
-async def _stream(server: _Server, jobs: list[Job], head: dict, chunk: Callable[[int, str | None, str | None], dict],
-                  opening: list[dict], include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
-    """Server-sent events: ``opening`` chunks, one chunk per piece of text, a finishing chunk per
-    choice, the usage chunk if asked for, then ``[DONE]``. A client that goes away cancels its jobs
-    (queued by the caller, so that a full queue is a 429 before the stream begins)."""
+async def _stream(server: _Server, jobs: list[Job], head: dict, chunk: Callable[..., dict], opening: list[dict],
+                  include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+    """Server-sent events: ``opening`` chunks, one chunk per piece of text (with its tokens' log-
+    probabilities when asked for), a finishing chunk per choice, the usage chunk if asked for, then
+    ``[DONE]``. A client that goes away cancels its jobs (queued by the caller, so that a full queue
+    is a 429 before the stream begins)."""
     choices: list[Choice] = []
+    offsets: dict[int, int] = {}  # characters of each choice's tokens sent so far: their text_offset
     try:
         for data in opening:
             yield sse({**head, **data})
         for job in jobs:
             while (event := await job.events.get())[0] == "delta":
-                yield sse({**head, **chunk(event[1], event[2], None)})
+                _, index, text, tokens = event
+                start = offsets.get(index, 0)
+                offsets[index] = start + sum(len(t.token) for t in tokens or ())
+                yield sse({**head, **chunk(index, text, None, tokens, start)})
             if event[0] == "error":  # the status line went out with the first chunk: the error is an event
                 error = event[1]
                 yield sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
@@ -279,7 +303,8 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | No
     lock = threading.Lock()  # the tokenizer is shared by the handlers and the worker
     server = _Server(model, tokenizer, model_name, max_prompt_tokens, Worker(model, tokenizer, lock, limits), lock,
                      context=context_length(model), limits=limits,
-                     chat_stop_ids=chat_stop_ids(tokenizer, getattr(model, "generation_config", None)))  # fmt: skip
+                     chat_stop_ids=chat_stop_ids(tokenizer, getattr(model, "generation_config", None)),
+                     vocab=min(len(tokenizer), model.get_input_embeddings().num_embeddings))  # fmt: skip
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -349,7 +374,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             return _streaming_response(server, jobs, _stream(server, jobs, head, chat_chunk, opening, include_usage))
         choices = await server.results(jobs, http)
         return {**head, "object": "chat.completion", "usage": _usage(jobs, choices), "choices": [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+            {"index": c.index, "message": {"role": "assistant", "content": c.text},
+             "logprobs": chat_logprobs(c.logprobs) if request.logprobs else None,
              "finish_reason": c.finish_reason} for c in choices]}  # fmt: skip
 
     @app.post("/v1/completions")
@@ -362,7 +388,8 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
             return _streaming_response(server, jobs, _stream(server, jobs, head, completion_chunk, [], include_usage))
         choices = await server.results(jobs, http)
         return {**head, "usage": _usage(jobs, choices), "choices": [
-            {"index": c.index, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason} for c in choices]}  # fmt: skip
+            {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
+             "logprobs": None if request.logprobs is None else completion_logprobs(c.logprobs)} for c in choices]}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------

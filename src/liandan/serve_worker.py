@@ -7,7 +7,10 @@ one at a time, each in its own batch and cache, so no request sees another's tok
                        stop=[], seed=None, first_index=0, stream=False, stop_ids=[2])])
 
 `Tracker` ends each choice on a stop token or stop string and decodes only the last few tokens of
-each reply per step (decoding whole replies each time would be quadratic).
+each reply per step (decoding whole replies each time would be quadratic). A job with ``logprobs``
+also gets each token's log-probability: the log-softmax of the raw logits of the step that chose it
+(read by a forward hook, as ``generate`` hands stopping criteria only the processed scores), and
+with ``echo`` those of its prompt, from one forward pass.
 """
 
 from __future__ import annotations
@@ -21,12 +24,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from peft import PeftModel
 
 from .chat import stop_token_ids
 from .generation import find_stop, streamable_length
-from .openai_api import ApiError, ServeLimits
+from .openai_api import ApiError, ServeLimits, TokenLogprob
 
 log = logging.getLogger("liandan.serve")
+ECHO_ROWS = 256
+"""Prompt positions whose log-softmax is taken at once when an echoed prompt is scored."""
 
 
 def _shutting_down() -> ApiError:
@@ -48,6 +54,12 @@ class Choice:
     read: int = 0
     """``ids[prefix:read]`` is decoded again with each new token, as context for its text; ``ids[read:]``
     is what has not become text yet (a character's first bytes)."""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """The tokens that became text, each with where it starts in ``text`` (``starts``)."""
+    starts: list[int] = field(default_factory=list)
+    pending: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    """Log-probability and top ``(id, logprob)`` of each of ``ids[read:]``."""
+    logprobs_sent: int = 0
 
 
 @dataclass
@@ -67,6 +79,10 @@ class Job:
     stream: bool
     stop_ids: list[int]
     """Token ids that end a row: the model's stop tokens (`liandan.chat.chat_stop_ids` for chat)."""
+    logprobs: int | None = None
+    """How many of the most likely tokens to list for each token; None: no log-probabilities."""
+    echo: bool = False
+    """The prompt's text (and, with ``logprobs``, its tokens) comes first in each choice."""
     loop: asyncio.AbstractEventLoop | None = None
     """The request's event loop, set by `_Server.prepare` (jobs are made in a thread, off the loop)."""
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
@@ -88,38 +104,39 @@ class Tracker:
         self.job, self.decode, self.stop_ids = job, decode, set(stop_ids)
         self.choices = [Choice(job.first_index + i) for i in range(job.n)]
         self.longest_stop = max((len(s) for s in job.stop), default=0)
+        self.logits: torch.Tensor | None = None
+        """The raw logits of the step that chose the newest tokens, (n, V), when ``job.logprobs``."""
+
+    def see_logits(self, module: Any, args: Any, output: Any) -> None:
+        """A forward hook on the model: keeps the last position's raw logits, as ``generate`` reads them."""
+        self.logits = output.logits[:, -1].float()  # (n, V)
 
     def __call__(self, input_ids, scores, **kwargs):
-        for choice, token in zip(self.choices, input_ids[:, -1].tolist()):
+        tokens = input_ids[:, -1].tolist()
+        scored = [None] * len(tokens) if self.job.logprobs is None else score(self.logits, tokens, self.job.logprobs)
+        for choice, token, token_score in zip(self.choices, tokens, scored):
             if choice.finish_reason is None:  # finished rows only receive padding
-                self._advance(choice, token)
+                self._advance(choice, token, token_score)
         done = [self.job.cancelled or c.finish_reason is not None for c in self.choices]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
-    def _advance(self, choice: Choice, token: int) -> None:
+    def _advance(self, choice: Choice, token: int, token_score: tuple | None) -> None:
         choice.tokens += 1
-        if token in self.stop_ids:
+        if token in self.stop_ids:  # not part of the text, so not of the log-probabilities either
             choice.finish_reason = "stop"
-            self._add_text(choice, self._new_text(choice, final=True))
+            self._add_text(choice, final=True)
         else:
             choice.ids.append(token)
-            self._add_text(choice, self._new_text(choice, final=False))
+            if token_score is not None:
+                choice.pending.append(token_score)
+            self._add_text(choice, final=False)
         self._send(choice)
 
-    def _new_text(self, choice: Choice, final: bool) -> str:
-        """The text the last tokens add, decoding only a few tokens (whole replies each time would be
-        quadratic): ``ids[prefix:]`` less ``ids[prefix:read]``, the context that keeps a leading
-        space or a multi-byte character right. Held back while it ends in half a character."""
-        if choice.read == len(choice.ids):
-            return ""
-        known = self.decode(choice.ids[choice.prefix : choice.read])
-        text = self.decode(choice.ids[choice.prefix :])
-        if not final and (len(text) <= len(known) or text.endswith("\ufffd")):
-            return ""
-        choice.prefix, choice.read = choice.read, len(choice.ids)
-        return text[len(known) :]
-
-    def _add_text(self, choice: Choice, piece: str) -> None:
+    def _add_text(self, choice: Choice, final: bool) -> None:
+        read = choice.read
+        piece = new_text(choice, self.decode, final)
+        if choice.read > read and self.job.logprobs is not None:
+            self._resolve(choice, read, piece)
         if not piece:
             return
         start = max(len(choice.text) - self.longest_stop + 1, 0)  # a new stop string ends in the new piece
@@ -127,23 +144,86 @@ class Tracker:
         cut = find_stop(choice.text[start:], self.job.stop)
         if cut is not None:
             choice.text, choice.finish_reason = choice.text[: start + cut], "stop"
+            while choice.starts and choice.starts[-1] >= len(choice.text):  # tokens wholly after the cut
+                choice.starts.pop(), choice.logprobs.pop()
+
+    def _resolve(self, choice: Choice, read: int, piece: str) -> None:
+        """``ids[read:]`` just became ``piece``: the last of them adds it, any before it "" (they
+        end inside a character), so that the tokens join to the text."""
+        for i, (logprob, top) in enumerate(choice.pending, start=read):
+            text = piece if i == len(choice.ids) - 1 else ""
+            choice.logprobs.append(TokenLogprob(text, logprob, alternatives(choice.ids, i, text, top, self.decode)))
+            choice.starts.append(len(choice.text))
+        choice.pending = []
 
     def _send(self, choice: Choice) -> None:
         if not self.job.stream:
             return
         final = choice.finish_reason is not None
         end = len(choice.text) if final else streamable_length(choice.text, self.job.stop)
-        if end > choice.sent:
-            self.job.emit(("delta", choice.index, choice.text[choice.sent : end]))
-            choice.sent = end
+        count = choice.logprobs_sent  # the tokens whose text goes out now
+        while count < len(choice.logprobs) and (final or choice.starts[count] + len(choice.logprobs[count].token) <= end):
+            count += 1
+        if end > choice.sent or count > choice.logprobs_sent:
+            tokens = None if self.job.logprobs is None else choice.logprobs[choice.logprobs_sent : count]
+            self.job.emit(("delta", choice.index, choice.text[choice.sent : end], tokens))
+            choice.sent, choice.logprobs_sent = end, count
 
     def finish(self) -> list[Choice]:
         for choice in self.choices:
             if choice.finish_reason is None:
-                self._add_text(choice, self._new_text(choice, final=True))  # may still find a stop string
+                self._add_text(choice, final=True)  # may still find a stop string
                 choice.finish_reason = choice.finish_reason or "length"
                 self._send(choice)
         return self.choices
+
+
+def new_text(choice: Choice, decode: Callable[[list[int]], str], final: bool) -> str:
+    """The text the last tokens of ``choice.ids`` add, decoding only a few tokens (whole replies each
+    time would be quadratic): ``ids[prefix:]`` less ``ids[prefix:read]``, the context that keeps a
+    leading space or a multi-byte character right. Held back while it ends in half a character."""
+    if choice.read == len(choice.ids):
+        return ""
+    known = decode(choice.ids[choice.prefix : choice.read])
+    text = decode(choice.ids[choice.prefix :])
+    if not final and (len(text) <= len(known) or text.endswith("\ufffd")):
+        return ""
+    choice.prefix, choice.read = choice.read, len(choice.ids)
+    return text[len(known) :]
+
+
+def token_pieces(ids: list[int], decode: Callable[[list[int]], str]) -> list[str]:
+    """The text each of ``ids`` adds, by the same rule as a reply's tokens: they join to the text."""
+    choice, pieces = Choice(0), []
+    for i, token in enumerate(ids):
+        choice.ids.append(token)
+        read = choice.read
+        piece = new_text(choice, decode, final=i == len(ids) - 1)
+        if choice.read > read:
+            pieces += [""] * (choice.read - read - 1) + [piece]
+    return pieces
+
+
+def score(logits: torch.Tensor, tokens: list[int], k: int) -> list[tuple[float, list[tuple[int, float]]]]:
+    """For each row of ``logits`` (R, V): the log-probability of its token and the ``k`` most
+    likely ``(id, logprob)``, most likely first."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)  # (R, V)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1) if k else None
+    ids, values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([[]] * len(tokens), [[]] * len(tokens))
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids, values)]
+
+
+CONTEXT_TOKENS = 4
+"""Tokens decoded before an alternative, so that its leading space or character reads right."""
+
+
+def alternatives(ids: list[int], i: int, text: str, top: list[tuple[int, float]], decode: Callable) -> list[tuple[str, float]]:
+    """``top`` with each token as the text it would have added in place of ``ids[i]`` (whose own
+    text is ``text``)."""
+    context = ids[max(i - CONTEXT_TOKENS, 0) : i]
+    known = decode(context) if any(alt != ids[i] for alt, _ in top) else ""
+    return [(text if alt == ids[i] else decode([*context, alt])[len(known) :], logprob) for alt, logprob in top]
 
 
 class Worker:
@@ -234,15 +314,52 @@ class Worker:
             torch.seed()
         else:
             torch.manual_seed(job.seed)
-        input_ids = torch.tensor([job.prompt_ids] * job.n, device=self.model.device)  # (n, T)
         tracker = Tracker(job, self._decode, job.stop_ids)
+        echo = self._echo(job) if job.echo else None
+        if echo is not None and job.stream:
+            for choice in tracker.choices:
+                job.emit(("delta", choice.index, *echo))
+        if job.max_tokens > 0:
+            self._generate(job, tracker)
+        choices = tracker.finish()
+        if echo is not None:
+            for choice in choices:
+                choice.text = echo[0] + choice.text
+                choice.logprobs = (echo[1] or []) + choice.logprobs
+        return choices
+
+    def _generate(self, job: Job, tracker: Tracker) -> None:
+        input_ids = torch.tensor([job.prompt_ids] * job.n, device=self.model.device)  # (n, T)
         sampling = {"do_sample": False} if job.temperature == 0 else {
             "do_sample": True, "temperature": job.temperature, "top_p": job.top_p, "top_k": 0,
         }  # fmt: skip
+        # generate() runs the model without its adapter wrapper (peft), so the hook goes on the model it runs.
+        runs = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        hook = runs.register_forward_hook(tracker.see_logits) if job.logprobs is not None else None
+        try:
+            with torch.inference_mode():
+                self.model.generate(
+                    input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=job.max_tokens, eos_token_id=job.stop_ids or None,
+                    pad_token_id=self.pad_id, repetition_penalty=1.0, stopping_criteria=[tracker], **sampling,
+                )  # fmt: skip
+        finally:
+            if hook is not None:
+                hook.remove()
+
+    def _echo(self, job: Job) -> tuple[str, list[TokenLogprob] | None]:
+        """The prompt's text as its tokens read, and with ``job.logprobs`` each token's log-probability
+        from one forward pass (the first token's is None: nothing before it predicts it)."""
+        ids = job.prompt_ids
+        pieces = token_pieces(ids, self._decode)
+        if job.logprobs is None:
+            return "".join(pieces), None
         with torch.inference_mode():
-            self.model.generate(
-                input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=job.max_tokens, eos_token_id=job.stop_ids or None,
-                pad_token_id=self.pad_id, repetition_penalty=1.0, stopping_criteria=[tracker], **sampling,
-            )  # fmt: skip
-        return tracker.finish()
+            logits = self.model(input_ids=torch.tensor([ids], device=self.model.device)).logits[0, :-1]  # (T-1, V)
+            scored = []
+            for at in range(0, len(ids) - 1, ECHO_ROWS):  # log-softmax in float32 a block at a time: V is large
+                scored += score(logits[at : at + ECHO_ROWS], ids[at + 1 : at + 1 + ECHO_ROWS], job.logprobs)
+        tokens = [TokenLogprob(pieces[0], None, None)]
+        for i, (logprob, top) in enumerate(scored, start=1):
+            tokens.append(TokenLogprob(pieces[i], logprob, alternatives(ids, i, pieces[i], top, self._decode)))
+        return "".join(pieces), tokens

@@ -144,8 +144,8 @@ class Tracker:
         cut = find_stop(choice.text[start:], self.job.stop)
         if cut is not None:
             choice.text, choice.finish_reason = choice.text[: start + cut], "stop"
-            while choice.starts and choice.starts[-1] >= len(choice.text):  # tokens wholly after the cut
-                choice.starts.pop(), choice.logprobs.pop()
+            kept = sum(start < len(choice.text) for start in choice.starts)  # not the tokens wholly after the cut
+            del choice.starts[kept:], choice.logprobs[kept:]
 
     def _resolve(self, choice: Choice, read: int, piece: str) -> None:
         """``ids[read:]`` just became ``piece``: the last of them adds it, any before it "" (they
@@ -209,9 +209,8 @@ def score(logits: torch.Tensor, tokens: list[int], k: int) -> list[tuple[float, 
     likely ``(id, logprob)``, most likely first."""
     logprobs = torch.log_softmax(logits.float(), dim=-1)  # (R, V)
     chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
-    top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1) if k else None
-    ids, values = (top.indices.tolist(), top.values.tolist()) if top is not None else ([[]] * len(tokens), [[]] * len(tokens))
-    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, ids, values)]
+    top = logprobs.topk(min(k, logprobs.shape[-1]), dim=-1)  # k = 0: (R, 0)
+    return [(c, list(zip(i, v))) for c, i, v in zip(chosen, top.indices.tolist(), top.values.tolist())]
 
 
 CONTEXT_TOKENS = 4

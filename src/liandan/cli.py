@@ -393,7 +393,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="LIANDAN_API_KEY", help="Require this Bearer key on every path (or set LIANDAN_API_KEY).")] = None,
     model_name: Annotated[Optional[str], typer.Option("--model-name", help="Name clients use (default: the directory's name).")] = None,
     max_prompt_tokens: Annotated[Optional[int], typer.Option("--max-prompt-tokens", help="Refuse longer prompts (400).")] = None,
-    limit: Annotated[Optional[list[str]], typer.Option("--limit", metavar="KEY=VALUE", help="Set a server limit (repeatable). Defaults: max_n=8, max_tokens=4096, max_prompts=16, max_stops=4, max_stop_chars=256, max_body_bytes=2097152, max_queued=64, retry_after_s=2, max_connections=4 x max_queued, keep_alive_s=5, max_header_bytes=16384, header_timeout_s=10.")] = None,
+    limit: Annotated[Optional[list[str]], typer.Option("--limit", metavar="KEY=VALUE", help="Set a server limit (repeatable). Defaults: max_n=8, max_tokens=4096, max_prompts=16, max_stops=4, max_stop_chars=256, max_body_bytes=2097152, max_queued=64, retry_after_s=2, max_connections=4 x max_queued, keep_alive_s=5, max_header_bytes=16384, header_timeout_s=10, max_logprobs=20.")] = None,
     allow_host: Annotated[Optional[list[str]], typer.Option("--allow-host", metavar="NAME", help="Also answer to this Host name (repeatable; '*': any). Always: localhost, 127.0.0.1, ::1, --host.")] = None,
     allow_origin: Annotated[Optional[list[str]], typer.Option("--allow-origin", metavar="URL", help="Accept browser requests from this web origin, e.g. http://localhost:3000 (repeatable).")] = None,
     docs: Annotated[bool, typer.Option("--docs", help="Serve /docs and /openapi.json (behind --api-key when set).")] = False,

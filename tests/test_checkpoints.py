@@ -345,3 +345,31 @@ def test_a_full_disk_at_the_final_save_ends_clearly_and_leaves_no_model(tmp_path
     assert (run / INCOMPLETE).is_file()
     with pytest.raises(LiandanError, match="unfinished training run"):
         check_run_complete(run)
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(tmp_path, chat_model_dir, sft_data, monkeypatch):
+    """ENOSPC while checkpoint 3 is written: one LiandanError naming the checkpoint kept, no
+    temporary directory left, checkpoint 2 intact, and --resume from it finishes the run with the
+    losses of a run that never stopped."""
+    import errno
+
+    import liandan.checkpoints
+
+    full = train_sft(config(chat_model_dir, sft_data, tmp_path / "full", save_every=0)).losses
+    real_save_file = liandan.checkpoints.save_file
+
+    def full_disk_at_step_3(tensors, path, *args, **kwargs):
+        if ".tmp-step-000003" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save_file(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(liandan.checkpoints, "save_file", full_disk_at_step_3)
+    out = tmp_path / "run"
+    with pytest.raises(LiandanError, match=r"checkpoint at step 3 .*No space left on device.*step-000002' is kept.*free some disk space") as caught:
+        train_sft(config(chat_model_dir, sft_data, out))
+    assert "\n" not in str(caught.value)
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
+    monkeypatch.setattr(liandan.checkpoints, "save_file", real_save_file)
+    rest = train_sft(config(chat_model_dir, sft_data, out), resume=True).losses
+    assert rest == pytest.approx(full[2:], rel=1e-5)
+    check_run_complete(out)

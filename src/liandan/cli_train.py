@@ -1,0 +1,115 @@
+"""The training commands: sft, dpo, pretrain (one explicit loop, `liandan.train`), and merge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .cli_shared import (
+    app,
+    check_models,
+    console,
+    quiet_libraries,
+    user_errors,
+)
+
+
+@app.command()
+def sft(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe (see examples/).")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base model (default: the built-in one).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Training data file (repeatable).")] = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory.")] = None,
+    full: Annotated[Optional[bool], typer.Option("--full/--lora", help="Full fine-tuning instead of LoRA.")] = None,
+    replay: Annotated[Optional[str], typer.Option(help="Against forgetting: 'self' (the base model's own answers to general prompts) or a data file.")] = None,
+    replay_ratio: Annotated[Optional[float], typer.Option("--replay-ratio", help="Replay examples per task example, at most 1 (default 0.5).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last checkpoint.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (dotted for nested, e.g. lora.rank=8).")] = None,
+) -> None:
+    """Supervised fine-tuning: only the assistant's replies and their stop tokens are trained."""
+    with user_errors():
+        from .config import SFTConfig
+        from .train import train_sft
+
+        _train(SFTConfig, train_sft, config, set_, resume, model=model, data=data, output_dir=output_dir, full=full,
+               replay=replay, replay_ratio=replay_ratio)  # fmt: skip
+
+
+@app.command()
+def dpo(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to align: default, any model, or an SFT run directory.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Preference pairs: prompt, chosen, rejected (repeatable).")] = None,
+    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Held-out pairs: preference accuracy during training.")] = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory.")] = None,
+    full: Annotated[Optional[bool], typer.Option("--full/--lora", help="Full fine-tuning instead of LoRA.")] = None,
+    beta: Annotated[Optional[float], typer.Option(help="How far the model may move from the reference (default 0.1).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last checkpoint.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value.")] = None,
+) -> None:
+    """Preference alignment (DPO): make the chosen reply more likely than the rejected one."""
+    with user_errors():
+        from .config import DPOConfig
+        from .train import train_dpo
+
+        result = _train(DPOConfig, train_dpo, config, set_, resume, model=model, data=data, eval_data=eval_data,
+                        output_dir=output_dir, full=full, beta=beta)  # fmt: skip
+        if result.eval_losses:
+            console.print(f"held-out DPO loss {result.eval_losses[-1]:.4f}")
+
+
+@app.command()
+def pretrain(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to continue pre-training.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Raw text: .txt files, or files of text records (repeatable).")] = None,
+    eval_data: Annotated[Optional[list[str]], typer.Option("--eval-data", help="Held-out text: perplexity during training.")] = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory.")] = None,
+    full: Annotated[Optional[bool], typer.Option("--full/--lora", help="Full fine-tuning instead of LoRA.")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last checkpoint.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (max_length is the block size).")] = None,
+) -> None:
+    """Continued pre-training: next-token prediction on your own raw text."""
+    with user_errors():
+        import math
+
+        from .config import PretrainConfig
+        from .train import train_pretrain
+
+        result = _train(PretrainConfig, train_pretrain, config, set_, resume, model=model, data=data, eval_data=eval_data,
+                        output_dir=output_dir, full=full)  # fmt: skip
+        if result.eval_losses:
+            console.print(f"held-out perplexity {math.exp(result.eval_losses[0]):.2f} at the first evaluation, "
+                          f"{math.exp(result.eval_losses[-1]):.2f} at the end "
+                          "(before training: liandan eval --model BASE --model RUN --text FILE)")  # fmt: skip
+
+
+def _train(cls, train_fn, config: Optional[Path], set_, resume: bool, **values):
+    """Shared by the training commands: the config from YAML, flags and --set; then the loop."""
+    from .config import load_config, resume_config
+
+    output_dir = values.get("output_dir")
+    if resume and config is None:  # resume with the settings the run started with
+        config = resume_config(output_dir, set_)
+    quiet_libraries()
+    cfg = load_config(cls, config, set_, **values)
+    check_models([cfg.model])
+    result = train_fn(cfg, resume=resume)
+    last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
+    console.print(f"Finished {result.steps} steps (last loss {last}); run directory: {result.output_dir}")
+    return result
+
+
+@app.command("merge")
+def merge_command(
+    run_dir: Annotated[Path, typer.Argument(help="A LoRA run directory.")],
+    out_dir: Annotated[Path, typer.Argument(help="Where to write the merged model.")],
+) -> None:
+    """Merge a LoRA run into its base model: a standalone model plain transformers loads."""
+    with user_errors():
+        from .merge import merge
+
+        quiet_libraries()
+        console.print(f"Merged model written to {merge(run_dir, out_dir)}")

@@ -145,3 +145,89 @@ def test_without_lm_eval_the_error_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # makes `import lm_eval` raise ImportError
     with pytest.raises(LiandanError, match=r"lm-eval is not installed .*pip install 'liandan\[lmeval\]'"):
         run_lm_eval(object(), object(), ["liandan_tiny_mc"], include_path=TASKS)
+
+
+# ---------------------------------------------------------------------------------------------
+# In `liandan eval`: each task's metrics before vs after, with paired intervals
+
+
+def fake(doc_ids: list[int], acc: list[float], length: list[float]) -> dict:
+    return {"t": {"n": len(doc_ids), "doc_ids": doc_ids, "num_fewshot": 0, "metrics": {
+        "acc": {"value": sum(acc) / len(acc), "stderr": None, "higher_is_better": True, "items": acc},
+        "len": {"value": sum(length) / len(length), "stderr": None, "higher_is_better": False, "items": length}}}}  # fmt: skip
+
+
+def test_metric_rows_pair_the_models_document_by_document():
+    from liandan.lm_eval_tasks import metric_rows
+
+    before = fake([0, 1, 2, 3, 4, 5], [1, 1, 0, 0, 0, 1], [5, 6, 7, 8, 9, 10])
+    # The same documents in another order: doc 2 and doc 3 gained, doc 5 lost.
+    after = fake([5, 4, 3, 2, 1, 0], [0, 0, 1, 1, 1, 1], [11, 10, 9, 8, 7, 6])
+    acc, length = metric_rows({"a": before, "b": after}, ["a", "b"])
+    assert acc["key"] == "lm_eval.t:acc" and acc["format"] == "percent" and acc["better"] == "higher"
+    assert acc["values"] == {"a": 0.5, "b": pytest.approx(4 / 6)}
+    interval = acc["intervals"]["b"]
+    # 2 gained, 1 lost: McNemar's exact p = 2 * P(X <= 1 | n=3, 1/2) = 2 * 4/8 = 1.0
+    assert (interval["method"], interval["n"], interval["p"], interval["significant"]) == ("mcnemar-exact", 6, 1.0, False)
+    assert interval["diff"] == pytest.approx(1 / 6)
+    assert length["format"] == "number" and length["better"] == "lower"
+    assert length["intervals"]["b"]["method"] == "bootstrap" and length["intervals"]["b"]["diff"] == pytest.approx(1.0)
+
+
+@pytest.mark.lmeval
+def test_eval_shows_each_task_before_and_after(tmp_path, chat_model_dir, stopping_model_dir):
+    """`liandan eval --lm-eval` adds each task's metrics to the table and the JSON, the second
+    model with its paired interval; the values are those of `run_lm_eval` on each model."""
+    from typer.testing import CliRunner
+
+    from liandan.cli import app
+
+    out = tmp_path / "eval.json"
+    args = ["eval", "--model", str(chat_model_dir), "--model", str(stopping_model_dir), "--probes", "none", "--drift", "none",
+            "--lm-eval", "liandan_tiny_mc", "--lm-eval-include", str(TASKS), "--lm-eval-limit", "6", "--device", "cpu",
+            "--dtype", "float32", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "liandan_tiny_mc" in result.output  # its row in the table (wrapped to the terminal width)
+    rows = {m["key"]: m for m in json.loads(out.read_text())["metrics"]}
+    acc = rows["lm_eval.liandan_tiny_mc:acc"]
+    assert acc["intervals"][str(stopping_model_dir)]["n"] == 6
+    for spec in (chat_model_dir, stopping_model_dir):
+        model, tokenizer = load_model(str(spec), device="cpu", dtype="float32")
+        direct = run_lm_eval(model, tokenizer, ["liandan_tiny_mc"], include_path=str(TASKS), limit=6)
+        assert acc["values"][str(spec)] == pytest.approx(direct["liandan_tiny_mc"]["metrics"]["acc"]["value"])
+
+
+def test_eval_refuses_an_unknown_lm_eval_task_before_loading_a_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from liandan.cli import app
+
+    if not HAS_LM_EVAL:
+        pytest.skip("lm-eval is not installed")
+    result = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "no-such-model"), "--lm-eval", "liandan_tiny_mcq",
+                                      "--lm-eval-include", str(TASKS), "--probes", "none", "--drift", "none"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "unknown lm-eval task 'liandan_tiny_mcq': did you mean liandan_tiny_mc" in result.output
+
+
+@pytest.mark.lmeval
+def test_lm_eval_through_serve_scores_as_in_process(chat_model, chat_model_dir):
+    """lm-eval's own local-completions client, pointed at `liandan serve`, gives the in-process
+    scores on both tiny tasks (log-likelihoods through logprobs + echo, generation through
+    completions)."""
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    from liandan.serve import create_app
+    from test_serve_cli import served
+
+    model, tokenizer = chat_model
+    tasks = ["liandan_tiny_mc", "liandan_tiny_gen"]
+    direct = run_lm_eval(model, tokenizer, tasks, include_path=str(TASKS), batch_size=1)
+    with served(create_app(model, tokenizer, model_name="tiny")) as (address, _):
+        client = LocalCompletionsAPI(base_url=f"http://{address[0]}:{address[1]}/v1/completions", model="tiny",
+                                     tokenizer_backend="huggingface", tokenizer=str(chat_model_dir), num_concurrent=1)  # fmt: skip
+        remote = run_lm_eval(client, None, tasks, include_path=str(TASKS))
+    for task in tasks:
+        for metric, found in direct[task]["metrics"].items():
+            assert remote[task]["metrics"][metric]["items"] == found["items"], (task, metric)

@@ -37,6 +37,7 @@ from .encoding import encode_pair, pad_id, text_blocks
 from .errors import LiandanError
 from .eval_report import render_html
 from .generation import SamplingConfig, generate
+from .lm_eval_tasks import check_tasks, metric_rows, run_lm_eval
 from .losses import IGNORE_INDEX
 from .models import load_model, release_model
 from .objectives import collate_pairs, micro_batch_loss, pair_logps, trained_token_nll
@@ -91,6 +92,12 @@ class EvalConfig:
     batch_size: int = 64
     device: str = "auto"
     dtype: str = "auto"
+    lm_eval: list[str] = field(default_factory=list)
+    """lm-evaluation-harness tasks run on every model in this process (the lmeval extra)."""
+    lm_eval_limit: int | None = None
+    """Score only the first N items of each lm-eval task (quick runs)."""
+    lm_eval_include: str | None = None
+    """A folder of local lm-eval task YAML files (with their data), for offline tasks."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,8 +305,11 @@ class Evaluation:
 
         self.pairs = read_pairs(config.pairs) if config.pairs else None
         self.texts = read_texts([config.text]) if config.text else None
-        if not (self.task or self.probes or self.drift_prompts or self.pairs or self.texts):
+        if config.lm_eval:
+            check_tasks(config.lm_eval, config.lm_eval_include)
+        if not (self.task or self.probes or self.drift_prompts or self.pairs or self.texts or config.lm_eval):
             raise LiandanError("nothing to evaluate: give --task FILE, or keep the probe or drift sets")
+        self.lm_eval: dict[str, dict] = {}  # per model: its lm-eval results, items included
         self.per_model: dict[str, dict] = {}
         self.items: dict[str, dict] = {}  # per model: per-item drift, preference and text figures, for intervals
         self.outputs: dict[str, dict[str, list]] = {"task": {}, "probes": {}}
@@ -351,18 +361,28 @@ class Evaluation:
             scores["text"] = {"nll": nll, "perplexity": math.exp(nll)}
             items["text"] = {"nll_sums": text[0], "tokens": text[1]}
             step(f"{name} · held-out text", 1)
+        if config.lm_eval:
+            found = run_lm_eval(model, tokenizer, config.lm_eval, limit=config.lm_eval_limit, include_path=config.lm_eval_include,
+                                batch_size=min(config.batch_size, 16))  # fmt: skip
+            self.lm_eval[name] = found
+            scores["lm_eval"] = {f"{task}:{metric}": m["value"] for task, r in found.items() for metric, m in r["metrics"].items()}
+            step(f"{name} · lm-eval", 1)
         self.items[name] = items
         return scores
 
     def units(self, models: int = 1) -> int:
         """How many prompts ``models`` more runs report through ``progress`` (for a progress bar)."""
         per_model = sum(len(s.items) for s in (self.task, self.probes) if s is not None)
-        per_model += len(self.drift_prompts or []) + len(self.pairs or []) + bool(self.texts)
+        per_model += len(self.drift_prompts or []) + len(self.pairs or []) + bool(self.texts) + bool(self.config.lm_eval)
         baseline_answers = len(self.drift_prompts or []) if self.drift_answers is None and models else 0
         return models * per_model + baseline_answers
 
     def result(self) -> EvalResult:
-        return build_result(self.config, self.per_model, self.outputs, self.task, self.probes, self.specs, self.items)
+        result = build_result(self.config, self.per_model, self.outputs, self.task, self.probes, self.specs, self.items)
+        if self.lm_eval:
+            result["metrics"] += metric_rows(self.lm_eval, result["models"])
+            result["settings"].update(lm_eval=self.config.lm_eval, lm_eval_limit=self.config.lm_eval_limit)
+        return result
 
 
 METRICS = [  # key, label, better, format

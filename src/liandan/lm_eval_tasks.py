@@ -55,7 +55,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from liandan.errors import LiandanError
+from .errors import LiandanError
+from .uncertainty import paired_bootstrap_mean, paired_proportions
 
 INSTALL_HINT = "pip install 'liandan[lmeval]'"
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
@@ -72,7 +73,9 @@ def run_lm_eval(
     seed: int = 0,
     verbose: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Run lm-eval ``tasks`` on ``model`` (a loaded transformers causal LM) and return, per task,
+    """Run lm-eval ``tasks`` on ``model`` (a loaded transformers causal LM, or an lm-eval model
+    object such as its ``local-completions`` client of `liandan serve`, when ``tokenizer`` is
+    None) and return, per task,
     its metrics with lm-eval's stderr and the per-item values in ``doc_id`` order (see the module
     docstring). ``limit`` keeps the first items of each task; ``seed`` seeds lm-eval's sampling and
     few-shot choice, and the caller's random states are restored afterwards. lm-eval's logging and
@@ -89,9 +92,55 @@ def run_lm_eval(
             if task.get_config("num_fewshot") is None:  # as lm-eval's own CLI does
                 task.set_config(key="num_fewshot", value=0)
             task.set_fewshot_seed(seed=seed)
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = model if tokenizer is None else HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         raw = evaluator.evaluate(lm, loaded, limit=limit, log_samples=True)
     return {name: _task_result(name, task, raw) for name, task in loaded["tasks"].items()}
+
+
+def check_tasks(tasks: list[str], include_path: str | os.PathLike | None = None) -> None:
+    """Fail before any model loads: lm-eval missing, or a task name it does not know."""
+    _import_lm_eval()
+    with _quiet_offline_and_seeded(verbose=False, seed=0):
+        manager = _task_manager(tasks, include_path)
+        for name in tasks:
+            _known(manager, name)
+
+
+def metric_rows(results: dict[str, dict], models: list[str]) -> list[dict]:
+    """Rows for `liandan.evaluation`'s table from each model's `run_lm_eval` results: one per task
+    and metric, keyed ``lm_eval.TASK:METRIC``, with each later model's paired difference from the
+    first and its 95% interval (`liandan.uncertainty`: McNemar and Newcombe when every item scores
+    0 or 1, as accuracy does; else a paired bootstrap of the mean), over the items both scored."""
+    rows = []
+    for task, first in (results.get(models[0]) or {}).items():
+        for metric, found in first["metrics"].items():
+            per_model = {m: (results.get(m) or {}).get(task) for m in models}
+            values = {m: r["metrics"].get(metric, {}).get("value") if r else None for m, r in per_model.items()}
+            scored = [r["metrics"][metric]["items"] for r in per_model.values() if r and r["metrics"].get(metric, {}).get("items")]
+            binary = bool(scored) and all(v in (0.0, 1.0) for items in scored for v in items)
+            row = {"key": f"lm_eval.{task}:{metric}", "label": f"lm-eval {task}: {metric}",
+                   "better": "lower" if found.get("higher_is_better") is False else "higher",
+                   "format": "percent" if binary else "number", "values": values}  # fmt: skip
+            intervals = {m: c for m in models[1:] if (c := _paired(per_model[models[0]], per_model[m], metric, binary))}
+            if intervals:
+                row["intervals"] = intervals
+            rows.append(row)
+    return rows
+
+
+def _paired(before: dict | None, after: dict | None, metric: str, binary: bool) -> dict | None:
+    """One model's difference from the baseline on one metric, over the documents both scored."""
+    if not before or not after:
+        return None
+    b, a = before["metrics"].get(metric, {}).get("items"), after["metrics"].get(metric, {}).get("items")
+    if not b or not a:
+        return None
+    b_by_doc, a_by_doc = dict(zip(before["doc_ids"], b)), dict(zip(after["doc_ids"], a))
+    common = [doc for doc in before["doc_ids"] if doc in a_by_doc]
+    if not common:
+        return None
+    x, y = [b_by_doc[d] for d in common], [a_by_doc[d] for d in common]
+    return paired_proportions([v == 1.0 for v in x], [v == 1.0 for v in y]) if binary else paired_bootstrap_mean(x, y)
 
 
 def _import_lm_eval():
@@ -177,14 +226,7 @@ def _load_tasks(manager, tasks: list[str]) -> dict[str, Any]:
     """Build each named task (its dataset is read here), one at a time so that an error names it."""
     merged: dict[str, dict] = {"tasks": {}, "groups": {}, "group_map": {}}
     for name in tasks:
-        if name not in manager.all_tasks:
-            near = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
-            hint = (
-                f"did you mean {', '.join(near)}?"
-                if near
-                else "run `lm-eval ls tasks` for the built-in names, or pass the folder of your task's YAML as include_path"
-            )
-            raise LiandanError(f"unknown lm-eval task '{name}': {hint}")
+        _known(manager, name)
         try:
             loaded = manager.load([_spec(manager, name)])
         except (ConnectionError, FileNotFoundError) as error:  # datasets raises either, offline
@@ -200,6 +242,17 @@ def _load_tasks(manager, tasks: list[str]) -> dict[str, Any]:
         for key, found in merged.items():
             found.update(loaded[key])
     return merged
+
+
+def _known(manager, name: str) -> None:
+    if name not in manager.all_tasks:
+        near = difflib.get_close_matches(name, manager.all_tasks, n=5, cutoff=0.6)
+        hint = (
+            f"did you mean {', '.join(near)}?"
+            if near
+            else "run `lm-eval ls tasks` for the built-in names, or pass the folder of your task's YAML as include_path"
+        )
+        raise LiandanError(f"unknown lm-eval task '{name}': {hint}")
 
 
 def _spec(manager, name: str) -> str | dict[str, Any]:

@@ -1,4 +1,5 @@
-"""SVG charts for the eval report: grouped bars per model and training-loss curves, as strings.
+"""SVG charts for the eval report (grouped bars per model, training-loss curves) and for an
+experiment (each seed's run per grid point, `seeds_chart`), as strings.
 
     from pathlib import Path
     from liandan.plots import bar_chart, loss_chart, model_colours
@@ -270,3 +271,52 @@ def loss_chart(run: str, points: list, result: dict, colour: str) -> str:
         if key == "eval_loss" or len(series[key]) == 1:
             body += [f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="3.5" fill="{paint}"/>' for s, v in series[key]]
     return _svg(width, height, f"Training loss of {model_label(result, run)}", body)
+
+
+def seeds_chart(title: str, groups: dict, fmt: str | None, before=None) -> str:
+    """One metric across the grid points of an experiment: each run (seed) a dot, the mean of
+    the point a pale bar behind them, and the before model's value a dashed line; "" if nothing
+    to draw. ``groups`` is {point: [value per seed]}. Dots are spread sideways so that equal
+    values stay countable."""
+    groups = {str(g): [v for v in map(finite_number, values or []) if v is not None] for g, values in groups.items()}
+    groups = {g: values for g, values in groups.items() if values}
+    if not groups:
+        return ""
+    before = finite_number(before)
+    values = [v for vals in groups.values() for v in vals] + ([before] if before is not None else [])
+    if fmt == "percent" and 0 <= min(values) and max(values) <= 1:
+        ticks = [0, 0.25, 0.5, 0.75, 1.0]
+    else:
+        ticks = _ticks(min(values), max(values))
+    width = LEFT + max(488, len(groups) * 90) + RIGHT
+    slot = (width - RIGHT - LEFT) / len(groups)
+    items = [("run (seed)", PALETTE[0], "dot"), ("mean", "#c7d6e8", "bar")]
+    if before is not None:
+        items.append(("before", EVAL_COLOUR, "line"))
+    legend, top = _legend(items, width)
+    names = {group: _wrap(group, slot - 6) for group in groups}
+    bottom = 20 + 13 * max(len(lines) for lines in names.values())
+    height = top + 10 + 180 + bottom
+    y = _scale(ticks[0], ticks[-1], height - bottom, top + 10)
+    body = legend + _y_grid(ticks, y, width - RIGHT, fmt)
+    base = min(max(0.0, ticks[0]), ticks[-1])  # bars stand on zero when the axis holds it
+    for i, (group, vals) in enumerate(groups.items()):
+        centre, mean = LEFT + (i + 0.5) * slot, sum(vals) / len(vals)
+        half = min(36.0, slot * 0.3)
+        y_top, y_bottom = sorted((y(mean), y(base)))
+        tip = escape(f"{group}: mean {format_value(mean, fmt)} of {len(vals)}")
+        body.append(f'<rect class="mean" x="{centre - half:.1f}" y="{y_top:.1f}" width="{2 * half:.1f}" '
+                    f'height="{max(y_bottom - y_top, 2):.1f}" fill="#c7d6e8"><title>{tip}</title></rect>')  # fmt: skip
+        body.append(f'<line x1="{centre - half:.1f}" x2="{centre + half:.1f}" y1="{y(mean):.1f}" y2="{y(mean):.1f}" '
+                    f'stroke="{PALETTE[0]}" stroke-width="2"/>')  # fmt: skip
+        spread = min(half * 0.8, 6.0 * (len(vals) - 1))
+        for k, v in enumerate(vals):
+            dx = 0.0 if len(vals) == 1 else -spread + 2 * spread * k / (len(vals) - 1)
+            body.append(f'<circle class="seed" cx="{centre + dx:.1f}" cy="{y(v):.1f}" r="4" fill="{PALETTE[0]}" '
+                        f'fill-opacity="0.85"><title>{escape(f"{group}, run {k + 1}: {format_value(v, fmt)}")}</title></circle>')  # fmt: skip
+        for k, line in enumerate(names[group]):
+            body.append(f'<text x="{centre:.1f}" y="{height - bottom + 16 + k * 13}" text-anchor="middle">{escape(line)}</text>')
+    if before is not None:
+        body.append(f'<line class="before" x1="{LEFT}" x2="{width - RIGHT}" y1="{y(before):.1f}" y2="{y(before):.1f}" '
+                    f'stroke="{EVAL_COLOUR}" stroke-width="1.5" stroke-dasharray="5 4"/>')  # fmt: skip
+    return _svg(width, height, title, body)

@@ -1,4 +1,5 @@
-"""The training commands: sft, dpo, pretrain (one explicit loop, `liandan.train`), and merge."""
+"""The training commands: sft, dpo, pretrain (one explicit loop, `liandan.train`), experiment (any of
+them over seeds and a grid of settings, `liandan.experiment`), and merge."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Annotated, Optional
 import typer
 
 from .cli_shared import (
+    BatchOpt,
+    CodeOpt,
+    MaxNewOpt,
     app,
     check_models,
     console,
@@ -100,6 +104,48 @@ def _train(cls, train_fn, config: Optional[Path], set_, resume: bool, **values):
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     console.print(f"Finished {result.steps} steps (last loss {last}); run directory: {result.output_dir}")
     return result
+
+
+@app.command()
+def experiment(
+    stage: Annotated[str, typer.Argument(help="The training command each run is: sft, dpo or pretrain.")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="The stage's YAML recipe.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base model (default: the recipe's, or the built-in one).")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Training data file (repeatable).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="A setting for every run: key=value, as the stage's --set.")] = None,
+    seeds: Annotated[str, typer.Option(help="Runs per grid point: a count (3 = seeds 0, 1, 2) or a list of seeds (1,5,9).")] = "3",
+    grid: Annotated[Optional[list[str]], typer.Option("--grid", help="A setting to vary: key=value1,value2 (repeatable: every combination is a grid point).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output directory: POINT/seed-N runs, experiment.json and experiment.html.")] = Path("experiment"),
+    task: Annotated[Optional[Path], typer.Option("--task", "-t", help="Task set to evaluate every run on (as liandan eval --task).")] = None,
+    schema: Annotated[Optional[Path], typer.Option(help="JSON Schema every task answer must follow.")] = None,
+    check: Annotated[Optional[list[str]], typer.Option("--check", help="A check for every task record: KEY=VALUE (repeatable).")] = None,
+    probes: Annotated[str, typer.Option(help="Retention probes: default (shipped), a .jsonl file, or none.")] = "default",
+    drift: Annotated[str, typer.Option(help="General prompts for drift: default, a .jsonl/.txt file, or none.")] = "default",
+    pairs: Annotated[Optional[Path], typer.Option(help="Held-out preference pairs: preference accuracy.")] = None,
+    text: Annotated[Optional[Path], typer.Option(help="Held-out raw text (.txt): perplexity.")] = None,
+    max_new_tokens: MaxNewOpt = 160,
+    batch_size: BatchOpt = 64,
+    allow_code: CodeOpt = False,
+) -> None:
+    """Repeat a training run over seeds and a grid of settings; evaluate each run; mean ± sd per metric."""
+    from .checks import allowing_code, parse_check_options
+
+    with user_errors(), allowing_code(allow_code):
+        from .evaluation import EvalConfig
+        from .experiment import ExperimentConfig, parse_seeds, plan_runs, print_experiment, run_experiment
+
+        exp = ExperimentConfig(stage=stage, recipe=str(config) if config else None, values={"model": model, "data": data},
+                               overrides=set_ or [], seeds=parse_seeds(seeds), grid=grid or [], out=str(out))  # fmt: skip
+        evaluated = task or pairs or text or probes != "none" or drift != "none"
+        eval_config = EvalConfig(task=str(task) if task else None, schema=str(schema) if schema else None,
+                                 checks=parse_check_options(check or []), probes=probes, drift=drift,
+                                 pairs=str(pairs) if pairs else None, text=str(text) if text else None,
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size) if evaluated else None  # fmt: skip
+        quiet_libraries()
+        check_models([plan_runs(exp)[0].config.model])
+        result = run_experiment(exp, eval_config, console)
+        print_experiment(result, console)
+        console.print(f"Wrote {out / 'experiment.json'} and {out / 'experiment.html'}")
 
 
 @app.command("merge")

@@ -138,7 +138,7 @@ def test_evaluate_two_models_and_the_result_shape(chat_model_dir, sets):
     a, b = result["models"]
     keys = [m["key"] for m in result["metrics"]]
     assert keys == ["task.score", "task.contains", "task.reference", "health.stop_rate", "health.mean_tokens",
-                    "health.repetition", "probes.score", "probes.kept", "drift.perplexity"]  # fmt: skip
+                    "health.repetition", "cost.prompt_tokens", "probes.score", "probes.kept", "drift.perplexity"]  # fmt: skip
     for metric in result["metrics"]:  # the same model twice: every number equal
         assert metric["values"][a] == pytest.approx(metric["values"][b]), metric["key"]
     assert result["labels"] == {a: "before", b: "after"}
@@ -160,6 +160,40 @@ def test_evaluate_two_models_and_the_result_shape(chat_model_dir, sets):
     json.dumps(result)  # JSON-ready
 
 
+def test_few_shot_column_is_the_first_model_prompted_and_pays_for_it_per_request(tmp_path, chat_model_dir, sets):
+    """The prompt-only baseline: the first model with a system prompt and 2 examples before each task
+    prompt, compared with the plain first model item by item; probes and drift are the plain model's."""
+    from transformers import AutoTokenizer
+
+    task, probes, drift = sets
+    # "Say hi" is also an eval prompt: it must never be an example, so exactly the other two are drawn
+    train = write_jsonl(tmp_path / "train.jsonl", [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+                                                   for q, a in [("Say hi", "hi"), ("Name a colour", "Blue."), ("One word", "Yes")]])  # fmt: skip
+    model = str(chat_model_dir)
+    config = EvalConfig(models=[model], task=str(task), probes=str(probes), drift=str(drift), max_new_tokens=4, probe_max_new_tokens=3,
+                        drift_max_new_tokens=3, dtype="float32", few_shot=2, few_shot_data=str(train), few_shot_system="Be brief.")  # fmt: skip
+    seen = []
+    result = evaluate(config, progress=lambda label, n: seen.append(label))
+    few = f"{model} + 2-shot"
+    assert result["models"] == [model, few] and result["labels"] == {model: "before", few: "prompt only"}
+    assert sum(1 for label in seen if label.startswith(few)) == 1  # the task set only: one batch of 3 prompts
+    # the added turns, counted by hand: <|im_start|> ROLE\nCONTENT <|im_end|> \n for each
+    tok = AutoTokenizer.from_pretrained(chat_model_dir)
+    added = sum(2 + len(tok(f"{role}\n{content}\n", add_special_tokens=False)["input_ids"]) for role, content in
+                [("system", "Be brief."), ("user", "Name a colour"), ("assistant", "Blue."), ("user", "One word"), ("assistant", "Yes")])  # fmt: skip
+    cost = next(m for m in result["metrics"] if m["key"] == "cost.prompt_tokens")
+    assert (cost["label"], cost["better"]) == ("Prompt tokens per request", "lower")
+    assert cost["values"][few] - cost["values"][model] == pytest.approx(added) and added > 20
+    assert cost["intervals"][few]["low"] == cost["intervals"][few]["high"] == pytest.approx(added)  # every request pays the same
+    for metric in result["metrics"]:  # compared with the first model like any other column, paired over the same items
+        assert set(metric["intervals"]) == {few}, metric["key"]
+        if metric["key"].split(".")[0] in ("probes", "drift"):  # the weights are the same: the plain model's own figures
+            assert metric["values"][few] == metric["values"][model] and metric["intervals"][few]["diff"] == 0, metric["key"]
+    assert result["scores"][few]["task"]["score"] is not None and result["sets"][0]["examples"][0]["prompt"] == "What is the capital of France?"
+    assert set(result["sets"][1]["examples"][0]["outputs"]) == {model, few}
+    json.dumps(result)
+
+
 def test_eval_cli_writes_reports_and_bad_input_writes_nothing(tmp_path, chat_model_dir, sets):
     task, probes, drift = sets
     html, data = tmp_path / "r.html", tmp_path / "r.json"
@@ -179,6 +213,9 @@ def test_eval_cli_writes_reports_and_bad_input_writes_nothing(tmp_path, chat_mod
         (["--probes", str(empty)], "has no prompts"),
         (["--check", "predicate=nowhere_module:f"], "cannot import 'nowhere_module:f'"),
         (["--check", "nonsense"], "expected KEY=VALUE"),
+        (["--few-shot", "2"], "--few-shot needs --few-shot-data"),
+        (["--few-shot", "9", "--few-shot-data", str(write_jsonl(tmp_path / "train.jsonl", [{"prompt": "a", "completion": "b"}] * 2))],
+         "--few-shot 9: '" + str(tmp_path / "train.jsonl") + "' has only 2 examples"),
     ]:
         out = tmp_path / "never.html"
         result = runner.invoke(app, [*args, *extra, "--out", str(out)])

@@ -197,6 +197,10 @@ def eval_command(
     lm_eval: Annotated[Optional[list[str]], typer.Option("--lm-eval", help="lm-evaluation-harness task(s) on every model, e.g. arc_easy or a local task (repeatable or comma-separated; pip install 'liandan[lmeval]').")] = None,
     lm_eval_limit: Annotated[Optional[int], typer.Option("--lm-eval-limit", help="Score only the first N items of each lm-eval task.")] = None,
     lm_eval_include: Annotated[Optional[Path], typer.Option("--lm-eval-include", help="A folder of local lm-eval task YAML files.")] = None,
+    few_shot: Annotated[int, typer.Option("--few-shot", help="Add a prompt-only baseline: the first model with K training examples before each task prompt.")] = 0,
+    few_shot_data: Annotated[Optional[Path], typer.Option("--few-shot-data", help="Training data the --few-shot examples are drawn from (as sft reads it).")] = None,
+    few_shot_system: Annotated[Optional[str], typer.Option("--few-shot-system", help="The few-shot column's system prompt [default: --system].")] = None,
+    few_shot_seed: Annotated[int, typer.Option("--few-shot-seed", help="Seed that draws the --few-shot examples.")] = 0,
 ) -> None:
     """Evaluate models before vs after fine-tuning: task score, stop rate, retention, drift, and lm-eval tasks."""
     from .checks import allowing_code, parse_check_options
@@ -210,14 +214,16 @@ def eval_command(
                             pairs=str(pairs) if pairs else None, text=str(text) if text else None,
                             max_new_tokens=max_new_tokens, batch_size=batch_size, device=device, dtype=dtype,
                             lm_eval=[t.strip() for v in lm_eval or [] for t in v.split(",") if t.strip()], lm_eval_limit=lm_eval_limit,
-                            lm_eval_include=str(lm_eval_include) if lm_eval_include else None)  # fmt: skip
+                            lm_eval_include=str(lm_eval_include) if lm_eval_include else None, few_shot=few_shot,
+                            few_shot_data=str(few_shot_data) if few_shot_data else None, few_shot_system=few_shot_system,
+                            few_shot_seed=few_shot_seed)  # fmt: skip
         for path in out or []:
             if path.suffix not in (".html", ".md", ".json"):
                 raise LiandanError(f"--out {path}: expected a file ending in .html, .md or .json")
         evaluation = Evaluation(config)  # reads and checks every set before any model loads
         check_models(config.models)
         result = run_with_progress(lambda load, progress: evaluate(config, progress=progress, load=load, evaluation=evaluation),
-                                    evaluation.units(len(config.models)), device=device, dtype=dtype)  # fmt: skip
+                                    evaluation.units(len(config.models), prompted=int(bool(few_shot))), device=device, dtype=dtype)  # fmt: skip
         print_metrics(result, console)
         for path in out or []:
             console.print(f"Wrote {write_eval_report(result, path)}")

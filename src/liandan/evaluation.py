@@ -12,7 +12,9 @@ The first model is "before"; every other model is compared with it.
 - **retention**: a general probe set shipped with liandan (facts, arithmetic, reasoning,
   instruction following, translation), scored the same way: what fine-tuning made it forget;
 - **drift**: the first model answers general prompts; each model's perplexity on those answers
-  says how far it moved from the original on everything the task did not cover.
+  says how far it moved from the original on everything the task did not cover;
+- **prompting first** (``few_shot``): the first model again with k training examples before each
+  task prompt (`liandan.fewshot`), and every model's prompt tokens per request: what each costs.
 
 The result is a plain dict (JSON-ready) that `liandan.eval_report` renders, and that Jupyter
 shows as that report's page.
@@ -25,6 +27,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -36,6 +39,7 @@ from .data import read_texts
 from .encoding import encode_pair, pad_id, text_blocks
 from .errors import LiandanError
 from .eval_report import render_html
+from .fewshot import few_shot_name, few_shot_turns, request_cost, with_shots
 from .generation import SamplingConfig, generate
 from .lm_eval_tasks import check_tasks, metric_rows, run_lm_eval
 from .losses import IGNORE_INDEX
@@ -98,6 +102,22 @@ class EvalConfig:
     """Score only the first N items of each lm-eval task (quick runs)."""
     lm_eval_include: str | None = None
     """A folder of local lm-eval task YAML files (with their data), for offline tasks."""
+    few_shot: int = 0
+    """Also evaluate the first model with this many training examples before each task prompt (see `liandan.fewshot`)."""
+    few_shot_data: str | None = None
+    """The training data the few-shot examples are drawn from (never an eval prompt)."""
+    few_shot_system: str | None = None
+    """The few-shot column's system prompt (default: ``system``)."""
+    few_shot_seed: int = 0
+    """The seed that draws the few-shot examples."""
+
+    def __post_init__(self) -> None:
+        if self.few_shot < 0:
+            raise LiandanError(f"--few-shot {self.few_shot}: expected a number of examples, 0 for none")
+        if self.few_shot and not (self.few_shot_data and self.task):
+            raise LiandanError("--few-shot needs --few-shot-data TRAIN.jsonl to draw examples from and a --task set to prompt")
+        if not self.few_shot and (self.few_shot_data or self.few_shot_system):
+            raise LiandanError("--few-shot-data and --few-shot-system do nothing without --few-shot K")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,8 +301,11 @@ def evaluate(config: EvalConfig, *, progress: Progress | None = None, load=None,
     """Run every set through every model (one model in memory at a time); see the module doc.
     ``evaluation`` is an `Evaluation` of ``config`` already made (its sets read and checked)."""
     evaluation = evaluation or Evaluation(config)
-    for spec in config.models:
+    for n, spec in enumerate(config.models):
         evaluation.run(spec, progress=progress, load=load)
+        if n == 0 and evaluation.shots:  # the prompt-only baseline, beside the model it prompts
+            evaluation.run(spec, name=few_shot_name(spec, config.few_shot), system=config.few_shot_system, shots=evaluation.shots,
+                           progress=progress, load=load)  # fmt: skip
     return evaluation.result()
 
 
@@ -302,6 +325,8 @@ class Evaluation:
         self.task = read_eval_set(config.task, name="task", extra_checks=config.checks, schema=config.schema) if config.task else None
         self.probes = read_set_spec(config.probes, name="probes")
         self.drift_prompts = read_general_prompts(config.drift)
+        self.shots = few_shot_turns(config.few_shot_data, config.few_shot, seed=config.few_shot_seed,
+                                    exclude=[i.prompt for i in self.task.items]) if config.few_shot else None  # fmt: skip
 
         self.pairs = read_pairs(config.pairs) if config.pairs else None
         self.texts = read_texts([config.text]) if config.text else None
@@ -315,33 +340,47 @@ class Evaluation:
         self.outputs: dict[str, dict[str, list]] = {"task": {}, "probes": {}}
         self.drift_answers: list[str] | None = None
         self.specs: dict[str, str] = {}
+        self.prompted: list[str] = []  # the names of few-shot runs
 
-    def run(self, spec: str, *, name: str | None = None, system: str | None = None, progress: Progress | None = None,
-            load=None) -> dict:  # fmt: skip
+    def run(self, spec: str, *, name: str | None = None, system: str | None = None, shots: list[dict] | None = None,
+            progress: Progress | None = None, load=None) -> dict:  # fmt: skip
         """Evaluate one model; ``name`` labels it in the result (default: ``spec``); ``system``
-        overrides the config's system prompt for the task set. Returns its scores."""
+        overrides the config's system prompt for the task set, ``shots`` (`liandan.fewshot`) come
+        before each task prompt. Returns its scores."""
         load = load or (lambda s: load_model(s, device=self.config.device, dtype=self.config.dtype))
         step = progress or (lambda label, n: None)
         name = name or spec
         self.specs[name] = spec
+        if shots:
+            self.prompted.append(name)
         model, tokenizer = load(spec)
         try:
-            self.per_model[name] = self._score(model, tokenizer, name, self.config.system if system is None else system, step)
+            self.per_model[name] = self._score(model, tokenizer, name, self.config.system if system is None else system, step, shots)
         finally:
             release_model(model)
             del model
         return self.per_model[name]
 
-    def _score(self, model, tokenizer, name: str, system: str | None, step) -> dict:
+    def _score(self, model, tokenizer, name: str, system: str | None, step, shots: list[dict] | None = None) -> dict:
         config, scores, gens, items = self.config, {}, [], {}
-        for eval_set, limit, sys_prompt in ((self.task, config.max_new_tokens, system), (self.probes, config.probe_max_new_tokens, None)):
+        # A prompt does not change the weights: a few-shot run reuses the first run's probes, drift
+        # and the rest, and is scored on the task set only.
+        plain = next(iter(self.per_model), None) if shots else None
+        for eval_set, limit, sys_prompt in ((self.task, config.max_new_tokens, system),
+                                            (None if plain else self.probes, config.probe_max_new_tokens, None)):  # fmt: skip
             if eval_set is None:
                 continue
+            prompts = [i.prompt for i in eval_set.items]
+            if eval_set is self.task:
+                prompts = with_shots(prompts, shots or [])
+                scores["cost"], items["cost"] = request_cost(tokenizer, prompts, sys_prompt)
             sampling = SamplingConfig(max_new_tokens=limit, batch_size=config.batch_size)
-            generated = generate(model, tokenizer, [i.prompt for i in eval_set.items], system=sys_prompt, config=sampling,
+            generated = generate(model, tokenizer, prompts, system=sys_prompt, config=sampling,
                                  model_name=name, on_batch=lambda n, s=eval_set.name: step(f"{name} · {s}", n))  # fmt: skip
             self.outputs[eval_set.name][name], scores[eval_set.name] = score_set(eval_set, generated)
             gens += generated
+        if plain:
+            return self._reuse(plain, name, scores, items, gens)
         scores["health"] = health(gens) if gens else {}
         if self.drift_prompts:
             if self.drift_answers is None:  # the baseline's own answers are the yardstick
@@ -370,15 +409,30 @@ class Evaluation:
         self.items[name] = items
         return scores
 
-    def units(self, models: int = 1) -> int:
-        """How many prompts ``models`` more runs report through ``progress`` (for a progress bar)."""
+    def _reuse(self, plain: str, name: str, scores: dict, items: dict, gens: list) -> dict:
+        """``name``'s scores: its own on the task set, ``plain``'s (the same weights) on the rest."""
+        if self.probes is not None:
+            self.outputs["probes"][name] = self.outputs["probes"][plain]
+            gens += [SimpleNamespace(**o) for o in self.outputs["probes"][plain]]
+        scores.update({k: dict(v) for k, v in self.per_model[plain].items() if k not in scores and k != "health"})
+        scores["health"] = health(gens) if gens else {}
+        self.items[name] = {**self.items[plain], **items}
+        if plain in self.lm_eval:
+            self.lm_eval[name] = self.lm_eval[plain]
+        return scores
+
+    def units(self, models: int = 1, prompted: int = 0) -> int:
+        """How many prompts ``models`` more runs and ``prompted`` more few-shot runs (task set only)
+        report through ``progress`` (for a progress bar)."""
         per_model = sum(len(s.items) for s in (self.task, self.probes) if s is not None)
         per_model += len(self.drift_prompts or []) + len(self.pairs or []) + bool(self.texts) + bool(self.config.lm_eval)
         baseline_answers = len(self.drift_prompts or []) if self.drift_answers is None and models else 0
-        return models * per_model + baseline_answers
+        return models * per_model + prompted * len(self.task.items if self.task else []) + baseline_answers
 
     def result(self) -> EvalResult:
         result = build_result(self.config, self.per_model, self.outputs, self.task, self.probes, self.specs, self.items)
+        if result["labels"]:
+            result["labels"].update({m: "prompt only" for m in self.prompted})
         if self.lm_eval:
             result["metrics"] += metric_rows(self.lm_eval, result["models"])
             result["settings"].update(lm_eval=self.config.lm_eval, lm_eval_limit=self.config.lm_eval_limit)
@@ -390,6 +444,7 @@ METRICS = [  # key, label, better, format
     ("health.stop_rate", "Stops by itself", "higher", "percent"),
     ("health.mean_tokens", "Mean output tokens", "neutral", "number"),
     ("health.repetition", "Repeated 4-grams", "lower", "percent"),
+    ("cost.prompt_tokens", "Prompt tokens per request", "lower", "number"),
     ("probes.score", "Probes passed", "higher", "percent"),
     ("probes.kept", "Retention: probes still passed, of those passed before", "higher", "percent"),
     ("drift.perplexity", "Drift: perplexity of the original's answers", "lower", "number"),
@@ -484,8 +539,9 @@ def compare_models(key: str, before: str, after: str, outputs: dict, items: dict
         return None
     if group in ("drift", "text") and name == "perplexity":
         return paired_bootstrap_ratio((b["nll_sums"], b["tokens"]), (a["nll_sums"], a["tokens"]))
-    if key == "prefs.margin":
-        return paired_bootstrap_mean(b["margins"], a["margins"])
+    if key in ("prefs.margin", "cost.prompt_tokens"):
+        column = "margins" if group == "prefs" else name
+        return paired_bootstrap_mean(b[column], a[column])
     if key in ("prefs.accuracy", "prefs.accuracy_per_token"):
         column = "margins" if key == "prefs.accuracy" else "per_token_margins"
         return paired_proportions([m > 0 for m in b[column]], [m > 0 for m in a[column]])

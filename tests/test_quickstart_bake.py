@@ -41,7 +41,8 @@ def test_quickstart_writes_report_and_summary_with_every_figure(tmp_path, stoppi
     write_jsonl(tmp_path / "drift.jsonl", [{"prompt": "How are you?"}, {"prompt": "Hello"}])
     out = tmp_path / "qs"
     config = QuickstartConfig(model=str(stopping_model_dir), train=str(train), test=str(test), schema=str(schema), out=str(out),
-                              replay="none", epochs=2, lr=5e-3, sft_overrides=["mixed_precision=no", "batch_tokens=256", "max_length=64"])  # fmt: skip
+                              replay="none", epochs=2, lr=5e-3, sft_overrides=["mixed_precision=no", "batch_tokens=256", "max_length=64"],
+                              few_shot=2)  # fmt: skip
     summary = quickstart(config)
     for name in ("report.html", "results.json", "summary.json", "compare.html", "run/adapter_model.safetensors"):
         assert (out / name).is_file(), name
@@ -53,13 +54,24 @@ def test_quickstart_writes_report_and_summary_with_every_figure(tmp_path, stoppi
         assert metric["before"] is not None and metric["after"] is not None
         assert metric["delta"] == pytest.approx(metric["after"] - metric["before"])
     assert saved["training"]["steps"] >= 1 and saved["training"]["replay"] is None
-    assert set(saved["seconds"]) == {"compare", "eval_before", "train", "eval_after", "total"}
+    assert set(saved["seconds"]) == {"compare", "eval_before", "eval_few_shot", "train", "eval_after", "total"}
+    # the prompt-only baseline beside before and after: its value, its change against before, and after against it
+    assert saved["few_shot"] == {"name": f"{stopping_model_dir} + 2-shot", "examples": 2, "system": None}
+    for key, metric in saved["metrics"].items():
+        few = metric["few_shot"]
+        assert few["value"] is not None and few["delta"] == pytest.approx(few["value"] - metric["before"]), key
+        assert few["interval"] is not None and few["after_vs_few_shot"]["n"] >= 1, key
+    cost = saved["metrics"]["cost.prompt_tokens"]  # every request of the baseline carries two example turns
+    assert cost["few_shot"]["value"] > cost["before"] == cost["after"]
+    assert cost["few_shot"]["after_vs_few_shot"]["diff"] == pytest.approx(cost["after"] - cost["few_shot"]["value"])
     # the report as a person sees it: a real browser renders its tables and plots
     dom, image = render(out / "report.html", tmp_path)
     assert '<table class="metrics">' in dom and dom.count('<table class="examples"') == 2  # task and probes
-    # headline bars, retention by category, and a loss curve for each model (both are run directories here)
+    assert "prompt only" in dom and "Prompt tokens per request" in dom
+    # headline bars, retention by category, and a loss curve for before and after (both are run directories
+    # here; the prompt-only column has before's weights, so no curve of its own)
     assert dom.count("<svg") == 4 and "Training loss" in dom
-    for colour in PALETTE[:2]:  # before and after, in the bar charts
+    for colour in PALETTE[:3]:  # before, prompt only and after, in the bar charts
         assert colour_pixels(image, colour) > 2500, colour
 
 

@@ -134,6 +134,8 @@ def quickstart(
     epochs: Annotated[float, typer.Option(help="Passes over the training set.")] = 1.0,
     lr: Annotated[float, typer.Option(help="Peak learning rate.")] = 1e-3,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Further SFT settings: key=value.")] = None,
+    few_shot: Annotated[int, typer.Option("--few-shot", help="Prompt-only baseline: the model with K training examples before each task prompt; 0 for none.")] = 4,
+    few_shot_system: Annotated[Optional[str], typer.Option("--few-shot-system", help="The prompt-only baseline's system prompt.")] = None,
 ) -> None:
     """The main job: compare chat vs raw, evaluate, fine-tune with replay, evaluate again, report."""
     with user_errors():
@@ -143,7 +145,7 @@ def quickstart(
         quiet_libraries()
         task = {k: v for k, v in {"train": train, "test": test, "schema": schema}.items() if v is not None}  # else shipped
         config = QuickstartConfig(model=model, **task, out=out, overwrite=overwrite, replay=replay, replay_ratio=replay_ratio,
-                                  epochs=epochs, lr=lr, sft_overrides=set_ or [])  # fmt: skip
+                                  epochs=epochs, lr=lr, sft_overrides=set_ or [], few_shot=few_shot, few_shot_system=few_shot_system)  # fmt: skip
         check_models([model])
         run_quickstart(config, console)
 

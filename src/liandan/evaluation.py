@@ -431,8 +431,9 @@ class Evaluation:
 
     def result(self) -> EvalResult:
         result = build_result(self.config, self.per_model, self.outputs, self.task, self.probes, self.specs, self.items)
-        if result["labels"]:
-            result["labels"].update({m: "prompt only" for m in self.prompted})
+        for m in self.prompted:  # the first model's weights: its loss curve is already there
+            result["labels"][m] = "prompt only"
+            result["curves"].pop(m, None)
         if self.lm_eval:
             result["metrics"] += metric_rows(self.lm_eval, result["models"])
             result["settings"].update(lm_eval=self.config.lm_eval, lm_eval_limit=self.config.lm_eval_limit)

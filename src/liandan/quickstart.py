@@ -7,7 +7,8 @@
 
 Steps, each with its own progress bar:
 1. the model's chat vs raw answers to a few task prompts, side by side (``compare.html``);
-2. evaluation before training: the task set, generation health, retention probes, drift;
+2. evaluation before training: the task set, generation health, retention probes, drift; and the
+   prompt-only baseline: the same model with ``few_shot`` training examples before each task prompt;
 3. LoRA fine-tuning on the task's training set, with replay of the model's own answers;
 4. the same evaluation of the tuned model;
 5. ``report.html`` (before vs after, outputs side by side, loss curve, plots), ``results.json``
@@ -32,7 +33,8 @@ from .comparison import compare, print_comparison, write_comparison
 from .config import SFTConfig, load_config
 from .errors import LiandanError
 from .eval_report import print_metrics, write_eval_report
-from .evaluation import EvalConfig, Evaluation
+from .evaluation import EvalConfig, Evaluation, compare_models
+from .fewshot import few_shot_name
 from .files import write_atomic
 from .generation import SamplingConfig
 from .prompts import shipped_example
@@ -70,6 +72,10 @@ class QuickstartConfig:
     """Further SFT settings as key=value (see `liandan sft --help`)."""
     compare_prompts: int = 3
     """Task prompts shown chat vs raw in step 1."""
+    few_shot: int = 4
+    """Training examples before each task prompt in the prompt-only baseline; 0 leaves it out."""
+    few_shot_system: str | None = None
+    """The prompt-only baseline's system prompt."""
 
     def __post_init__(self) -> None:
         if self.schema == "none":  # as --schema none says it on the command line
@@ -127,7 +133,8 @@ def quickstart(config: QuickstartConfig, console: Any = None) -> dict:
     sft_config = load_config(SFTConfig, None, config.sft_overrides, model=config.model, data=[config.train],
                              output_dir=str(out / "run"), epochs=config.epochs, lr=config.lr,
                              replay=None if config.replay == "none" else config.replay, replay_ratio=config.replay_ratio)  # fmt: skip
-    eval_config = EvalConfig(models=[config.model, str(out / "run")], task=config.test, schema=config.schema)
+    eval_config = EvalConfig(models=[config.model, str(out / "run")], task=config.test, schema=config.schema, few_shot=config.few_shot,
+                             few_shot_data=config.train if config.few_shot else None, few_shot_system=config.few_shot_system)  # fmt: skip
     evaluation = Evaluation(eval_config)  # reads and checks every set now, before any work
     with fresh_output(out):
         summary = _run(config, sft_config, evaluation, out, console)
@@ -147,6 +154,9 @@ def _run(config: QuickstartConfig, sft_config: SFTConfig, evaluation: Evaluation
         compare_task(config, evaluation, out, console)
     with stage("eval_before", "2/4 Evaluate before fine-tuning"):
         _run_eval(evaluation, config.model, "before")
+    if evaluation.shots:
+        with stage("eval_few_shot", f"2/4 Evaluate the prompt-only baseline: {config.few_shot} examples before each task prompt"):
+            _run_eval(evaluation, config.model, "prompt only", few_shot_name(config.model, config.few_shot), config.few_shot_system)
     with stage("train", "3/4 Fine-tune (LoRA" + (f", replay {config.replay} x{config.replay_ratio})" if config.replay != "none" else ")")):
         trained = train_sft(sft_config)
     with stage("eval_after", "4/4 Evaluate after fine-tuning"):
@@ -154,7 +164,10 @@ def _run(config: QuickstartConfig, sft_config: SFTConfig, evaluation: Evaluation
     result = evaluation.result()
     result["title"] = f"liandan quickstart: {config.model} on {config.test}"
     result["notes"] = [f"{m}: {label}" for m, label in result["labels"].items()]
-    summary = build_summary(config, result, trained, timings, out)
+    few = result["models"][1] if evaluation.shots else None  # did fine-tuning beat prompting? paired, item by item
+    versus = {m["key"]: compare_models(m["key"], few, result["models"][-1], evaluation.outputs, evaluation.items)
+              for m in result["metrics"]} if few else {}  # fmt: skip
+    summary = build_summary(config, result, trained, timings, out, versus)
     result["notes"].append("timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     write_eval_report(result, out / "results.json")
     write_eval_report(result, out / "report.html")
@@ -170,15 +183,20 @@ def compare_task(config: QuickstartConfig, evaluation, out: Path, console) -> No
     write_comparison(result, out / "compare.html")
 
 
-def _run_eval(evaluation, spec: str, label: str) -> None:
-    total = evaluation.units()
+def _run_eval(evaluation, spec: str, label: str, name: str | None = None, system: str | None = None) -> None:
+    """One evaluation run with a progress bar; with ``name``, the few-shot run of ``spec``."""
+    total = evaluation.units(0, prompted=1) if name else evaluation.units()
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True) as bar:
         task = bar.add_task(label, total=total)
-        evaluation.run(spec, progress=lambda what, n: bar.update(task, advance=n, description=f"{label}: {what}"))
+        evaluation.run(spec, name=name, system=system, shots=evaluation.shots if name else None,
+                       progress=lambda what, n: bar.update(task, advance=n, description=f"{label}: {what}"))  # fmt: skip
 
 
-def build_summary(config: QuickstartConfig, result: dict, trained, timings: dict, out: Path) -> dict:
-    before, after = result["models"]
+def build_summary(config: QuickstartConfig, result: dict, trained, timings: dict, out: Path, versus: dict | None = None) -> dict:
+    """Every figure; with a prompt-only baseline, each metric's ``few_shot``: its value, its change
+    against before, and ``after_vs_few_shot`` (``versus``): after's paired change against it."""
+    before, after = result["models"][0], result["models"][-1]
+    prompted = [m for m in result["models"][1:-1] if result["labels"].get(m) == "prompt only"]
     metrics = {}
     for metric in result["metrics"]:
         b, a = metric["values"].get(before), metric["values"].get(after)
@@ -186,9 +204,15 @@ def build_summary(config: QuickstartConfig, result: dict, trained, timings: dict
         metrics[metric["key"]] = {"label": metric["label"], "before": b, "after": a, "better": metric["better"],
                                   "delta": None if a is None or b is None else a - b,
                                   "interval": (metric.get("intervals") or {}).get(after)}  # fmt: skip
+        for model in prompted:  # the prompt-only baseline, against before like after is
+            f = metric["values"].get(model)
+            metrics[metric["key"]]["few_shot"] = {"value": f, "delta": None if f is None or b is None else f - b,
+                                                  "interval": (metric.get("intervals") or {}).get(model),
+                                                  "after_vs_few_shot": (versus or {}).get(metric["key"])}  # fmt: skip
     manifest = json.loads((out / "run" / "manifest.json").read_text())
     return {
         "model": config.model, "train": config.train, "test": config.test, "schema": config.schema,
+        "few_shot": {"name": prompted[0], "examples": config.few_shot, "system": config.few_shot_system} if prompted else None,
         "metrics": metrics,
         "retention_by_category": {c: {"before": v.get(before), "after": v.get(after)}
                                   for bars in result["bars"] for c, v in bars["groups"].items()},  # fmt: skip

@@ -146,20 +146,24 @@ def quickstart(config: QuickstartConfig, console: Any = None) -> dict:
 def _run(config: QuickstartConfig, sft_config: SFTConfig, evaluation: Evaluation, out: Path, console: Any) -> dict:
     timings: dict[str, float] = {}
 
+    stages = 5 if evaluation.shots else 4
+    done = []
+
     def stage(name: str, title: str):
-        console.rule(f"[bold]{title}")
+        done.append(name)
+        console.rule(f"[bold]{len(done)}/{stages} {title}")
         return _Timer(timings, name)
 
-    with stage("compare", "1/4 Look: chat template vs raw continuation"):
+    with stage("compare", "Look: chat template vs raw continuation"):
         compare_task(config, evaluation, out, console)
-    with stage("eval_before", "2/4 Evaluate before fine-tuning"):
+    with stage("eval_before", "Evaluate before fine-tuning"):
         _run_eval(evaluation, config.model, "before")
     if evaluation.shots:
-        with stage("eval_few_shot", f"2/4 Evaluate the prompt-only baseline: {config.few_shot} examples before each task prompt"):
+        with stage("eval_few_shot", f"Evaluate the prompt-only baseline: {config.few_shot} examples before each task prompt"):
             _run_eval(evaluation, config.model, "prompt only", few_shot_name(config.model, config.few_shot), config.few_shot_system)
-    with stage("train", "3/4 Fine-tune (LoRA" + (f", replay {config.replay} x{config.replay_ratio})" if config.replay != "none" else ")")):
+    with stage("train", "Fine-tune (LoRA" + (f", replay {config.replay} x{config.replay_ratio})" if config.replay != "none" else ")")):
         trained = train_sft(sft_config)
-    with stage("eval_after", "4/4 Evaluate after fine-tuning"):
+    with stage("eval_after", "Evaluate after fine-tuning"):
         _run_eval(evaluation, str(out / "run"), "after")
     result = evaluation.result()
     result["title"] = f"liandan quickstart: {config.model} on {config.test}"

@@ -42,6 +42,12 @@ RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow mode
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.bin) weights, which can run code when loaded.")]
 CodeOpt = Annotated[bool, typer.Option("--allow-code", help="Allow 'predicate' checks: they run Python code the task file names.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write .html, .md or .jsonl (by extension).")]
+# Options of the commands that evaluate (eval, experiment).
+SchemaOpt = Annotated[Optional[Path], typer.Option(help="JSON Schema every task answer must follow.")]
+ProbesOpt = Annotated[str, typer.Option(help="Retention probes: default (shipped), a .jsonl file, or none.")]
+DriftOpt = Annotated[str, typer.Option(help="General prompts for drift: default, a .jsonl/.txt file, or none.")]
+PairsOpt = Annotated[Optional[Path], typer.Option(help="Held-out preference pairs: preference accuracy.")]
+TextOpt = Annotated[Optional[Path], typer.Option(help="Held-out raw text (.txt): perplexity.")]
 
 
 @contextmanager

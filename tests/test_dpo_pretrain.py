@@ -106,7 +106,7 @@ def test_full_dpo_precomputes_the_reference(tmp_path, chat_model_dir, pairs_file
 def test_dpo_settings_are_checked():
     with pytest.raises(LiandanError, match="beta must be above 0"):
         DPOConfig(beta=0)
-    with pytest.raises(LiandanError, match="loss must be sigmoid or ipo"):
+    with pytest.raises(LiandanError, match="loss must be sigmoid, ipo, orpo, simpo or kto"):
         DPOConfig(loss="hinge")
     with pytest.raises(LiandanError, match=r"dpo: unknown setting 'replay' \(a setting of sft, which dpo does not use\)"):
         load_config(DPOConfig, None, ["replay=self"])

@@ -190,7 +190,8 @@ class SFTConfig(TrainConfig):
 
 @dataclass
 class DPOConfig(TrainConfig):
-    """Preference alignment (DPO) on chosen / rejected pairs."""
+    """Preference alignment on chosen / rejected pairs (DPO, IPO, ORPO, SimPO), or on completions
+    labelled desirable or not (KTO)."""
 
     lr: float = 5e-5
     """Peak learning rate (AdamW); DPO wants a gentler one than SFT."""
@@ -198,22 +199,41 @@ class DPOConfig(TrainConfig):
     """Passes over the pairs (ignored when max_steps > 0)."""
     output_dir: str = "runs/dpo"
     """Run directory."""
-    beta: float = 0.1
-    """How far the policy may move from the reference: larger keeps it closer."""
+    beta: float | None = None
+    """The loss's scale: how far the policy may move from the reference (larger keeps it closer);
+    ORPO's lambda. Unset: the loss's own default, 2.0 for simpo (its paper), 0.1 for the others."""
     label_smoothing: float = 0.0
-    """Conservative DPO: the share of pairs assumed to be labelled the wrong way round (0 = plain DPO)."""
+    """Conservative DPO: the share of pairs assumed to be labelled the wrong way round (0 = plain
+    DPO); loss sigmoid and simpo only."""
     loss: str = "sigmoid"
-    """sigmoid (DPO) or ipo."""
+    """sigmoid (DPO), ipo, orpo or simpo (both reference-free), or kto (unpaired data accepted)."""
     sft_weight: float = 0.0
-    """Weight of an extra NLL term on the chosen reply (0 = off)."""
+    """Weight of an extra NLL term on the chosen reply (0 = off); not with orpo (its loss has one) or kto."""
+    simpo_gamma: float = 1.0
+    """SimPO's target reward margin gamma: the chosen reply's length-normalised reward must beat
+    the rejected one's by this much (1.0 = half the default beta, the paper's gamma / beta = 0.5)."""
+    desirable_weight: float = 1.0
+    """KTO: weight of the desirable examples' losses (raise it when they are the fewer)."""
+    undesirable_weight: float = 1.0
+    """KTO: weight of the undesirable examples' losses."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        losses = ("sigmoid", "ipo", "orpo", "simpo", "kto")
+        raise_first([(self.loss in losses, f"loss must be sigmoid, ipo, orpo, simpo or kto (got {self.loss!r})")])
+        if self.beta is None:
+            self.beta = 2.0 if self.loss == "simpo" else 0.1
+        weights = (self.desirable_weight, self.undesirable_weight)
         raise_first([
-            (self.beta > 0, f"beta must be above 0 (got {self.beta})"),
+            (math.isfinite(self.beta) and self.beta > 0, f"beta must be above 0 (got {self.beta})"),
             (0 <= self.label_smoothing < 0.5, f"label_smoothing must be in [0, 0.5) (got {self.label_smoothing})"),
-            (self.loss in ("sigmoid", "ipo"), f"loss must be sigmoid or ipo (got {self.loss!r})"),
+            (self.label_smoothing == 0 or self.loss in ("sigmoid", "simpo"), f"label_smoothing is used by loss sigmoid and simpo only (got loss={self.loss})"),
             (self.sft_weight >= 0, f"sft_weight must be 0 or more (got {self.sft_weight})"),
+            (self.sft_weight == 0 or self.loss not in ("orpo", "kto"), f"sft_weight is not used with loss={self.loss}" + (" (its loss already trains the chosen reply's NLL)" if self.loss == "orpo" else "")),
+            (math.isfinite(self.simpo_gamma) and self.simpo_gamma >= 0, f"simpo_gamma must be a finite number, 0 or more (got {self.simpo_gamma})"),
+            (self.simpo_gamma == 1.0 or self.loss == "simpo", f"simpo_gamma is used by loss simpo only (got loss={self.loss})"),
+            (all(math.isfinite(w) and w > 0 for w in weights), f"desirable_weight and undesirable_weight must be above 0 (got {weights[0]} and {weights[1]})"),
+            (weights == (1.0, 1.0) or self.loss == "kto", f"desirable_weight and undesirable_weight are used by loss kto only (got loss={self.loss})"),
         ])  # fmt: skip
 
 

@@ -3,6 +3,7 @@
     from liandan.encoding import encode_all, encode_pair, text_blocks
     train, stats = encode_all(tokenizer, examples, max_length=1024)   # SFT conversations
     pair = encode_pair(tokenizer, preference_pair, max_length=1024)   # DPO: chosen and rejected
+    kto = add_mismatched_rows([encode_unpaired(tokenizer, e, 1024) for e in examples], 1024)  # KTO
     blocks, tokens = text_blocks(tokenizer, documents, block=512)     # continued pre-training
 
 Each encoded item is ``{"input_ids", "labels"}`` (a pair holds one of each per reply), labels
@@ -17,7 +18,8 @@ from typing import Any
 from .chat import SPECIAL_TEXT_MODES, encode_chat_example, special_texts
 from .data import Example
 from .errors import LiandanError
-from .preference import PreferencePair
+from .losses import IGNORE_INDEX
+from .preference import PreferencePair, UnpairedExample
 
 
 def pad_id(tokenizer: Any) -> int:
@@ -65,6 +67,40 @@ def encode_pair(tokenizer: Any, pair: PreferencePair, max_length: int, special_t
         item[side] = {"input_ids": enc.input_ids, "labels": enc.labels}
     item["length"] = 2 * max(len(item["chosen"]["input_ids"]), len(item["rejected"]["input_ids"]))
     return item
+
+
+def encode_unpaired(tokenizer: Any, example: UnpairedExample, max_length: int, special_text: str = "error") -> dict:
+    """A KTO example: the completion after its prompt (only the completion and its stop token are
+    scored) and whether it is desirable."""
+    context = [{**m, "train": False} if m["role"] == "assistant" else m for m in example.prompt]
+    try:
+        enc = encode_chat_example(tokenizer, [*context, {"role": "assistant", "content": example.completion}], max_length, special_text)
+    except LiandanError as exc:
+        raise LiandanError(f"{example.source}: {exc}") from None
+    if enc.trained_tokens == 0:
+        raise LiandanError(f"{example.source}: field 'completion': no completion token is left after truncation to "
+                           f"max_length={max_length}; raise max_length or shorten the prompt")  # fmt: skip
+    return {"input_ids": enc.input_ids, "labels": enc.labels, "desirable": example.desirable}
+
+
+def add_mismatched_rows(items: list[dict], max_length: int) -> list[dict]:
+    """Give every KTO example a mismatched row for the KL estimate z0: its completion after the
+    prompt of the next example whose prompt differs (cyclically; the example's own prompt only
+    when every prompt is the same), cut to ``max_length``. The pairing is fixed here, not drawn
+    per micro-batch, so that full fine-tuning can precompute the reference log-probs of these
+    rows too; each row still travels in its example's micro-batch.
+
+    The rows are spliced from token ids: the prompt's tokens (everything before the first scored
+    token, the assistant header included) and the completion's (from the first scored token on)."""
+    starts = [next(t for t, label in enumerate(item["labels"]) if label != IGNORE_INDEX) for item in items]
+    prompts = [tuple(item["input_ids"][:start]) for item, start in zip(items, starts)]
+    for i, item in enumerate(items):
+        j = next((k % len(items) for k in range(i + 1, i + len(items)) if prompts[k % len(items)] != prompts[i]), i)
+        ids = list(prompts[j]) + item["input_ids"][starts[i] :]
+        labels = [IGNORE_INDEX] * len(prompts[j]) + item["labels"][starts[i] :]
+        item["kl_input_ids"], item["kl_labels"] = ids[:max_length], labels[:max_length]
+        item["length"] = 2 * max(len(item["input_ids"]), len(item["kl_input_ids"]))
+    return items
 
 
 def text_blocks(

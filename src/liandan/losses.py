@@ -20,6 +20,8 @@ soft-maxing them cost a fifth of a CPU training step.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -64,6 +66,75 @@ def dpo_loss(
     chosen_rewards = beta * (policy_chosen - ref_chosen).detach()
     rejected_rewards = beta * (policy_rejected - ref_rejected).detach()
     return loss, chosen_rewards, rejected_rewards
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x < 0, accurate at both ends: expm1 near 0, log1p for x below -log 2
+    (Maechler 2012)."""
+    return torch.where(x < -math.log(2), torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def orpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-pair ORPO loss (Hong et al. 2024, "ORPO: Monolithic Preference Optimization without
+    Reference Model") and the rewards logged for each reply.
+
+    Inputs are per-token *average* reply log-probs, log P(y|x) = (1/|y|) sum_t log p(y_t|x, y_<t),
+    (B,) each. With the odds odds(y|x) = P / (1 - P), so log odds = log P - log(1 - exp(log P)):
+
+        L = -log P(y_w|x) - beta * log sigma(log odds(y_w|x) - log odds(y_l|x))
+
+    (beta is the paper's lambda). No reference model. Rewards are beta * log P(y|x) (as in TRL).
+    """
+    # a reply predicted with probability 1 has infinite odds (and a NaN gradient): stay just below it
+    w, l = chosen.clamp(max=-1e-6), rejected.clamp(max=-1e-6)
+    log_odds = (w - log1mexp(w)) - (l - log1mexp(l))
+    loss = -chosen - beta * F.logsigmoid(log_odds)
+    return loss, beta * chosen.detach(), beta * rejected.detach()
+
+
+def simpo_loss(chosen: torch.Tensor, rejected: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-pair SimPO loss (Meng et al. 2024, "SimPO: Simple Preference Optimization with a
+    Reference-Free Reward") and the implicit rewards of each reply.
+
+    Inputs are per-token *average* reply log-probs (1/|y|) log pi(y|x), (B,) each; the reward is
+    r(y) = beta / |y| * log pi(y|x), and with the target reward margin gamma and label smoothing
+    eps (as conservative DPO; 0 in the paper), with m = r(y_w) - r(y_l) - gamma:
+
+        L = -(1 - eps) log sigma(m) - eps log sigma(-m)
+
+    No reference model.
+    """
+    chosen_rewards, rejected_rewards = beta * chosen, beta * rejected
+    m = chosen_rewards - rejected_rewards - gamma
+    loss = -(1 - label_smoothing) * F.logsigmoid(m) - label_smoothing * F.logsigmoid(-m)
+    return loss, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def kto_loss(policy: torch.Tensor, ref: torch.Tensor, desirable: torch.Tensor, kl: torch.Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Per-example KTO loss (Ethayarajh et al. 2024, "KTO: Model Alignment as Prospect Theoretic
+    Optimization") and each example's implicit reward.
+
+    policy, ref: summed reply log-probs log pi(y|x), log ref(y|x), (B,); desirable: (B,) bool.
+    kl: the reference point z0, a scalar estimate of KL(pi || ref) (see `kto_reference_point`).
+    With the reward r = beta * (log pi(y|x) - log ref(y|x)):
+
+        desirable:    L = w_D * (1 - sigma(r - beta * z0))
+        undesirable:  L = w_U * (1 - sigma(beta * z0 - r))
+    """
+    rewards = beta * (policy - ref)
+    z = beta * kl.detach()
+    loss = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(rewards - z)),
+                       undesirable_weight * (1 - torch.sigmoid(z - rewards)))  # fmt: skip
+    return loss, rewards.detach()
+
+
+def kto_reference_point(policy_mismatched: torch.Tensor, ref_mismatched: torch.Tensor) -> torch.Tensor:
+    """KTO's z0: the mean log-ratio log pi(y|x') - log ref(y|x') over mismatched pairs (a
+    completion y under another example's prompt x'), clamped at 0 and detached: a batch estimate
+    of KL(pi || ref) that the loss does not back-propagate through (as in the paper and TRL)."""
+    return (policy_mismatched - ref_mismatched).detach().mean().clamp(min=0)
 
 
 class _TokenNLL(torch.autograd.Function):

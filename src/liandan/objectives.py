@@ -12,6 +12,13 @@ else to log.
 - **dpo**: the DPO loss per pair (`liandan.losses.dpo_loss`), normalised by the step's pairs; the
   reference log-probs come from the policy with its adapters switched off (LoRA: no second copy
   of the model) or were computed once before training (full fine-tuning).
+- **orpo** and **simpo** (`liandan.losses.orpo_loss`, `simpo_loss`): reference-free preference
+  losses on each reply's per-token average log-prob; no reference pass at all.
+- **kto** (`liandan.losses.kto_loss`): one completion per example, desirable or not, normalised by
+  the step's examples; each example carries a mismatched row (its completion after another
+  prompt) for the KL reference point z0, estimated per micro-batch. The loop divides every
+  statistic by the step's examples, so ``reward_desirable`` is the desirable rewards' sum per
+  example: divided by ``desirable`` (their share) it is their mean.
 """
 
 from __future__ import annotations
@@ -24,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from .batching import collate, trained_positions
-from .losses import IGNORE_INDEX, dpo_loss, token_nll
+from .losses import IGNORE_INDEX, dpo_loss, kto_loss, kto_reference_point, orpo_loss, simpo_loss, token_nll
 
 
 @dataclass
@@ -140,9 +147,7 @@ def dpo_objective(pad_id: int, beta: float, label_smoothing: float, kind: str, s
             # NLL per token of the chosen reply: keeps the chosen text likely, not just relatively so
             tokens = (batch["targets"][:n] != IGNORE_INDEX).sum(-1).clamp(min=1)
             losses = losses - sft_weight * policy[:n] / tokens
-        stats = {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
-                 "margin": (chosen - rejected).sum(), "accuracy": (chosen > rejected).float().sum()}  # fmt: skip
-        return losses.sum(), stats
+        return losses.sum(), pair_stats(chosen, rejected)
 
     return Objective(
         name="dpo", packing=False,
@@ -152,14 +157,92 @@ def dpo_objective(pad_id: int, beta: float, label_smoothing: float, kind: str, s
     )  # fmt: skip
 
 
+def pair_stats(chosen: torch.Tensor, rejected: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Sums over the pairs of the rewards, their margin, and how often the chosen reply wins."""
+    return {"reward_chosen": chosen.sum(), "reward_rejected": rejected.sum(),
+            "margin": (chosen - rejected).sum(), "accuracy": (chosen > rejected).float().sum()}  # fmt: skip
+
+
+def reference_free_objective(pad_id: int, kind: str, beta: float, gamma: float, label_smoothing: float,
+                             sft_weight: float) -> Objective:  # fmt: skip
+    """ORPO or SimPO on pairs: each reply's log-prob averaged over its tokens, and no reference
+    model, so no reference pass (and nothing precomputed for full fine-tuning)."""
+
+    def loss(model, batch):
+        tokens = (batch["targets"] != IGNORE_INDEX).sum(-1).clamp(min=1)  # (2B,) scored tokens per reply
+        mean = pair_logps(model, batch) / tokens  # (2B,)
+        n = mean.shape[0] // 2
+        if kind == "orpo":
+            losses, chosen, rejected = orpo_loss(mean[:n], mean[n:], beta)
+        elif kind == "simpo":
+            losses, chosen, rejected = simpo_loss(mean[:n], mean[n:], beta, gamma, label_smoothing)
+        else:
+            raise ValueError(f"unknown reference-free loss {kind!r}; expected orpo or simpo")
+        if sft_weight:
+            losses = losses - sft_weight * mean[:n]
+        return losses.sum(), pair_stats(chosen, rejected)
+
+    return Objective(
+        name=kind, packing=False,
+        collate=lambda pairs: collate_pairs(pairs, pad_id),
+        count=lambda batch: batch["input_ids"].shape[0] // 2,
+        loss=loss,
+    )  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# KTO
+
+ROW_KEYS = ("input_ids", "attention_mask", "targets")
+
+
+def collate_unpaired(examples: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Padded rows: every example's own row, then every example's mismatched row (its completion
+    after another prompt; `liandan.encoding.add_mismatched_rows`), and which examples are desirable."""
+    own = [{"input_ids": e["input_ids"], "labels": e["labels"]} for e in examples]
+    mismatched = [{"input_ids": e["kl_input_ids"], "labels": e["kl_labels"]} for e in examples]
+    batch = collate(own + mismatched, packing=False, pad_id=pad_id)  # (2B, T)
+    batch["desirable"] = torch.tensor([e["desirable"] for e in examples])  # (B,)
+    if all("ref_logps" in e for e in examples):
+        batch["ref_logps"] = torch.tensor([e["ref_logps"][0] for e in examples] + [e["ref_logps"][1] for e in examples])
+    return batch
+
+
+def kto_objective(pad_id: int, beta: float, desirable_weight: float, undesirable_weight: float) -> Objective:
+    def loss(model, batch):
+        desirable = batch["desirable"]
+        n = desirable.shape[0]
+        rows = {k: batch[k] for k in ROW_KEYS}
+        policy = pair_logps(model, {k: v[:n] for k, v in rows.items()})  # (B,)
+        inner = getattr(model, "module", model)  # z0 is detached: no gradient, so no sync under DDP
+        with torch.no_grad():
+            policy_mismatched = pair_logps(inner, {k: v[n:] for k, v in rows.items()})
+        ref = reference_logps(model, {**rows, **({"ref_logps": batch["ref_logps"]} if "ref_logps" in batch else {})})
+        ref = ref.to(policy.device)  # (2B,): own rows, then mismatched rows
+        kl = kto_reference_point(policy_mismatched, ref[n:])
+        losses, rewards = kto_loss(policy, ref[:n], desirable, kl, beta, desirable_weight, undesirable_weight)
+        right = torch.where(desirable, rewards > 0, rewards < 0)
+        stats = {"reward_desirable": rewards[desirable].sum(), "reward_undesirable": rewards[~desirable].sum(),
+                 "desirable": desirable.float().sum(), "accuracy": right.float().sum(), "kl": kl * n}  # fmt: skip
+        return losses.sum(), stats
+
+    return Objective(
+        name="kto", packing=False,
+        collate=lambda examples: collate_unpaired(examples, pad_id),
+        count=lambda batch: batch["desirable"].shape[0],
+        loss=loss,
+    )  # fmt: skip
+
+
 @torch.no_grad()
 def precompute_reference(model: Any, pairs: list[dict], pad_id: int, batch_size: int = 8) -> None:
     """Full fine-tuning has no adapters to switch off: store the starting model's log-probs of
-    both replies of every pair before the first step."""
+    both replies of every pair (or both rows of every KTO example) before the first step."""
     model.eval()
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
-        logps = pair_logps(model, collate_pairs(chunk, pad_id)).tolist()
+        batch = collate_unpaired(chunk, pad_id) if "kl_input_ids" in chunk[0] else collate_pairs(chunk, pad_id)
+        logps = pair_logps(model, {k: batch[k] for k in ROW_KEYS}).tolist()
         for i, pair in enumerate(chunk):
             pair["ref_logps"] = (logps[i], logps[len(chunk) + i])
     model.train()

@@ -13,6 +13,11 @@ Accepted records (JSONL, JSON, CSV or Parquet, as for SFT):
 - implicit prompt: ``chosen`` and ``rejected`` both whole conversations that share every turn
   but the last assistant reply.
 
+Unpaired data for KTO (`read_unpaired`): ``{"prompt": ..., "completion": ..., "label": true}``
+(TRL's unpaired format; ``completion`` read like a reply above, ``label`` true for a desirable
+completion, false for an undesirable one). Preference pairs are accepted there too: each chosen
+reply becomes a desirable example, each rejected one an undesirable example.
+
 Every problem is ``FILE:LINE: field 'name': what is wrong``.
 """
 
@@ -36,6 +41,15 @@ class PreferencePair:
     source: str
 
 
+@dataclass
+class UnpairedExample:
+    prompt: list[dict]
+    """The conversation so far; it ends with a user turn."""
+    completion: str
+    desirable: bool
+    source: str
+
+
 def read_pairs(paths: list[str | Path] | str | Path) -> list[PreferencePair]:
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
@@ -52,6 +66,41 @@ def read_pairs(paths: list[str | Path] | str | Path) -> list[PreferencePair]:
         if count == 0:
             raise LiandanError(f"{path}: has no records")
     return pairs
+
+
+def read_unpaired(paths: list[str | Path] | str | Path) -> list[UnpairedExample]:
+    """KTO examples from unpaired records, or from preference pairs (chosen -> desirable,
+    rejected -> undesirable); the two kinds may be mixed."""
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise LiandanError("no preference data files given")
+    examples = []
+    for path in paths:
+        count = 0
+        for where, record in read_records(str(path)):
+            count += 1
+            try:
+                examples += normalise_unpaired(as_object(where, record), where)
+            except RecordError as exc:
+                raise LiandanError(str(exc)) from None
+        if count == 0:
+            raise LiandanError(f"{path}: has no records")
+    return examples
+
+
+def normalise_unpaired(record: dict, where: str) -> list[UnpairedExample]:
+    if "chosen" in record or "rejected" in record:
+        pair = normalise_pair(record, where)
+        return [UnpairedExample(pair.prompt, pair.chosen, True, where), UnpairedExample(pair.prompt, pair.rejected, False, where)]
+    for key in ("prompt", "completion", "label"):
+        if key not in record:
+            raise field_error(where, key, "missing: an unpaired record needs 'prompt', 'completion' and 'label' "
+                                          f"(true = desirable, false = undesirable), or give a pair with 'chosen' and 'rejected' (found {sorted(record)})")  # fmt: skip
+    label = record["label"]
+    if not isinstance(label, bool):
+        raise field_error(where, "label", f"expected true (desirable) or false (undesirable); got {describe(label)}")
+    prompt = read_prompt(record["prompt"], "prompt", where)
+    return [UnpairedExample(prompt, read_reply(record["completion"], "completion", where), label, where)]
 
 
 def normalise_pair(record: dict, where: str) -> PreferencePair:

@@ -33,12 +33,12 @@ from . import __version__
 from .chat import ensure_chat_template, stop_token_ids
 from .config import DPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
 from .data import read_examples, read_texts, split_examples, summarize_skipped
-from .encoding import encode_all, encode_pair, pad_id, text_blocks
+from .encoding import add_mismatched_rows, encode_all, encode_pair, encode_unpaired, pad_id, text_blocks
 from .errors import LiandanError
 from .files import file_sha256
 from .models import load_model, resolve_model, weights_sha256
-from .objectives import dpo_objective, precompute_reference, sft_objective
-from .preference import read_pairs
+from .objectives import dpo_objective, kto_objective, precompute_reference, reference_free_objective, sft_objective
+from .preference import read_pairs, read_unpaired
 from .replay import replay_examples
 
 
@@ -85,25 +85,59 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
 
 def prepare_dpo(config: DPOConfig, out_dir: Path, *, main_process: bool, resume: bool, device: Any = "cpu") -> PreparedRun:
     model, tokenizer, added, new_ids = load_trainable_base(config, out_dir, main_process, resume)
-    pairs = read_pairs(config.data)
-    if config.eval_data:
-        held_out = read_pairs(config.eval_data)
-    else:
-        pairs, held_out = split_examples(pairs, config.eval_fraction, config.seed)
-    train = [encode_pair(tokenizer, p, config.max_length, config.special_text) for p in pairs]
-    evals = [encode_pair(tokenizer, p, config.max_length, config.special_text) for p in held_out]
+    train, evals = encode_preferences(config, tokenizer)
     model = attach_trainable(model, config, new_ids)
     pad = pad_id(tokenizer)
-    if config.full:  # no adapters to switch off: the reference log-probs are computed now, once
+    reference_free = config.loss in ("orpo", "simpo")
+    if config.full and not reference_free:  # no adapters to switch off: the reference log-probs are computed now, once
         precompute_reference(model, train + evals, pad)
-    data = {"files": file_hashes([*config.data, *config.eval_data]), "train_pairs": len(train), "eval_pairs": len(evals)}  # fmt: skip
+    unit = "examples" if config.loss == "kto" else "pairs"
+    data = {"files": file_hashes([*config.data, *config.eval_data]), f"train_{unit}": len(train), f"eval_{unit}": len(evals)}  # fmt: skip
+    if config.loss == "kto":
+        data["train_desirable"] = sum(item["desirable"] for item in train)
     manifest = build_manifest(config, model, tokenizer, data, added)
-    manifest["dpo"] = {"beta": config.beta, "loss": config.loss, "label_smoothing": config.label_smoothing,
-                       "sft_weight": config.sft_weight,
-                       "reference": "precomputed (full fine-tuning)" if config.full else "the policy with adapters disabled"}  # fmt: skip
-    objective = dpo_objective(pad, config.beta, config.label_smoothing, config.loss, config.sft_weight)
-    run = PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals, objective=objective, unit="pairs", manifest=manifest)
-    return finish(run, config, out_dir, main_process, resume, lambda: say(f"data: {len(train)} preference pairs ({len(evals)} held out)"))
+    manifest["dpo"] = preference_settings(config)
+    if config.loss == "kto":
+        objective = kto_objective(pad, config.beta, config.desirable_weight, config.undesirable_weight)
+    elif reference_free:
+        objective = reference_free_objective(pad, config.loss, config.beta, config.simpo_gamma, config.label_smoothing, config.sft_weight)
+    else:
+        objective = dpo_objective(pad, config.beta, config.label_smoothing, config.loss, config.sft_weight)
+    run = PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals, objective=objective, unit=unit, manifest=manifest)
+    summary = (f"data: {len(train)} examples, {data['train_desirable']} of them desirable ({len(evals)} held out)" if config.loss == "kto"
+               else f"data: {len(train)} preference pairs ({len(evals)} held out)")  # fmt: skip
+    return finish(run, config, out_dir, main_process, resume, lambda: say(summary))
+
+
+def preference_settings(config: DPOConfig) -> dict:
+    """The manifest's "dpo" block: the loss, the settings it uses, and where its reference is."""
+    settings = {"beta": config.beta, "loss": config.loss, "label_smoothing": config.label_smoothing, "sft_weight": config.sft_weight}
+    if config.loss == "simpo":
+        settings["simpo_gamma"] = config.simpo_gamma
+    if config.loss == "kto":
+        settings.update(desirable_weight=config.desirable_weight, undesirable_weight=config.undesirable_weight)
+    if config.loss in ("orpo", "simpo"):
+        settings["reference"] = "none (reference-free)"
+    else:
+        settings["reference"] = "precomputed (full fine-tuning)" if config.full else "the policy with adapters disabled"
+    return settings
+
+
+def encode_preferences(config: DPOConfig, tokenizer: Any) -> tuple[list[dict], list[dict]]:
+    """Training and held-out items: encoded pairs, or for KTO encoded examples (pairs split into a
+    desirable and an undesirable one) each with its mismatched row for the KL estimate."""
+    read = read_unpaired if config.loss == "kto" else read_pairs
+    records = read(config.data)
+    if config.eval_data:
+        held_out = read(config.eval_data)
+    else:
+        records, held_out = split_examples(records, config.eval_fraction, config.seed)
+    if config.loss != "kto":
+        return [encode_pair(tokenizer, p, config.max_length, config.special_text) for p in records], \
+               [encode_pair(tokenizer, p, config.max_length, config.special_text) for p in held_out]  # fmt: skip
+    train = [encode_unpaired(tokenizer, e, config.max_length, config.special_text) for e in records]
+    evals = [encode_unpaired(tokenizer, e, config.max_length, config.special_text) for e in held_out]
+    return add_mismatched_rows(train, config.max_length), add_mismatched_rows(evals, config.max_length)
 
 
 def prepare_pretrain(config: PretrainConfig, out_dir: Path, *, main_process: bool, resume: bool, device: Any = "cpu") -> PreparedRun:

@@ -114,3 +114,11 @@ def test_a_predicate_that_raises_is_an_error_naming_it(tmp_path, monkeypatch):
 def test_normalize_and_parse_json():
     assert normalize("  The  Answer! ") == "the answer"
     assert parse_json("```\n[1, 2]\n```") == [1, 2]
+
+
+def test_check_options_keep_a_regex_as_text():
+    """'regex=[aeiou]' is a character class, not the YAML list ['aeiou']; lists stay lists where a check takes one."""
+    from liandan.checks import parse_check_options
+
+    assert parse_check_options(["regex=[aeiou]", "exact=[1]", "contains=[a, b]", "json=true"]) == {
+        "regex": "[aeiou]", "exact": "[1]", "contains": ["a", "b"], "json": True}

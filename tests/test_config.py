@@ -64,8 +64,8 @@ def test_bad_yaml_names_file_and_line(tmp_path):
     [
         (PretrainConfig, "packing=true", "pretrain: unknown setting 'packing' (a setting of sft, which pretrain does not use)"),
         (DPOConfig, "format=alpaca", "dpo: unknown setting 'format' (a setting of sft, which dpo does not use)"),
-        (PretrainConfig, "beta=0.2", "pretrain: unknown setting 'beta' (a setting of dpo, which pretrain does not use)"),
-        (SFTConfig, "beta=0.5", "sft: unknown setting 'beta' (a setting of dpo, which sft does not use)"),
+        (PretrainConfig, "beta=0.2", "pretrain: unknown setting 'beta' (a setting of dpo and grpo, which pretrain does not use)"),
+        (SFTConfig, "beta=0.5", "sft: unknown setting 'beta' (a setting of dpo and grpo, which sft does not use)"),
         (SFTConfig, "warmup_ration=0.1", "sft: unknown setting 'warmup_ration'; did you mean 'warmup_ratio'?"),
         (DPOConfig, "betta=0.2", "dpo: unknown setting 'betta'; did you mean 'beta'?"),
         (PretrainConfig, "zzz=1", "pretrain: unknown setting 'zzz'; the nearest valid key is"),

@@ -58,6 +58,11 @@ def allowing_code(allowed: bool = True) -> Iterator[None]:
         _ALLOW_CODE.reset(token)
 
 
+def code_allowed() -> bool:
+    """Whether code named by data or settings may run here (see `allowing_code`)."""
+    return _ALLOW_CODE.get()
+
+
 @dataclass
 class Checks:
     """Parsed, validated checks of one record: each name maps to a test of the answer."""
@@ -141,6 +146,21 @@ def _reference_check(mode: Any, here: str, reference: str | None):
 
 def _predicate(value: Any, here: str, record: dict, allow_code: bool):
     spec = _string(value, here)
+    function = import_user_function(spec, here, allow_code, "predicate", "the task file")
+
+    def test(answer: str, _ref: str | None) -> bool:
+        try:
+            return bool(function(answer, record))
+        except Exception as exc:  # a user's predicate failing is the user's error to see
+            raise LiandanError(f"{here}: {spec} raised {type(exc).__name__}: {exc}") from None
+
+    return test
+
+
+def import_user_function(spec: str, here: str, allow_code: bool, kind: str, named_by: str) -> Callable:
+    """The function ``module:function`` names, imported only when code is allowed, and never from
+    the current directory. ``kind`` and ``named_by`` word the refusal ("the predicate ... named by
+    the task file")."""
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
         raise LiandanError(f"{here}: expected 'module:function' (got {spec!r})")
@@ -150,7 +170,7 @@ def _predicate(value: Any, here: str, record: dict, allow_code: bool):
         if _find(module_name.partition(".")[0]) is None:
             raise LiandanError(f"{here}: cannot import {spec!r}: no module named {module_name.partition('.')[0]!r} {hint}")
         if not allow_code:
-            raise LiandanError(f"{here}: the predicate {spec!r} would run Python code named by the task file; "
+            raise LiandanError(f"{here}: the {kind} {spec!r} would run Python code named by {named_by}; "
                                "pass --allow-code if you trust it (it runs with your permissions)")  # fmt: skip
         try:
             function = getattr(importlib.import_module(module_name), function_name)
@@ -158,14 +178,7 @@ def _predicate(value: Any, here: str, record: dict, allow_code: bool):
             raise LiandanError(f"{here}: cannot import {spec!r}: {exc} {hint}") from None
     if not callable(function):
         raise LiandanError(f"{here}: {spec!r} is not a function")
-
-    def test(answer: str, _ref: str | None) -> bool:
-        try:
-            return bool(function(answer, record))
-        except Exception as exc:  # a user's predicate failing is the user's error to see
-            raise LiandanError(f"{here}: {spec} raised {type(exc).__name__}: {exc}") from None
-
-    return test
+    return function
 
 
 def _find(name: str):
@@ -243,13 +256,21 @@ def _strings(value: Any, here: str) -> list[str]:
     return values
 
 
+YAML_VALUED = ("json", "contains", "contains_any", "not_contains")
+"""Checks whose --check value is read as YAML (true, a list of strings); the others take it as text."""
+
+
 def parse_check_options(items: list[str]) -> dict:
-    """``--check KEY=VALUE`` pairs; the value is read as YAML (true, lists) when it parses."""
+    """``--check KEY=VALUE`` pairs; for `YAML_VALUED` checks the value is read as YAML (true,
+    lists) when it parses."""
     checks = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise LiandanError(f"--check {item!r}: expected KEY=VALUE, e.g. 'regex=^Arr' or json=true")
+        if key.strip() not in YAML_VALUED:  # a regex such as [aeiou] is text, not a YAML list
+            checks[key.strip()] = value
+            continue
         try:
             parsed = yaml.safe_load(value)
         except yaml.YAMLError:

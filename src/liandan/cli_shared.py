@@ -40,7 +40,7 @@ DeviceOpt = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")]
 DtypeOpt = Annotated[str, typer.Option(help="auto, float32, bfloat16 or float16.")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the model's repository to run.")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickled (.bin) weights, which can run code when loaded.")]
-CodeOpt = Annotated[bool, typer.Option("--allow-code", help="Allow 'predicate' checks: they run Python code the task file names.")]
+CodeOpt = Annotated[bool, typer.Option("--allow-code", help="Allow Python code named by data or settings: 'predicate' checks, python= rewards.")]
 OutOpt = Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write .html, .md or .jsonl (by extension).")]
 # Options of the commands that evaluate (eval, experiment).
 SchemaOpt = Annotated[Optional[Path], typer.Option(help="JSON Schema every task answer must follow.")]

@@ -1,4 +1,4 @@
-"""The training commands: sft, dpo, pretrain (one explicit loop, `liandan.train`), experiment (any of
+"""The training commands: sft, dpo, pretrain, grpo (one explicit loop, `liandan.train`), experiment (any of
 them over seeds and a grid of settings, `liandan.experiment`), and merge."""
 
 from __future__ import annotations
@@ -95,6 +95,30 @@ def pretrain(
                           "(before training: liandan eval --model BASE --model RUN --text FILE)")  # fmt: skip
 
 
+@app.command()
+def grpo(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML recipe.")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Model to train: default, any model, or an SFT run directory.")] = None,
+    data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Prompts (.jsonl: prompt or messages, with checks, reference or any fields; repeatable).")] = None,
+    reward: Annotated[Optional[list[str]], typer.Option("--reward", "-r", help="A reward (repeatable): checks, KEY=VALUE (a check), schema=FILE, stop, max_tokens=N, python=module:function.")] = None,
+    output_dir: Annotated[Optional[str], typer.Option("--output-dir", "-o", help="Run directory.")] = None,
+    full: Annotated[Optional[bool], typer.Option("--full/--lora", help="Full fine-tuning instead of LoRA.")] = None,
+    num_generations: Annotated[Optional[int], typer.Option("--num-generations", "-g", help="Completions sampled per prompt (default 4).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last checkpoint.")] = False,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value (e.g. reward_weights=[1,0.2], beta=0.04, loss_type=grpo).")] = None,
+    allow_code: CodeOpt = False,
+) -> None:
+    """Reinforcement learning from verifiable rewards (GRPO): sample, score, push toward the better answers."""
+    from .checks import allowing_code
+
+    with user_errors(), allowing_code(allow_code):
+        from .config import GRPOConfig
+        from .train import train_grpo
+
+        _train(GRPOConfig, train_grpo, config, set_, resume, model=model, data=data, rewards=reward, output_dir=output_dir,
+               full=full, num_generations=num_generations)  # fmt: skip
+
+
 def _train(cls, train_fn, config: Optional[Path], set_, resume: bool, **values):
     """Shared by the training commands: the config from YAML, flags and --set; then the loop."""
     from .config import load_config, resume_config
@@ -113,7 +137,7 @@ def _train(cls, train_fn, config: Optional[Path], set_, resume: bool, **values):
 
 @app.command()
 def experiment(
-    stage: Annotated[str, typer.Argument(help="The training command each run is: sft, dpo or pretrain.")],
+    stage: Annotated[str, typer.Argument(help="The training command each run is: sft, dpo, pretrain or grpo.")],
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="The stage's YAML recipe.")] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base model (default: the recipe's, or the built-in one).")] = None,
     data: Annotated[Optional[list[str]], typer.Option("--data", "-d", help="Training data file (repeatable).")] = None,

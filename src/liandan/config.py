@@ -237,6 +237,75 @@ class DPOConfig(TrainConfig):
         ])  # fmt: skip
 
 
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+GRPO_SCALE_REWARDS = ("group", "batch", "none")
+
+
+@dataclass
+class GRPOConfig(TrainConfig):
+    """Reinforcement learning from verifiable rewards (GRPO): the policy samples completions of
+    each prompt, the rewards score them, and it is pushed toward the better ones (`liandan.grpo`)."""
+
+    lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    epochs: float = 1.0
+    """Passes over the prompts (ignored when max_steps > 0)."""
+    output_dir: str = "runs/grpo"
+    """Run directory."""
+    batch_size: int = 4
+    """Prompts in a micro-batch; each gets num_generations completions."""
+    rewards: list[str] = field(default_factory=lambda: ["checks"])
+    """Reward specs (`liandan.rewards`): checks (the record's own), KEY=VALUE checks, schema=FILE
+    (graded), stop, max_tokens=N, python=module:function (with --allow-code)."""
+    reward_weights: list[float] = field(default_factory=list)
+    """One weight per reward (default: 1 each); the reward is their weighted sum."""
+    num_generations: int = 4
+    """Completions sampled per prompt: the group whose rewards are compared."""
+    max_completion_length: int = 128
+    """Longest sampled completion in tokens."""
+    temperature: float = 1.0
+    """Sampling temperature of the completions (above 0)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the most likely tokens up to this probability mass."""
+    top_k: int = 0
+    """Sample among the k most likely tokens only (0 = all)."""
+    num_iterations: int = 1
+    """Optimizer steps on each round of completions (above 1: clipped against the sampling policy)."""
+    epsilon: float = 0.2
+    """Clip the probability ratio below at 1 - epsilon."""
+    epsilon_high: float = 0.2
+    """Clip it above at 1 + epsilon_high (DAPO raises it to 0.28)."""
+    beta: float = 0.0
+    """Weight of the KL to the reference (0 = none, no reference pass; the k3 estimator)."""
+    loss_type: str = "dapo"
+    """How token losses are averaged: grpo (per completion, then over completions), dr_grpo
+    (sum / (completions x max_completion_length)) or dapo (sum / all completion tokens)."""
+    scale_rewards: str = "group"
+    """Divide advantages by the std of the group's rewards (group), of the step's (batch), or not (none)."""
+    mask_truncated_completions: bool = False
+    """Train nothing on completions that ran out of room (no stop token)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        raise_first([
+            (self.num_generations >= 2, f"num_generations must be at least 2: GRPO compares the completions of a prompt (got {self.num_generations})"),
+            (self.max_completion_length >= 1, f"max_completion_length must be at least 1 (got {self.max_completion_length})"),
+            (self.max_completion_length < self.max_length, f"max_completion_length ({self.max_completion_length}) must be below max_length ({self.max_length}), which holds prompt and completion"),
+            (math.isfinite(self.temperature) and self.temperature > 0, f"temperature must be above 0: GRPO samples (got {self.temperature})"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (got {self.top_p})"),
+            (self.top_k >= 0, f"top_k must be 0 (all) or more (got {self.top_k})"),
+            (self.num_iterations >= 1, f"num_iterations must be at least 1 (got {self.num_iterations})"),
+            (0 <= self.epsilon < 1, f"epsilon must be in [0, 1) (got {self.epsilon})"),
+            (self.epsilon_high >= 0, f"epsilon_high must be 0 or more (got {self.epsilon_high})"),
+            (math.isfinite(self.beta) and self.beta >= 0, f"beta must be 0 (no KL) or more (got {self.beta})"),
+            (self.loss_type in GRPO_LOSS_TYPES, f"loss_type must be {', '.join(GRPO_LOSS_TYPES)} (got {self.loss_type!r})"),
+            (self.scale_rewards in GRPO_SCALE_REWARDS, f"scale_rewards must be {', '.join(GRPO_SCALE_REWARDS)} (got {self.scale_rewards!r})"),
+            (self.batch_size >= 1, f"batch_size must be at least 1 prompt (got {self.batch_size})"),
+            (not self.eval_data and not self.eval_fraction, "eval_data and eval_fraction do nothing for grpo: measure the run with liandan eval --task (its checks are the rewards')"),
+            (bool(self.rewards), "rewards: give at least one reward (e.g. --reward checks)"),
+        ])  # fmt: skip
+
+
 def raise_first(checks: list[tuple[bool, str]]) -> None:
     """Raise the message of the first check that failed, worded for the command line."""
     for ok, message in checks:
@@ -378,6 +447,6 @@ def save_config(config: Any, path: Path) -> None:
     path.write_text(yaml.safe_dump(to_dict(config), sort_keys=False, allow_unicode=True), encoding="utf-8")
 
 
-STAGES: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "pretrain": PretrainConfig}
+STAGES: dict[str, type[TrainConfig]] = {"sft": SFTConfig, "dpo": DPOConfig, "pretrain": PretrainConfig, "grpo": GRPOConfig}
 """Every training stage's config by its command name, as errors name it (a refused setting names
 the stage that has it)."""

@@ -134,7 +134,7 @@ def read_eval_set(path: str | Path, *, name: str, extra_checks: dict | None = No
     items = []
     for n, prompt in enumerate(prompts, 1):
         where = prompt.source
-        reference, prompt = _split_reference(prompt, where)
+        reference, prompt = split_reference(prompt, where)
         spec = dict(prompt.meta.get("checks") or {})
         if "checks" in prompt.meta and not isinstance(prompt.meta["checks"], dict):
             raise LiandanError(f"{where}: field 'checks': expected an object such as {{\"contains\": [\"Paris\"]}}")
@@ -142,7 +142,7 @@ def read_eval_set(path: str | Path, *, name: str, extra_checks: dict | None = No
         if schema:
             spec.update({"json": True, "schema": str(Path(schema).resolve())})
         if reference is not None and "reference" not in spec:
-            spec["reference"] = "json" if _is_json(reference) else "exact"
+            spec["reference"] = "json" if looks_like_json(reference) else "exact"
         if not spec:
             raise LiandanError(f"{where}: field 'checks': this record has no checks and no reference answer to score against")
         checks = parse_checks(spec, where=where, base_dir=path.parent, reference=reference, record=prompt.meta)
@@ -156,7 +156,7 @@ def _wrong_suffix(path: Path):
     raise LiandanError(f"evaluation set '{path}': expected a .jsonl file")
 
 
-def _split_reference(prompt: Prompt, where: str) -> tuple[str | None, Prompt]:
+def split_reference(prompt: Prompt, where: str) -> tuple[str | None, Prompt]:
     reference = prompt.meta.get("reference")
     if reference is not None and not isinstance(reference, str):
         raise LiandanError(f"{where}: field 'reference': expected a string, got {type(reference).__name__}")
@@ -170,7 +170,7 @@ def _split_reference(prompt: Prompt, where: str) -> tuple[str | None, Prompt]:
     return reference, prompt
 
 
-def _is_json(text: str) -> bool:
+def looks_like_json(text: str) -> bool:
     return text.strip()[:1] in "{[" and parse_json(text) is not INVALID_JSON
 
 

@@ -41,9 +41,9 @@ from .errors import LiandanError
 from .evaluation import EvalConfig, Evaluation
 from .files import write_atomic
 from .plots import format_value, seeds_chart, three_digits
-from .train import train_dpo, train_pretrain, train_sft
+from .train import train_dpo, train_grpo, train_pretrain, train_sft
 
-TRAINERS = {"sft": train_sft, "dpo": train_dpo, "pretrain": train_pretrain}
+TRAINERS = {"sft": train_sft, "dpo": train_dpo, "pretrain": train_pretrain, "grpo": train_grpo}
 EVAL_FILE = "experiment-eval.json"
 """Written in each run directory once the run is evaluated: its figures, and the settings they
 were measured with (a run is re-evaluated when those change)."""

@@ -44,6 +44,11 @@ class Objective:
     """The units a micro-batch contributes to the step's normaliser (trained tokens, or pairs)."""
     loss: Callable[[Any, dict[str, torch.Tensor]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
     """(sum of the loss over the micro-batch's units, sums of extra statistics to log per unit)."""
+    rollout: Callable[[Any, list[list[dict]], int, Any], tuple[list[dict], dict]] | None = None
+    """Online objectives (GRPO): (model, the step's items per micro-batch, step, accelerator) ->
+    (the micro-batches, metrics of the step), built from the policy's own samples."""
+    iterations: int = 1
+    """Optimizer steps that reuse one rollout (GRPO's num_iterations); the data advances once per rollout."""
 
 
 def trained_token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,6 +12,7 @@ the run directory describe itself.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -31,15 +32,17 @@ from rich.console import Console
 
 from . import __version__
 from .chat import ensure_chat_template, stop_token_ids
-from .config import DPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
+from .config import DPOConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
 from .data import read_examples, read_texts, split_examples, summarize_skipped
 from .encoding import add_mismatched_rows, encode_all, encode_pair, encode_unpaired, pad_id, text_blocks
 from .errors import LiandanError
 from .files import file_sha256
+from .grpo import Rollouts, grpo_objective, read_grpo_prompts
 from .models import load_model, resolve_model, weights_sha256
 from .objectives import dpo_objective, kto_objective, precompute_reference, reference_free_objective, sft_objective
 from .preference import read_pairs, read_unpaired
 from .replay import replay_examples
+from .rewards import parse_rewards
 
 
 @dataclass
@@ -160,6 +163,30 @@ def prepare_pretrain(config: PretrainConfig, out_dir: Path, *, main_process: boo
                       objective=sft_objective(False, pad_id(tokenizer), name="pretrain"), manifest=manifest)  # fmt: skip
     summary = (f"data: {len(documents)} documents, {tokens} tokens in {len(train)} blocks of {config.max_length} "
                f"({len(evals)} held-out blocks)")  # fmt: skip
+    return finish(run, config, out_dir, main_process, resume, lambda: say(summary))
+
+
+def prepare_grpo(config: GRPOConfig, out_dir: Path, *, main_process: bool, resume: bool, device: Any = "cpu") -> PreparedRun:
+    """The prompts and rewards are checked before the model loads; under full fine-tuning with
+    beta > 0 a frozen copy of the starting model is the reference."""
+    rewards = parse_rewards(config.rewards, config.reward_weights, base_dir=Path("."))
+    model, tokenizer, added, new_ids = load_trainable_base(config, out_dir, main_process, resume)
+    train = read_grpo_prompts(config.data, tokenizer, config, rewards)
+    reference = None
+    if config.full and config.beta:
+        reference = copy.deepcopy(model).eval().requires_grad_(False)
+    model = attach_trainable(model, config, new_ids)
+    data = {"files": file_hashes(config.data), "prompts": len(train)}
+    manifest = build_manifest(config, model, tokenizer, data, added)
+    manifest["grpo"] = {"rewards": [{"spec": spec, "name": r.name, "weight": r.weight} for spec, r in zip(config.rewards, rewards, strict=True)],
+                        "num_generations": config.num_generations, "loss_type": config.loss_type, "beta": config.beta,
+                        "reference": ("none (beta 0)" if not config.beta else "a frozen copy of the starting model" if config.full
+                                      else "the policy with adapters disabled")}  # fmt: skip
+    rollouts = Rollouts(config, tokenizer, rewards, pad_id(tokenizer), out_dir, reference=reference)
+    run = PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=[], objective=grpo_objective(config, rollouts),
+                      unit="completion_tokens" if config.loss_type == "dapo" else "completions", manifest=manifest)  # fmt: skip
+    summary = (f"data: {len(train)} prompts x {config.num_generations} completions each; rewards "
+               + ", ".join(f"{r.name} (x{r.weight:g})" for r in rewards))  # fmt: skip
     return finish(run, config, out_dir, main_process, resume, lambda: say(summary))
 
 

@@ -58,12 +58,12 @@ from .checkpoints import (
     truncate_metrics,
     warn,
 )
-from .config import DPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
+from .config import DPOConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
 from .devices import cpu_supports_bf16
 from .errors import LiandanError
 from .generation import SamplingConfig, generate
 from .lora_fusion import fuse_lora_layers
-from .prepare import PreparedRun, prepare_dpo, prepare_pretrain, prepare_sft
+from .prepare import PreparedRun, prepare_dpo, prepare_grpo, prepare_pretrain, prepare_sft
 
 
 @dataclass
@@ -107,10 +107,11 @@ class StepStream:
         return mine
 
 
-def total_steps(config: TrainConfig, per_epoch: int, processes: int) -> int:
+def total_steps(config: TrainConfig, per_epoch: int, processes: int, iterations: int = 1) -> int:
+    """Optimizer steps of the run; an online objective takes ``iterations`` steps per batch of data."""
     if config.max_steps > 0:
         return config.max_steps
-    return max(1, math.ceil(config.epochs * per_epoch / (config.grad_accum * processes)))
+    return max(1, math.ceil(config.epochs * per_epoch / (config.grad_accum * processes))) * iterations
 
 
 def lr_lambda(total: int, warmup_ratio: float):
@@ -144,6 +145,12 @@ def train_pretrain(config: PretrainConfig, *, resume: bool = False, stop_after: 
     return train(config, prepare_pretrain, resume=resume, stop_after=stop_after)
 
 
+def train_grpo(config: GRPOConfig, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
+    """Reinforcement learning from verifiable rewards (GRPO) of ``config.model`` on the prompts in
+    ``config.data`` (`liandan.grpo`)."""
+    return train(config, prepare_grpo, resume=resume, stop_after=stop_after)
+
+
 def train(config: TrainConfig, prepare, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
     """The loop, for any stage: ``prepare(config, out_dir, ...)`` returns a `PreparedRun` whose
     objective turns micro-batches into a loss (SFT, DPO, pre-training)."""
@@ -175,7 +182,7 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) ->
     restore_model = speed_up_training(model, config, accelerator, objective.packing)
     stream = StepStream([item_length(e) for e in run.train], config, accelerator.num_processes, accelerator.process_index,
                         packing=objective.packing)  # fmt: skip
-    steps = total_steps(config, stream.per_epoch, accelerator.num_processes)
+    steps = total_steps(config, stream.per_epoch, accelerator.num_processes, objective.iterations)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=config.lr, weight_decay=config.weight_decay
     )
@@ -209,7 +216,12 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) ->
         model.train()
         for step in range(start, last):
             started = time.perf_counter()
-            batches = [objective.collate([run.train[i] for i in idx]) for idx in stream.step(step)]
+            # The step's items per micro-batch; an online objective (GRPO) samples its batches from them.
+            picked = [[run.train[i] for i in idx] for idx in stream.step(step // objective.iterations)]
+            if objective.rollout:
+                batches, rolled = objective.rollout(model, picked, step, accelerator)
+            else:
+                batches, rolled = [objective.collate(items) for items in picked], {}
             # The step's normaliser N (trained tokens, or pairs) over all its micro-batches and processes.
             local = sum(objective.count(b) for b in batches)
             window = max(int(accelerator.reduce(torch.tensor(local, device=accelerator.device), "sum")), 1)
@@ -247,6 +259,7 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) ->
             result.tokens += tokens
             record = {"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], run.unit: window,
                       **{k: float(accelerator.reduce(v, "sum")) / window for k, v in sums.items()},
+                      **{k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean")) for k, v in rolled.items()},
                       "grad_norm": norm, "skipped_steps": state["skipped_steps"], "tokens_per_second": tokens / seconds}  # fmt: skip
             if run.eval and (config.eval_every and (step + 1) % config.eval_every == 0 or step + 1 == steps):
                 record.update(evaluate(model, run.eval, objective, config, accelerator))
@@ -266,7 +279,9 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) ->
                     + (f"The last good checkpoint is '{kept}'. " if kept else "")
                     + "Try a lower lr, or max_grad_norm above 0 (max_bad_steps sets how many are tolerated)."
                 )
-            if saving and step + 1 < steps and checkpoint_due(config, step + 1, last_save, accelerator):
+            # A checkpoint falls between rollouts, so a resumed run samples its next round afresh.
+            between = (step + 1) % objective.iterations == 0
+            if saving and step + 1 < steps and between and checkpoint_due(config, step + 1, last_save, accelerator):
                 state["step"] = step + 1
                 save_checkpoint(accelerator, out_dir, model, optimizer, scheduler, state, config.save_total_limit)
                 last_save = time.monotonic()

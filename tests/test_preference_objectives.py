@@ -346,11 +346,11 @@ def test_kto_training_separates_desirable_from_undesirable(tmp_path, chat_model_
     result = train_dpo(run_config(chat_model_dir, data, out, loss="kto", eval_data=[str(held)]))
     records = metrics(out)
     assert {"reward_desirable", "reward_undesirable", "desirable", "kl", "accuracy", "examples"} <= set(records[0])
-    assert records[0]["examples"] == 8 and records[0]["desirable"] == 0.5
+    assert records[0]["examples"] == 8 and records[0]["desirable"] == 0.5 and records[0]["undesirable"] == 0.5
     assert result.losses[-1] < result.losses[0]
     evals = [r for r in records if "eval_loss" in r]
-    # per-example means: each kind's reward sum per example divided by its share (1/2 held out: 3 of 6)
-    margin = lambda r: (r["eval_reward_desirable"] - r["eval_reward_undesirable"]) / 0.5
+    # each kind's mean reward (over its own examples: 3 of the 6 held out)
+    margin = lambda r: r["eval_reward_desirable"] - r["eval_reward_undesirable"]
     assert margin(evals[-1]) > margin(evals[0]) and margin(evals[-1]) > 0 and evals[-1]["eval_accuracy"] > 0.5
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["data"]["train_examples"] == 8 and manifest["data"]["eval_examples"] == 6

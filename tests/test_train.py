@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 import torch
@@ -191,3 +192,13 @@ def test_two_processes_match_one_with_twice_the_accumulation(tmp_path, chat_mode
 
     assert len(losses("two")) == 3
     assert losses("two") == pytest.approx(losses("one"), rel=1e-5)
+
+
+def test_step_means_divide_by_the_units_or_by_their_subset():
+    from liandan.train import step_means
+
+    # 'reward' is a mean over the 3 examples 'kind' counts: 6 / 3; the others per unit of the step (8)
+    means = step_means({"reward": 6.0, "kind": 3.0, "kl": 4.0, "other": 1.0, "none": 0.0}, 8,
+                       {"reward": "kind", "other": "none"})  # fmt: skip
+    assert means["reward"] == 2.0 and means["kind"] == 3 / 8 and means["kl"] == 0.5
+    assert math.isnan(means["other"])  # a subset the step does not have: no mean, not a division by zero

@@ -16,15 +16,15 @@ else to log.
   losses on each reply's per-token average log-prob; no reference pass at all.
 - **kto** (`liandan.losses.kto_loss`): one completion per example, desirable or not, normalised by
   the step's examples; each example carries a mismatched row (its completion after another
-  prompt) for the KL reference point z0, estimated per micro-batch. The loop divides every
-  statistic by the step's examples, so ``reward_desirable`` is the desirable rewards' sum per
-  example: divided by ``desirable`` (their share) it is their mean.
+  prompt) for the KL reference point z0, estimated per micro-batch. ``reward_desirable`` and
+  ``reward_undesirable`` are means over their own kind (`Objective.averaged_over`); ``desirable``
+  and ``undesirable`` are the kinds' shares of the step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -49,6 +49,9 @@ class Objective:
     (the micro-batches, metrics of the step), built from the policy's own samples."""
     iterations: int = 1
     """Optimizer steps that reuse one rollout (GRPO's num_iterations); the data advances once per rollout."""
+    averaged_over: dict[str, str] = field(default_factory=dict)
+    """Statistics that are a mean over a subset: the statistic whose sum is their denominator
+    (KTO's reward of the desirable examples over the desirable count), instead of the step's units."""
 
 
 def trained_token_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +231,8 @@ def kto_objective(pad_id: int, beta: float, desirable_weight: float, undesirable
         losses, rewards = kto_loss(policy, ref[:n], desirable, kl, beta, desirable_weight, undesirable_weight)
         right = torch.where(desirable, rewards > 0, rewards < 0)
         stats = {"reward_desirable": rewards[desirable].sum(), "reward_undesirable": rewards[~desirable].sum(),
-                 "desirable": desirable.float().sum(), "accuracy": right.float().sum(), "kl": kl * n}  # fmt: skip
+                 "desirable": desirable.float().sum(), "undesirable": (~desirable).float().sum(),
+                 "accuracy": right.float().sum(), "kl": kl * n}  # fmt: skip
         return losses.sum(), stats
 
     return Objective(
@@ -236,6 +240,7 @@ def kto_objective(pad_id: int, beta: float, desirable_weight: float, undesirable
         collate=lambda examples: collate_unpaired(examples, pad_id),
         count=lambda batch: batch["desirable"].shape[0],
         loss=loss,
+        averaged_over={"reward_desirable": "desirable", "reward_undesirable": "undesirable"},
     )  # fmt: skip
 
 

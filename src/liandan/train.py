@@ -257,8 +257,9 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) ->
             tokens = int(accelerator.reduce(torch.tensor(sum(real_tokens(b) for b in batches), device=accelerator.device), "sum"))
             result.seconds += seconds
             result.tokens += tokens
+            totals = {k: float(accelerator.reduce(v, "sum")) for k, v in sums.items()}
             record = {"step": step + 1, "loss": mean_loss, "lr": scheduler.get_last_lr()[0], run.unit: window,
-                      **{k: float(accelerator.reduce(v, "sum")) / window for k, v in sums.items()},
+                      **step_means(totals, window, objective.averaged_over),
                       **{k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean")) for k, v in rolled.items()},
                       "grad_norm": norm, "skipped_steps": state["skipped_steps"], "tokens_per_second": tokens / seconds}  # fmt: skip
             if run.eval and (config.eval_every and (step + 1) % config.eval_every == 0 or step + 1 == steps):
@@ -343,7 +344,18 @@ def evaluate(model, examples: list[dict], objective, config: TrainConfig, accele
         for key, value in stats.items():
             sums[key] = sums.get(key, 0.0) + float(value)
     model.train()
-    return {"eval_loss": total / max(units, 1), **{f"eval_{k}": v / max(units, 1) for k, v in sums.items()}}
+    means = step_means(sums, max(units, 1), objective.averaged_over)
+    return {"eval_loss": total / max(units, 1), **{f"eval_{k}": v for k, v in means.items()}}
+
+
+def step_means(totals: dict[str, float], units: int, averaged_over: dict[str, str]) -> dict[str, float]:
+    """Each statistic's sum over the step divided by the step's units, or, for a mean over a
+    subset, by the sum of the statistic that counts the subset (NaN when the step has none)."""
+    means = {}
+    for key, value in totals.items():
+        denominator = totals.get(averaged_over[key], 0.0) if key in averaged_over else units
+        means[key] = value / denominator if denominator else float("nan")
+    return means
 
 
 def speed_up_training(model, config: TrainConfig, accelerator, packing: bool) -> Callable[[], None]:

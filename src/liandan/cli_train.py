@@ -58,7 +58,7 @@ def dpo(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --output-dir from its last checkpoint.")] = False,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Override a setting: key=value.")] = None,
 ) -> None:
-    """Preference alignment (DPO): make the chosen reply more likely than the rejected one."""
+    """Preference alignment: DPO (or --set loss=ipo|orpo|simpo|kto) makes the chosen reply more likely than the rejected one."""
     with user_errors():
         from .config import DPOConfig
         from .train import train_dpo
@@ -66,7 +66,7 @@ def dpo(
         result = _train(DPOConfig, train_dpo, config, set_, resume, model=model, data=data, eval_data=eval_data,
                         output_dir=output_dir, full=full, beta=beta)  # fmt: skip
         if result.eval_losses:
-            console.print(f"held-out DPO loss {result.eval_losses[-1]:.4f}")
+            console.print(f"held-out loss {result.eval_losses[-1]:.4f} (the run's preference loss on --eval-data)")
 
 
 @app.command()

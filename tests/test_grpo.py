@@ -231,6 +231,8 @@ def test_second_iteration_is_clipped_against_the_sampling_policy(tmp_path, chat_
     m = metrics(tmp_path / "run")
     assert m[0]["clip_ratio_low"] == 0 and m[0]["clip_ratio_high"] == 0
     assert m[1]["clip_ratio_low"] + m[1]["clip_ratio_high"] > 0
+    assert "rollout_seconds" in m[0] and "rollout_seconds" not in m[1]  # step 2 reuses step 1's samples
+    assert m[1]["reward"] == m[0]["reward"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ reward function reads.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,9 +183,12 @@ class Rollouts:
 
     def __call__(self, model: Any, micro: list[list[dict]], step: int, accelerator: Any) -> tuple[list[dict], dict]:
         round_ = step // self.config.num_iterations
-        if round_ != self.round:
-            self.sample(accelerator.unwrap_model(model), micro, round_, step, accelerator)
-            self.round = round_
+        if round_ == self.round:  # a later iteration on the same samples
+            return self.batches, {k: v for k, v in self.metrics.items() if k != "rollout_seconds"}
+        started = time.perf_counter()
+        self.sample(accelerator.unwrap_model(model), micro, round_, step, accelerator)
+        self.round = round_
+        self.metrics["rollout_seconds"] = time.perf_counter() - started  # sampling, scoring, pi_old and pi_ref
         return self.batches, self.metrics
 
     @torch.no_grad()

@@ -2,7 +2,7 @@ import dataclasses
 
 import pytest
 
-from liandan.config import DPOConfig, LoraConfig, PretrainConfig, SFTConfig, TrainConfig, load_config, resume_config
+from liandan.config import DPOConfig, GRPOConfig, LoraConfig, PretrainConfig, SFTConfig, TrainConfig, load_config, resume_config
 from liandan.errors import LiandanError
 from liandan.prompts import shipped_example
 
@@ -96,7 +96,8 @@ def test_a_yaml_recipe_with_another_stages_setting_names_the_stage(tmp_path):
 
 
 def test_shipped_recipes_load_with_their_stage():
-    for cls, name in ((SFTConfig, "sft-pirate.yaml"), (DPOConfig, "dpo-onesent.yaml"), (PretrainConfig, "pretrain-veloria.yaml")):
+    for cls, name in ((SFTConfig, "sft-pirate.yaml"), (DPOConfig, "dpo-onesent.yaml"), (PretrainConfig, "pretrain-veloria.yaml"),
+                      (GRPOConfig, "grpo-onesent.yaml")):  # fmt: skip
         assert load_config(cls, shipped_example(name)).data
 
 

@@ -279,3 +279,20 @@ def test_cli_grpo_runs_and_refuses_code_without_the_flag(tmp_path, chat_model_di
     assert done.exit_code == 0, done.output
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert [r["name"] for r in manifest["grpo"]["rewards"]] == ["regex", "stop"]
+
+
+def test_the_shipped_example_reads(chat_model_dir):
+    """examples/grpo-onesent.yaml: its 190 prompts each carry the one-sentence check its rewards read."""
+    from liandan.config import load_config
+    from liandan.grpo import read_grpo_prompts
+    from liandan.models import load_model
+    from liandan.prompts import shipped_example
+
+    config = load_config(GRPOConfig, shipped_example("grpo-onesent.yaml"))
+    config.data = [str(shipped_example("prefs/train_prompts.jsonl"))]
+    _, tok = load_model(str(chat_model_dir), device="cpu", dtype="float32")
+    rewards = parse_rewards(config.rewards, config.reward_weights)
+    items = read_grpo_prompts(config.data, tok, config, rewards)
+    assert len(items) == 190 and all(item["record"].checks for item in items)
+    _, per = score_completions(rewards, [completion("Ice floats because it is less dense than water.", checks=items[0]["record"].checks)])
+    assert per == {"checks": [1.0], "stop": [1.0], "max_tokens": [1.0]}

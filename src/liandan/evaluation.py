@@ -131,25 +131,35 @@ def read_eval_set(path: str | Path, *, name: str, extra_checks: dict | None = No
     is JSON); a record with neither checks nor reference is an error."""
     path = Path(path)
     prompts = read_prompts(path) if path.suffix == ".jsonl" else _wrong_suffix(path)
+    extra = dict(extra_checks or {})
+    if schema:
+        extra.update({"json": True, "schema": str(Path(schema).resolve())})
     items = []
     for n, prompt in enumerate(prompts, 1):
         where = prompt.source
-        reference, prompt = split_reference(prompt, where)
-        spec = dict(prompt.meta.get("checks") or {})
-        if "checks" in prompt.meta and not isinstance(prompt.meta["checks"], dict):
-            raise LiandanError(f"{where}: field 'checks': expected an object such as {{\"contains\": [\"Paris\"]}}")
-        spec.update(extra_checks or {})
-        if schema:
-            spec.update({"json": True, "schema": str(Path(schema).resolve())})
-        if reference is not None and "reference" not in spec:
-            spec["reference"] = "json" if looks_like_json(reference) else "exact"
-        if not spec:
+        reference, prompt, checks = record_checks(prompt, path.parent, extra)
+        if checks is None:
             raise LiandanError(f"{where}: field 'checks': this record has no checks and no reference answer to score against")
-        checks = parse_checks(spec, where=where, base_dir=path.parent, reference=reference, record=prompt.meta)
         category = prompt.meta.get("category")
         items.append(EvalItem(id=str(prompt.meta.get("id") or f"{path.stem}:{n}"), prompt=prompt, checks=checks,
                               reference=reference, category=str(category) if category else None))  # fmt: skip
     return EvalSet(name=name, path=str(path), items=items)
+
+
+def record_checks(prompt: Prompt, base_dir: Path, extra: dict | None = None) -> tuple[str | None, Prompt, Any]:
+    """A prompt record's reference answer (a final assistant turn, or ``reference``), the prompt
+    without it, and its parsed checks: its own ``checks`` plus ``extra``, and a comparison with the
+    reference (parsed JSON when the reference is JSON) unless a check says how; None without any."""
+    where = prompt.source
+    reference, prompt = split_reference(prompt, where)
+    if "checks" in prompt.meta and not isinstance(prompt.meta["checks"], dict):
+        raise LiandanError(f"{where}: field 'checks': expected an object such as {{\"contains\": [\"Paris\"]}}")
+    spec = {**(prompt.meta.get("checks") or {}), **(extra or {})}
+    if reference is not None and "reference" not in spec:
+        spec["reference"] = "json" if looks_like_json(reference) else "exact"
+    if not spec:
+        return reference, prompt, None
+    return reference, prompt, parse_checks(spec, where=where, base_dir=base_dir, reference=reference, record=prompt.meta)
 
 
 def _wrong_suffix(path: Path):

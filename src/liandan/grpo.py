@@ -48,10 +48,9 @@ import torch
 from .batching import collate
 from .checkpoints import truncate_metrics
 from .chat import chat_stop_ids
-from .checks import parse_checks
 from .config import GRPOConfig
 from .errors import LiandanError
-from .evaluation import looks_like_json, split_reference
+from .evaluation import record_checks
 from .generation import SamplingConfig, _generate_batch, count_until_stop, prompt_ids
 from .losses import IGNORE_INDEX
 from .objectives import Objective, trained_token_nll
@@ -141,14 +140,7 @@ def read_grpo_prompts(paths: list[str], tokenizer: Any, config: GRPOConfig, rewa
         if Path(path).suffix.lower() != ".jsonl":
             raise LiandanError(f"GRPO data '{path}': expected a .jsonl file of prompt records ('prompt' or 'messages', and any other fields)")
         for prompt in read_prompts(path):
-            reference, prompt = split_reference(prompt, prompt.source)
-            spec = prompt.meta.get("checks")
-            if spec is not None and not isinstance(spec, dict):
-                raise LiandanError(f"{prompt.source}: field 'checks': expected an object such as {{\"contains\": [\"Paris\"]}}")
-            spec = dict(spec or {})
-            if reference is not None and "reference" not in spec:
-                spec["reference"] = "json" if looks_like_json(reference) else "exact"
-            checks = parse_checks(spec, where=prompt.source, base_dir=Path(path).parent, reference=reference, record=prompt.meta) if spec else None
+            reference, prompt, checks = record_checks(prompt, Path(path).parent)
             if needs_checks and checks is None:
                 raise LiandanError(f"{prompt.source}: field 'checks': the 'checks' reward needs checks or a reference answer in every record")
             if needs_reference and reference is None:

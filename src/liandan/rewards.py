@@ -110,7 +110,8 @@ def _compile(spec: str, allow_code: bool, base_dir: Path) -> tuple[str, Callable
         value = "true"
     check = parse_check_options([f"{key}={value}"])
     if key == "reference":
-        return f"reference_{value}", lambda completions: [_reference(c, check, here) for c in completions]
+        compiled: dict[tuple[str, str], Checks] = {}  # per record: compiled once, scored every round
+        return f"reference_{value}", lambda completions: [_reference(c, check, here, compiled) for c in completions]
     parsed = parse_checks(check, where=here, base_dir=base_dir)
     return key, lambda completions: [float(all(run_checks(parsed, c.text).values())) for c in completions]
 
@@ -125,10 +126,13 @@ def _record_checks(completions: list[Completion]) -> list[float]:
     return scores
 
 
-def _reference(completion: Completion, check: dict, here: str) -> float:
+def _reference(completion: Completion, check: dict, here: str, compiled: dict) -> float:
     if completion.reference is None:
         raise LiandanError(f"{completion.prompt.source}: field 'reference': {here} needs a reference answer in every record")
-    parsed = parse_checks(check, where=completion.prompt.source, reference=completion.reference)
+    key = (completion.prompt.source, completion.reference)
+    if key not in compiled:
+        compiled[key] = parse_checks(check, where=completion.prompt.source, reference=completion.reference)
+    parsed = compiled[key]
     return float(all(run_checks(parsed, completion.text, completion.reference).values()))
 
 

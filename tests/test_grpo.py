@@ -9,6 +9,8 @@ from typer.testing import CliRunner
 
 from conftest import write_jsonl
 
+from liandan.attention import use_training_attention
+from liandan.batching import collate_shared_prefixes
 from liandan.checks import allowing_code
 from liandan.cli import app
 from liandan.config import GRPOConfig
@@ -74,8 +76,7 @@ def test_each_loss_type_normalises_as_its_paper():
     masked = torch.tensor([1.0, 1.0, 0.0])
     assert float(reduce_tokens(values, rows, masked, 2, "grpo", 4)) == pytest.approx(1.5)
     assert float(reduce_tokens(values, rows, masked, 2, "dapo", 4)) == pytest.approx(3.0)
-    batch = {"input_ids": torch.zeros(2, 4), "targets": torch.tensor([[-100, 5, 5, -100], [-100, -100, 5, -100]]),
-             "keep": torch.tensor([1.0, 0.0])}  # fmt: skip
+    batch = {"completion_of": torch.tensor([0, 0, 1]), "keep": torch.tensor([1.0, 0.0])}  # 2 tokens of a kept completion
     assert count_units(batch, "dapo") == 2 and count_units(batch, "grpo") == 2 and count_units(batch, "dr_grpo") == 2
 
 
@@ -97,10 +98,19 @@ def test_one_iteration_without_clipping_is_the_plain_policy_gradient(chat_model_
         targets[i, len(prompt) - 1 : len(prompt) - 1 + len(c)] = torch.tensor(c)  # position t predicts token t + 1
     attention = (torch.arange(width)[None] < torch.tensor([len(r) for r in rows])[:, None]).long()
     adv = torch.tensor([0.7, -1.3])
-    batch = {"input_ids": input_ids, "attention_mask": attention, "targets": targets, "advantages": adv, "keep": torch.ones(2)}
+    batch = {"input_ids": input_ids, "attention_mask": attention, "targets": targets, "advantages": adv, "keep": torch.ones(2),
+             "completion_of": torch.tensor([0, 0, 0, 1, 1])}  # fmt: skip
     loss, _ = objective.loss(model, batch)
     (loss / count_units(batch, "dapo")).backward()
     ours = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    # the same with the prompt shared by both completions in one row (liandan's packed attention)
+    original = use_training_attention(model, "auto", True, torch.device("cpu"))
+    shared = {**collate_shared_prefixes([(prompt, completions)]), "advantages": adv, "keep": torch.ones(2)}
+    loss, _ = objective.loss(model, shared)
+    (loss / count_units(shared, "dapo")).backward()
+    model.set_attn_implementation(original)
+    ours_shared = {n: p.grad.clone() for n, p in model.named_parameters()}
     model.zero_grad()
     logp = torch.log_softmax(model(input_ids=input_ids, attention_mask=attention).logits.float(), -1)  # (B, T, V)
     trained = targets != -100
@@ -109,6 +119,7 @@ def test_one_iteration_without_clipping_is_the_plain_policy_gradient(chat_model_
     (-(row_adv * token_logp).sum() / trained.sum()).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(ours[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
+        torch.testing.assert_close(ours_shared[name], p.grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,6 +231,25 @@ def test_resumed_run_equals_the_uninterrupted_one(tmp_path, chat_model_dir, prom
     assert all("kl" in m for m in whole) and any(m["kl"] > 0 for m in whole)
     a, b = load_file(tmp_path / "whole" / "adapter_model.safetensors"), load_file(tmp_path / "split" / "adapter_model.safetensors")
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_shared_prompt_rows_train_as_padded_rows_do(tmp_path, chat_model_dir, prompts_file, full):
+    """On a CPU each prompt is in the micro-batch once, shared by its completions (liandan's
+    packed attention); with the model's own attention (``attention: sdpa``) the rows are padded.
+    Both runs sample the same completions and follow the same losses and KL, with the reference
+    as the adapters-off policy (LoRA) or a frozen copy (full)."""
+    kw = dict(rewards=["regex=[aeiou]", "stop"], beta=0.1, num_iterations=2, max_steps=4, full=full, lr=1e-3)
+    one = train_grpo(grpo_config(chat_model_dir, prompts_file, tmp_path / "shared", **kw))
+    other = train_grpo(grpo_config(chat_model_dir, prompts_file, tmp_path / "padded", attention="sdpa", **kw))
+    shared, padded = metrics(tmp_path / "shared"), metrics(tmp_path / "padded")
+    assert [m["reward"] for m in shared] == [m["reward"] for m in padded]
+    assert [m["completion_tokens"] for m in shared] == [m["completion_tokens"] for m in padded]
+    for key in ("loss", "kl", "grad_norm"):
+        assert [m[key] for m in shared] == pytest.approx([m[key] for m in padded], rel=1e-4, abs=1e-7), key
+    assert any(m["kl"] > 0 for m in shared)
+    # the shared rows hold fewer tokens: each prompt once instead of once per completion
+    assert one.tokens < other.tokens
 
 
 def test_second_iteration_is_clipped_against_the_sampling_policy(tmp_path, chat_model_dir, prompts_file):

@@ -11,6 +11,11 @@ each example's slice (``cu_seq_lens_q``, written by `liandan.batching.collate`),
 costs sum(len_i^2) and no mask is built. On CUDA, flash attention (``attention:
 flash_attention_2``) does the same natively from the position ids.
 
+An example may also continue another one (``shared_prefix_of``, written by
+`liandan.batching.collate_shared_prefixes`): GRPO's completions of one prompt each attend to the
+prompt, which is in the row once, followed by each completion; the prompt is computed once
+instead of once per completion, and its gradient collects every completion's.
+
 It computes what the model's own attention module computes, for every family liandan trains:
 the module's ``scaling`` (Gemma's ``query_pre_attn_scalar``), a ``sliding_window`` (Mistral,
 Gemma 2/3, Qwen with sliding layers: a query sees itself and the ``window - 1`` keys before it),
@@ -24,6 +29,8 @@ from __future__ import annotations
 
 import functools
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -53,6 +60,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     it (right-padded rows: padding comes after every real token, so causal attention never sees it),
     attends causally to itself."""
     starts = kwargs.pop("cu_seq_lens_q", None)
+    prefix_of = kwargs.pop("shared_prefix_of", None)
     if query.shape[2] != key.shape[2]:
         raise RuntimeError("liandan's packed training attention runs whole sequences only (no cache); "
                            "generation must use the model's own attention")  # fmt: skip
@@ -60,6 +68,7 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
         lengths, rows = [query.shape[2]], query.shape[0]
     else:
         lengths, rows = starts.diff().tolist(), 1
+    prefixes = prefix_of.tolist() if prefix_of is not None else [-1] * (len(lengths) * rows)
     window = kwargs.pop("sliding_window", None)
     softcap = kwargs.pop("softcap", None)
     sinks = kwargs.pop("s_aux", None)
@@ -68,15 +77,18 @@ def packed_attention(module, query, key, value, attention_mask, dropout: float =
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     unknown = sorted(k for k, v in kwargs.items() if k not in IGNORED and v is not None and v is not False)
     if unknown:
-        return own_attention_per_example(module, query, key, value, lengths, rows, dropout, scaling, window, softcap, sinks, kwargs, unknown)
+        return own_attention_per_example(module, query, key, value, lengths, rows, prefixes, dropout, scaling, window,
+                                         softcap, sinks, kwargs, unknown)  # fmt: skip
     dropout = dropout if module.training else 0.0
     outputs = []
-    for q, k, v in examples(query, key, value, lengths, rows):
+    for q, k, v, prefix in with_prefixes(examples(query, key, value, lengths, rows), prefixes):
         if q.shape[2] <= EAGER_MAX or softcap is not None or sinks is not None:
-            outputs.append(causal_attention(q, k, v, scaling, window, softcap, sinks, dropout))
+            outputs.append(causal_attention(q, k, v, scaling, window, softcap, sinks, dropout, prefix))
         else:
-            mask = None if window is None or window >= q.shape[2] else allowed(q.shape[2], window, q.device)[None, None]
-            outputs.append(sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=mask is None)[0])
+            t = q.shape[2]
+            plain = prefix == 0 and (window is None or window >= t)
+            mask = None if plain else allowed(t, window, q.device, prefix)[None, None]
+            outputs.append(sdpa_attention_forward(module, q, k, v, mask, dropout=dropout, scaling=scaling, is_causal=plain)[0])
     return joined(outputs, query), None
 
 
@@ -89,15 +101,29 @@ def examples(query, key, value, lengths: list[int], rows: int):
         yield from zip(query[r].split(lengths, 2), key[r].split(lengths, 2), value[r].split(lengths, 2))
 
 
+def with_prefixes(parts, prefixes: list[int]):
+    """(q, k, v, p) of each example: an example that continues example j (``prefixes[i] = j``,
+    -1 for none) gets j's keys and values before its own, and p = their length."""
+    parts = list(parts)
+    for (q, k, v), j in zip(parts, prefixes, strict=True):
+        if j < 0:
+            yield q, k, v, 0
+        else:
+            _, k_prefix, v_prefix = parts[j]
+            yield q, torch.cat([k_prefix, k], dim=2), torch.cat([v_prefix, v], dim=2), k_prefix.shape[2]
+
+
 def joined(outputs: list[torch.Tensor], query: torch.Tensor) -> torch.Tensor:
     """The examples' outputs, each (1, t, H, D), back in the batch's shape (B, T, H, D)."""
     return torch.cat(outputs, dim=1).view(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
 
 
 def causal_attention(query, key, value, scaling: float, window: int | None = None, softcap: float | None = None,
-                     sinks: torch.Tensor | None = None, dropout: float = 0.0) -> torch.Tensor:  # fmt: skip
+                     sinks: torch.Tensor | None = None, dropout: float = 0.0, prefix: int = 0) -> torch.Tensor:  # fmt: skip
     """Causal attention of one example as batched matmuls, each key/value head with its group
-    of query heads. query (1, H, t, D), key/value (1, H_kv, t, D); returns (1, t, H, D).
+    of query heads. query (1, H, t, D), key/value (1, H_kv, prefix + t, D); returns (1, t, H, D).
+    The first ``prefix`` keys come before the example (a shared prompt): every query sees them,
+    within the window.
 
     scores = q k^T * scaling; with ``softcap``: softcap * tanh(scores / softcap) (before the mask,
     as Gemma 2 does); masked to the causal ``window`` (a query sees the ``window - 1`` tokens before
@@ -107,9 +133,10 @@ def causal_attention(query, key, value, scaling: float, window: int | None = Non
     kv_heads = key.shape[1]
     groups = heads // kv_heads
     grouped = query.reshape(kv_heads, groups * t, dim)  # (H_kv, g*t, D)
-    bias = causal_bias(t, groups, window if window is not None and window < t else None, query.dtype, query.device)  # (g*t, t)
+    window = window if window is not None and window < prefix + t else None
+    bias = causal_bias(t, groups, window, query.dtype, query.device, prefix)  # (g*t, prefix + t)
     if softcap is None:  # the scale and the mask folded into one baddbmm
-        scores = torch.baddbmm(bias, grouped, key[0].transpose(1, 2), alpha=scaling)  # (H_kv, g*t, t)
+        scores = torch.baddbmm(bias, grouped, key[0].transpose(1, 2), alpha=scaling)  # (H_kv, g*t, prefix + t)
     else:
         scores = torch.bmm(grouped, key[0].transpose(1, 2)) * scaling
         scores = torch.tanh(scores / softcap) * softcap + bias
@@ -124,11 +151,10 @@ def causal_attention(query, key, value, scaling: float, window: int | None = Non
     return out.view(1, heads, t, dim).transpose(1, 2)  # (1, t, H, D)
 
 
-def allowed(t: int, window: int | None, device: torch.device) -> torch.Tensor:
-    """(t, t) bool: query i may attend key j when j <= i and i - j < window, as transformers'
-    sliding-window mask (``kv_idx > q_idx - sliding_window``)."""
-    i = torch.arange(t, device=device)
-    distance = i[:, None] - i[None, :]
+def allowed(t: int, window: int | None, device: torch.device, prefix: int = 0) -> torch.Tensor:
+    """(t, prefix + t) bool: query i (at prefix + i) may attend key j when j <= prefix + i and
+    prefix + i - j < window, as transformers' sliding-window mask (``kv_idx > q_idx - sliding_window``)."""
+    distance = torch.arange(prefix, prefix + t, device=device)[:, None] - torch.arange(prefix + t, device=device)[None, :]
     ok = distance >= 0
     if window is not None:
         ok &= distance < window
@@ -136,13 +162,14 @@ def allowed(t: int, window: int | None, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def causal_bias(t: int, groups: int, window: int | None, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """0 where a query may attend, -inf elsewhere; one (t, t) block per query head of a group."""
-    bias = torch.zeros(t, t, dtype=dtype, device=device).masked_fill(~allowed(t, window, device), float("-inf"))
+def causal_bias(t: int, groups: int, window: int | None, dtype: torch.dtype, device: torch.device, prefix: int = 0) -> torch.Tensor:
+    """0 where a query may attend, -inf elsewhere; one (t, prefix + t) block per query head of a group."""
+    bias = torch.zeros(t, prefix + t, dtype=dtype, device=device).masked_fill(~allowed(t, window, device, prefix), float("-inf"))
     return bias.repeat(groups, 1)
 
 
-def own_attention_per_example(module, query, key, value, lengths, rows, dropout, scaling, window, softcap, sinks, kwargs, unknown):
+def own_attention_per_example(module, query, key, value, lengths, rows, prefixes, dropout, scaling, window, softcap, sinks,
+                              kwargs, unknown):  # fmt: skip
     """The model's own eager attention on each example, with its causal (and windowed) mask: for
     attention arguments `packed_attention` does not reproduce."""
     name = type(module).__name__
@@ -156,9 +183,9 @@ def own_attention_per_example(module, query, key, value, lengths, rows, dropout,
                            "train with packing off (--set packing=false)")  # fmt: skip
     extra = {k: v for k, v in (("sliding_window", window), ("softcap", softcap), ("s_aux", sinks)) if v is not None}
     outputs = []
-    for q, k, v in examples(query, key, value, lengths, rows):
-        mask = torch.zeros(q.shape[2], q.shape[2], dtype=q.dtype, device=q.device)
-        mask = mask.masked_fill(~allowed(q.shape[2], window, q.device), torch.finfo(q.dtype).min)[None, None]
+    for q, k, v, prefix in with_prefixes(examples(query, key, value, lengths, rows), prefixes):
+        mask = torch.zeros(q.shape[2], k.shape[2], dtype=q.dtype, device=q.device)
+        mask = mask.masked_fill(~allowed(q.shape[2], window, q.device, prefix), torch.finfo(q.dtype).min)[None, None]
         outputs.append(eager(module, q, k, v, mask, dropout=dropout, scaling=scaling, **extra, **kwargs)[0])
     return joined(outputs, query), None
 
@@ -174,6 +201,8 @@ def use_training_attention(model: Any, choice: str, packing: bool, device: torch
     attention layers keeps its own (packed rows then need flash attention or a mask)."""
     inner = getattr(model, "module", model)
     original = inner.config._attn_implementation
+    if original != PACKED:
+        own_model(inner).liandan_own_attention = original  # for `generation_attention`
     if choice == "auto":
         causal = all(getattr(m, "is_causal", True) for m in inner.modules())
         choice = PACKED if packing and device.type == "cpu" and causal else original
@@ -182,3 +211,23 @@ def use_training_attention(model: Any, choice: str, packing: bool, device: torch
     if choice != original:
         inner.set_attn_implementation(choice)
     return original
+
+
+def own_model(model: Any) -> Any:
+    """The transformers model inside a PEFT model (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+@contextmanager
+def generation_attention(model: Any) -> Iterator[None]:
+    """The model's own attention while it generates inside a training run (GRPO's sampling):
+    liandan's packed attention runs whole sequences only, without a KV cache."""
+    inner = getattr(model, "module", model)
+    if inner.config._attn_implementation != PACKED:
+        yield
+        return
+    inner.set_attn_implementation(own_model(inner).liandan_own_attention)
+    try:
+        yield
+    finally:
+        inner.set_attn_implementation(PACKED)

@@ -77,3 +77,48 @@ def trained_positions(targets: torch.Tensor) -> torch.Tensor:
     """Sequence positions where any row has a trained target. Only these need logits: the output
     head (hidden x vocab) is the largest activation in a small model's step."""
     return (targets != IGNORE_INDEX).any(dim=0).nonzero().squeeze(-1)  # (K,)
+
+
+
+def collate_shared_prefixes(groups: list[tuple[list[int], list[list[int]]]]) -> dict[str, torch.Tensor]:
+    """One packed row for GRPO: each prompt once, then its completions, each attending to it.
+
+    A group (prompt, completions) becomes the prompt without its last token (positions from 0;
+    nothing trained), then per completion that last prompt token followed by the completion
+    (positions continuing the prompt's; every completion token trained). The last prompt token
+    is repeated so that each completion's first token has its own position to be predicted from.
+    ``shared_prefix_of`` says which example each one continues (-1: none), for
+    `liandan.attention.packed_attention`; the log-probs equal those of padded (prompt +
+    completion) rows, while the prompt is computed once per group, not once per completion.
+    ``completion_of`` (N,): the completion each trained token belongs to, in order."""
+    input_ids: list[int] = []
+    positions: list[int] = []
+    targets: list[int] = []
+    starts, prefix_of, completion_of = [0], [], []
+    index = 0
+    for prompt, completions in groups:
+        head, last = prompt[:-1], prompt[-1]
+        prefix = -1
+        if head:
+            input_ids += head
+            positions += range(len(head))
+            targets += [IGNORE_INDEX] * len(head)
+            starts.append(len(input_ids))
+            prefix = len(prefix_of)
+            prefix_of.append(-1)
+        for completion in completions:
+            input_ids += [last, *completion]
+            positions += range(len(head), len(head) + 1 + len(completion))
+            targets += [*completion, IGNORE_INDEX]
+            starts.append(len(input_ids))
+            prefix_of.append(prefix)
+            completion_of += [index] * len(completion)
+            index += 1
+    return {
+        "input_ids": torch.tensor([input_ids]),  # (1, T)
+        "position_ids": torch.tensor([positions]),  # (1, T)
+        "targets": torch.tensor([targets]),  # (1, T)
+        "cu_seq_lens_q": torch.tensor(starts, dtype=torch.int32),  # (examples + 1,)
+        "shared_prefix_of": torch.tensor(prefix_of),  # (examples,)
+        "completion_of": torch.tensor(completion_of),  # (N,)
+    }

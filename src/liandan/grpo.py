@@ -30,6 +30,11 @@ plain policy gradient). The losses are normalised as each paper does (``loss_typ
 - ``dr_grpo`` (Liu et al., 2025): the sum over tokens / (completions x max_completion_length);
 - ``dapo`` (Yu et al., 2025): the sum over tokens / all completion tokens of the step.
 
+On a CPU (liandan's packed attention) a micro-batch is one row in which each prompt appears once,
+followed by its completions, each attending to it (`liandan.batching.collate_shared_prefixes`):
+the prompt's forward and backward are computed once per group instead of once per completion,
+and no padding is computed; the log-probs and gradients are those of padded rows.
+
 A prompt record is ``prompt`` (text) or ``messages`` (a conversation; a final assistant turn is
 its reference answer), with any other fields: ``checks``, ``reference`` and whatever a Python
 reward function reads.
@@ -45,9 +50,10 @@ from typing import Any
 
 import torch
 
-from .batching import collate
-from .checkpoints import truncate_metrics
+from .attention import PACKED, generation_attention, register
+from .batching import collate, collate_shared_prefixes
 from .chat import chat_stop_ids
+from .checkpoints import truncate_metrics
 from .config import GRPOConfig
 from .errors import LiandanError
 from .evaluation import record_checks
@@ -57,8 +63,12 @@ from .objectives import Objective, trained_token_nll
 from .prompts import read_prompts
 from .rewards import Completion, Reward, score_completions
 
-MODEL_INPUTS = ("input_ids", "attention_mask", "targets")
+MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "targets", "cu_seq_lens_q", "shared_prefix_of")
 """What of a rollout micro-batch goes into the model (the rest is advantages, weights, log-probs)."""
+
+
+def model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in MODEL_INPUTS if k in batch}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -169,6 +179,7 @@ class Rollouts:
         self.log_path = out_dir / "completions.jsonl"
         self.reference = reference  # a frozen copy of the starting model (full fine-tuning with beta > 0)
         self.round: int | None = None
+        self.shared = False  # one row per micro-batch, each prompt shared by its completions (set per round)
         self.batches: list[dict] = []
         self.metrics: dict[str, float] = {}
         self.logged_from: int | None = None
@@ -189,17 +200,20 @@ class Rollouts:
         stops = chat_stop_ids(self.tokenizer, getattr(model, "generation_config", None))
         sampling = SamplingConfig(max_new_tokens=config.max_completion_length, temperature=config.temperature,
                                   top_p=config.top_p, top_k=config.top_k, num_samples=config.num_generations)  # fmt: skip
+        # Under liandan's packed attention (CPUs) each prompt is in a micro-batch once, shared by its completions.
+        self.shared = model.config._attn_implementation == PACKED
         was_training = model.training
         model.eval()
         completions: list[list[Completion]] = []
         rng = torch.get_rng_state()
         try:
-            for j, items in enumerate(micro):
-                # The same round draws the same samples, on a resumed run too.
-                torch.manual_seed(hash((config.seed, round_, j, accelerator.process_index)) % (2**63))
-                with accelerator.autocast():
-                    new_ids, _ = _generate_batch(model, self.tokenizer, [it["input_ids"] for it in items], sampling, stops)
-                completions.append(self.completions(items, new_ids, stops))
+            with generation_attention(model):
+                for j, items in enumerate(micro):
+                    # The same round draws the same samples, on a resumed run too.
+                    torch.manual_seed(hash((config.seed, round_, j, accelerator.process_index)) % (2**63))
+                    with accelerator.autocast():
+                        new_ids, _ = _generate_batch(model, self.tokenizer, [it["input_ids"] for it in items], sampling, stops)
+                    completions.append(self.completions(items, new_ids, stops))
         finally:
             torch.set_rng_state(rng)
             model.train(was_training)
@@ -225,14 +239,20 @@ class Rollouts:
         return out
 
     def batch(self, items: list[dict], group: list[Completion], advantages: torch.Tensor) -> dict:
-        """Rows prompt + completion, only the completion (with its stop token) trained; the
-        completion's advantage and weight (0 for a truncated one when those are masked)."""
-        rows = []
-        for row, completion in enumerate(group):
-            prompt = items[row // self.config.num_generations]["input_ids"]
-            ids = completion.ids or [self.pad_id]  # an empty completion still has a row
-            rows.append({"input_ids": prompt + ids, "labels": [IGNORE_INDEX] * len(prompt) + ids})
-        batch = collate(rows, packing=False, pad_id=self.pad_id)
+        """The micro-batch of completions, only the completions (with their stop tokens) trained:
+        one row holding each prompt once and its completions after it (`collate_shared_prefixes`)
+        under liandan's packed attention, else padded rows prompt + completion. With each
+        completion's advantage and weight (0 for a truncated one when those are masked), and
+        ``completion_of``: the completion of each trained token."""
+        g = self.config.num_generations
+        completions = [c.ids or [self.pad_id] for c in group]  # an empty completion still has a token
+        if self.shared:
+            batch = collate_shared_prefixes([(it["input_ids"], completions[i * g : (i + 1) * g]) for i, it in enumerate(items)])
+        else:
+            rows = [{"input_ids": items[r // g]["input_ids"] + ids, "labels": [IGNORE_INDEX] * len(items[r // g]["input_ids"]) + ids}
+                    for r, ids in enumerate(completions)]  # fmt: skip
+            batch = collate(rows, packing=False, pad_id=self.pad_id)
+            batch["completion_of"] = (batch["targets"] != IGNORE_INDEX).nonzero()[:, 0]
         keep = [0.0 if self.config.mask_truncated_completions and not c.stopped else 1.0 for c in group]
         batch["advantages"] = advantages.float()  # (R,)
         batch["keep"] = torch.tensor(keep)  # (R,)
@@ -240,8 +260,11 @@ class Rollouts:
 
     def add_logps(self, model: Any, accelerator: Any) -> None:
         """pi_old (when a round serves several steps) and pi_ref (when beta > 0), per trained token."""
+        if self.shared and self.reference is not None and self.reference.config._attn_implementation != PACKED:
+            register()
+            self.reference.set_attn_implementation(PACKED)
         for batch in self.batches:
-            moved = {k: batch[k].to(accelerator.device) for k in MODEL_INPUTS}
+            moved = {k: v.to(accelerator.device) for k, v in model_inputs(batch).items()}
             with accelerator.autocast():
                 if self.config.num_iterations > 1:
                     batch["old_logps"] = -trained_token_nll(model, moved)[0].cpu()
@@ -280,17 +303,16 @@ class Rollouts:
 def count_units(batch: dict[str, torch.Tensor], loss_type: str) -> int:
     """What a micro-batch adds to the step's normaliser: completion tokens (dapo) or completions."""
     if loss_type == "dapo":
-        trained = batch["targets"] != IGNORE_INDEX  # (R, T)
-        return int((trained.sum(dim=1).float() * batch["keep"]).sum())
-    return int(batch["input_ids"].shape[0])
+        return int(batch["keep"][batch["completion_of"]].sum())
+    return int(batch["keep"].numel())
 
 
 def grpo_objective(config: GRPOConfig, rollouts: Rollouts) -> Objective:
     def loss(model, batch):
-        logp, rows = trained_token_nll(model, {k: batch[k] for k in MODEL_INPUTS})
-        logp = -logp  # (N,) log-probs of the completion tokens, row by row
+        logp = -trained_token_nll(model, model_inputs(batch))[0]  # (N,) log-probs of the completion tokens, in order
+        rows = batch["completion_of"]  # (N,) the completion of each
         old = batch["old_logps"] if "old_logps" in batch else logp.detach()
-        n_rows = batch["input_ids"].shape[0]
+        n_rows = batch["keep"].numel()
         out = clipped_token_loss(logp, old, batch["advantages"][rows], config.epsilon, config.epsilon_high,
                                  batch.get("ref_logps"), config.beta)  # fmt: skip
         weights = batch["keep"][rows]
@@ -301,7 +323,7 @@ def grpo_objective(config: GRPOConfig, rollouts: Rollouts) -> Objective:
             stats["kl"] = per_unit(out["kl"])
         return loss_sum, stats
 
-    return Objective(name="grpo", packing=False, collate=_no_collate, count=lambda batch: count_units(batch, config.loss_type),
+    return Objective(name="grpo", packing=True, collate=_no_collate, count=lambda batch: count_units(batch, config.loss_type),
                      loss=loss, rollout=rollouts, iterations=config.num_iterations)  # fmt: skip
 
 

@@ -156,3 +156,14 @@ def test_special_token_text_in_a_prompt_stays_text(chat_model, monkeypatch):
     raw = generate(model, tok, [forged], mode="raw", config=SamplingConfig(max_new_tokens=1))[0]
     assert seen[1].count(end) == 1  # raw continuation reads what the user wrote, as pre-training did
     assert raw.prompt == forged
+
+
+@pytest.mark.parametrize("top_k, at_most", [(0, None), (50, 50)])
+def test_top_k_0_samples_from_the_whole_vocabulary(chat_model, top_k, at_most):
+    """At temperature 20 the first token is close to uniform over the 400 ids: 300 draws give well
+    over 50 distinct tokens unless top-k keeps 50 (transformers' default top_k when it is unset,
+    which top_k 0 used to leave it)."""
+    model, tok = chat_model
+    config = SamplingConfig(max_new_tokens=1, temperature=20.0, top_p=1.0, top_k=top_k, num_samples=300, batch_size=1)
+    first = {g.text for g in generate(model, tok, ["hello"], mode="raw", config=config)}
+    assert len(first) > 100 if at_most is None else len(first) <= at_most

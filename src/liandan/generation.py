@@ -227,7 +227,7 @@ def generation_config(sampling: SamplingConfig, stops: Sequence[int], pad_token_
     sampling with its temperature, top-p and top-k; stopping at ``stops``. ``overrides`` replace
     fields (``max_new_tokens`` when the room left is smaller, ``num_return_sequences``)."""
     options = {} if sampling.is_greedy else {
-        "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k or None,
+        "temperature": sampling.temperature, "top_p": sampling.top_p, "top_k": sampling.top_k,  # 0: off (None would let generate default to 50)
     }  # fmt: skip
     values = dict(max_new_tokens=sampling.max_new_tokens, do_sample=not sampling.is_greedy,
                   repetition_penalty=sampling.repetition_penalty, eos_token_id=list(stops) or None,

@@ -39,8 +39,10 @@ Measured per run, in a fresh child process:
 - **s/step**: the median time between consecutive optimizer steps, i.e. over the steps after the
   first (the same hook for both: torch's global optimizer-step hook; a step is sampling, scoring,
   forward/backward, clipping, the optimizer and each trainer's logging);
-- **gen s/step**: of that, the median time per step inside the PEFT model's ``generate`` (both
-  trainers sample through it), so **train s/step** = s/step - gen s/step is the rest;
+- **gen s/step**: of that, the median time per step spent sampling (TRL: inside the PEFT model's
+  ``generate``; liandan: inside `liandan.group_sampling.sample_groups`, which prefills each prompt
+  once and drops finished completions from the batch), so **train s/step** = s/step - gen s/step
+  is the rest;
 - **loop s**: the training loop's wall time (liandan: its own TrainResult.seconds, the sum of its
   step times; TRL: the wall time of ``trainer.train()``) and **loop/step** = loop s / steps;
 - **peak RSS** of the child (ru_maxrss), the **mean reward** over every completion of the run,
@@ -100,22 +102,32 @@ def first_number_reward(completions: list, answer: list[str], **kwargs) -> list[
 
 def install_timers() -> dict[str, list]:
     """The same clocks for both trainers: a timestamp after every optimizer step, and the time of
-    every ``generate`` call of the PEFT model, keyed by the step it belongs to."""
+    every sampling call, keyed by the step it belongs to: TRL samples through the PEFT model's
+    ``generate``, liandan through `liandan.group_sampling.sample_groups` (which calls ``generate``
+    only for a model whose cache it cannot regroup; a call inside another is not counted twice)."""
+    import liandan.grpo
     from peft import PeftModelForCausalLM
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     clocks: dict[str, list] = {"steps": [], "generate": []}
     register_optimizer_step_post_hook(lambda *_: clocks["steps"].append(time.perf_counter()))
-    original = PeftModelForCausalLM.generate
+    depth = [0]
 
-    def timed_generate(self, *args, **kwargs):
-        started = time.perf_counter()
-        try:
-            return original(self, *args, **kwargs)
-        finally:
-            clocks["generate"].append((len(clocks["steps"]), time.perf_counter() - started))
+    def timed(function):
+        def run(*args, **kwargs):
+            started = time.perf_counter()
+            depth[0] += 1
+            try:
+                return function(*args, **kwargs)
+            finally:
+                depth[0] -= 1
+                if not depth[0]:
+                    clocks["generate"].append((len(clocks["steps"]), time.perf_counter() - started))
 
-    PeftModelForCausalLM.generate = timed_generate
+        return run
+
+    PeftModelForCausalLM.generate = timed(PeftModelForCausalLM.generate)
+    liandan.grpo.sample_groups = timed(liandan.grpo.sample_groups)
     return clocks
 
 

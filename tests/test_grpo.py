@@ -200,10 +200,11 @@ def prompts_file(tmp_path):
 
 def test_reward_rises_on_a_toy_task(tmp_path, chat_model_dir, prompts_file):
     """The reward is the share of tokens among 40 of the 400 ids: a random model samples them a
-    tenth of the time; full fine-tuning on that reward alone raises it within 20 steps (measured:
-    0.11 -> 0.70 over 30 steps)."""
+    tenth of the time; full fine-tuning on that reward alone raises it within 20 steps (measured,
+    sampling from the whole vocabulary: 0.10 -> 0.72 at lr 3e-2; at lr 1e-2 only 0.10 -> 0.23,
+    where top-k 50 had reached 0.55)."""
     with allowing_code():
-        train_grpo(grpo_config(chat_model_dir, prompts_file, tmp_path / "run", full=True, max_steps=20,
+        train_grpo(grpo_config(chat_model_dir, prompts_file, tmp_path / "run", full=True, max_steps=20, lr=3e-2,
                                rewards=["python=grpo_rewards:target_share"]))  # fmt: skip
     rewards = [m["reward"] for m in metrics(tmp_path / "run")]
     first, last = sum(rewards[:4]) / 4, sum(rewards[-4:]) / 4

@@ -7,7 +7,8 @@ training loop of `liandan.train`.
 
 Each round, the policy itself samples ``num_generations`` completions of every prompt of the
 step (batched, with the KV cache, in eval mode, adapters on, the sampling seeded by the round so a
-resumed run draws the same). Each completion is scored by the rewards (`liandan.rewards`); its
+resumed run draws the same; `liandan.group_sampling`: each prompt prefilled once, finished
+completions dropped from the batch). Each completion is scored by the rewards (`liandan.rewards`); its
 advantage is its reward against its group's (the same prompt's completions):
 
     A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4)          scale_rewards: group
@@ -57,7 +58,8 @@ from .checkpoints import truncate_metrics
 from .config import GRPOConfig
 from .errors import LiandanError
 from .evaluation import record_checks
-from .generation import SamplingConfig, _generate_batch, count_until_stop, prompt_ids
+from .generation import SamplingConfig, count_until_stop, prompt_ids
+from .group_sampling import sample_groups
 from .losses import IGNORE_INDEX
 from .objectives import Objective, trained_token_nll
 from .prompts import read_prompts
@@ -212,7 +214,8 @@ class Rollouts:
                     # The same round draws the same samples, on a resumed run too.
                     torch.manual_seed(hash((config.seed, round_, j, accelerator.process_index)) % (2**63))
                     with accelerator.autocast():
-                        new_ids, _ = _generate_batch(model, self.tokenizer, [it["input_ids"] for it in items], sampling, stops)
+                        new_ids = sample_groups(model, [it["input_ids"] for it in items], config.num_generations, sampling,
+                                                stops, self.pad_id)  # fmt: skip
                     completions.append(self.completions(items, new_ids, stops))
         finally:
             torch.set_rng_state(rng)

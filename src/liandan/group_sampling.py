@@ -105,7 +105,7 @@ def unsupported_reason(model: Any, prompts: list[list[int]], config: SamplingCon
 def logits_processors(config: SamplingConfig, prompt_pads: torch.Tensor) -> LogitsProcessorList:
     """transformers' processors for ``config``, in the order ``generate`` applies them.
     ``prompt_pads`` (rows,) counts each row's left padding, which the repetition penalty skips.
-    ``top_k`` 0 means off, as `SamplingConfig` says (``generate`` given no top_k uses 50)."""
+    ``top_k`` 0 means off, as `SamplingConfig` says."""
     processors = LogitsProcessorList()
     if config.repetition_penalty != 1.0:
         processors.append(RepetitionPenaltyLogitsProcessor(float(config.repetition_penalty), prompt_ignore_length=prompt_pads))
@@ -185,9 +185,7 @@ def _generate_fallback(model, prompts, group, config, stops, pad_id) -> list[lis
     ids, mask = left_pad(prompts, pad_id, model.device)
     # Greedy rows of a prompt are all the same, and generate refuses to repeat them itself.
     samples = 1 if config.is_greedy else group
-    # top_k 0 given as such: left unset (None), generate would fill in its default top-k of 50
-    top_k = {} if config.is_greedy else {"top_k": config.top_k}
-    gen_config = generation_config(config, stops, pad_id, num_return_sequences=samples, **top_k)
+    gen_config = generation_config(config, stops, pad_id, num_return_sequences=samples)
     with torch.inference_mode():
         output = model.generate(input_ids=ids, attention_mask=mask, generation_config=gen_config)
     new = output[:, ids.shape[1] :].tolist()  # (B * samples, new)

@@ -53,6 +53,8 @@ COMPLETE = "COMPLETE"
 """Written last into a checkpoint: without it the checkpoint is torn and skipped."""
 INCOMPLETE = "INCOMPLETE"
 """In a run directory from the start of training until its final model is completely saved."""
+PROGRESS = "progress.json"
+"""In a run directory once training begins: its step, ETA, status and process (`liandan.train.ProgressFile`)."""
 RESUMABLE_CHANGES = {"output_dir", "save_every", "save_every_minutes", "save_total_limit", "log_every", "eval_every",
                      "report_to", "sample_prompts", "max_bad_steps", "resume_changed"}  # fmt: skip
 """Settings a resumed run may change: they do not change what the steps compute."""

@@ -119,9 +119,15 @@ def grpo(
                full=full, num_generations=num_generations)  # fmt: skip
 
 
+STOPPED_EXIT = 3
+"""Exit status of a run stopped by SIGTERM or Ctrl-C: not a failure (its checkpoint resumes it),
+not a finished model either, so `liandan sft ... && liandan eval ...` does not go on."""
+
+
 def _train(cls, train_fn, config: Optional[Path], set_, resume: bool, **values):
     """Shared by the training commands: the config from YAML, flags and --set; then the loop."""
     from .config import load_config, resume_config
+    from .train import TrainingStopped
 
     output_dir = values.get("output_dir")
     if resume and config is None:  # resume with the settings the run started with
@@ -129,7 +135,11 @@ def _train(cls, train_fn, config: Optional[Path], set_, resume: bool, **values):
     quiet_libraries()
     cfg = load_config(cls, config, set_, **values)
     check_models([cfg.model])
-    result = train_fn(cfg, resume=resume)
+    try:
+        result = train_fn(cfg, resume=resume)
+    except TrainingStopped as stopped:
+        console.print(f"Run {stopped}", highlight=False, soft_wrap=True)
+        raise typer.Exit(STOPPED_EXIT) from None
     last = f"{result.losses[-1]:.4f}" if result.losses else "n/a"
     console.print(f"Finished {result.steps} steps (last loss {last}); run directory: {result.output_dir}")
     return result

@@ -22,6 +22,10 @@ Checkpoints (every ``save_every`` steps, the newest ``save_total_limit`` kept; `
 unpickle nothing on resume, survive a crash at any moment, and refuse changed data or settings
 unless ``resume_changed`` is set. The run directory holds an ``INCOMPLETE`` marker until the
 final model is in place, so a run that died while saving is never mistaken for a model.
+
+SIGTERM or Ctrl-C stops a run gracefully (`StopRequest`): the step in progress finishes, a
+checkpoint is written and `TrainingStopped` says how to resume. ``progress.json`` in the run
+directory tells a watcher (`liandan.jobs`) the step, the ETA and how the run ended (`ProgressFile`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import shlex
 import shutil
+import signal
+import threading
 import time
 import warnings
 from collections.abc import Callable
@@ -47,6 +54,7 @@ from .attention import use_training_attention
 from .batching import plan_batches
 from .checkpoints import (
     INCOMPLETE,
+    PROGRESS,
     checkpoints_supported,
     fingerprint,
     fsync,
@@ -58,9 +66,10 @@ from .checkpoints import (
     truncate_metrics,
     warn,
 )
-from .config import DPOConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
+from .config import STAGES, DPOConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
 from .devices import cpu_supports_bf16
 from .errors import LiandanError
+from .files import write_atomic
 from .generation import SamplingConfig, generate
 from .lora_fusion import fuse_lora_layers
 from .prepare import PreparedRun, prepare_dpo, prepare_grpo, prepare_pretrain, prepare_sft
@@ -153,17 +162,26 @@ def train_grpo(config: GRPOConfig, *, resume: bool = False, stop_after: int | No
 
 def train(config: TrainConfig, prepare, *, resume: bool = False, stop_after: int | None = None) -> TrainResult:
     """The loop, for any stage: ``prepare(config, out_dir, ...)`` returns a `PreparedRun` whose
-    objective turns micro-batches into a loss (SFT, DPO, pre-training)."""
+    objective turns micro-batches into a loss (SFT, DPO, pre-training). Raises `TrainingStopped`
+    when SIGTERM or SIGINT stopped the run (with a checkpoint to resume from)."""
+    stop, progress_file = StopRequest(), ProgressFile(config)
     try:
-        return _loop(config, prepare, resume, stop_after)
+        return _loop(config, prepare, resume, stop_after, stop, progress_file)
+    except TrainingStopped:
+        raise
+    except BaseException:
+        progress_file.write(status="failed")
+        raise
     finally:
+        stop.restore()
         if int(os.environ.get("WORLD_SIZE", "1")) == 1:
             # accelerate keeps its settings in a process-wide singleton; forget them, so a later
             # run in the same Python process (quickstart, bake, a notebook) may use other ones.
             AcceleratorState._reset_state(reset_partial_state=True)
 
 
-def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) -> TrainResult:
+def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None, stop: StopRequest,
+          progress_file: ProgressFile) -> TrainResult:  # fmt: skip
     out_dir = Path(config.output_dir)
     check_trackers(config.report_to)
     # Several processes without CUDA (accelerate launch on CPUs): accelerate only sets up gloo
@@ -210,6 +228,10 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) ->
     start, bad_in_a_row = state["step"], 0
     result = TrainResult(output_dir=out_dir, steps=steps)
     last = min(steps, stop_after) if stop_after else steps
+    progress_file.start(start, steps, state.get("seconds", 0.0), accelerator.is_main_process)
+    if checkpoints_supported(accelerator):  # a stop must leave a checkpoint to resume from
+        stop.install()
+    stopped = False
     progress = make_progress(accelerator.is_main_process)
     with progress:
         task = progress.add_task(objective.name, total=steps, completed=start, loss=float("nan"), tps=0.0)
@@ -268,6 +290,7 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) ->
             if accelerator.is_main_process and ((step + 1) % config.log_every == 0 or "eval_loss" in record):
                 with open(metrics_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(json_safe(record), allow_nan=False) + "\n")
+                progress_file.write(step + 1)
             if config.report_to:
                 accelerator.log(record, step=step + 1)
             progress.update(task, advance=1, loss=mean_loss, tps=record["tokens_per_second"])
@@ -283,16 +306,25 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None) ->
             # A checkpoint falls between rollouts, so a resumed run samples its next round afresh.
             between = (step + 1) % objective.iterations == 0
             if saving and step + 1 < steps and between and checkpoint_due(config, step + 1, last_save, accelerator):
-                state["step"] = step + 1
+                state["step"], state["seconds"] = step + 1, progress_file.seconds()
                 save_checkpoint(accelerator, out_dir, model, optimizer, scheduler, state, config.save_total_limit)
                 last_save = time.monotonic()
+            if between and step + 1 < steps and stop.agreed(accelerator):
+                last, stopped = step + 1, True
+                break
     if last < steps:  # interrupted on purpose: leave a resumable checkpoint and nothing final
-        state["step"] = last
-        save_checkpoint(accelerator, out_dir, model, optimizer, scheduler, state, config.save_total_limit)
+        if state["step"] != last:  # not saved just now by save_every
+            state["step"], state["seconds"] = last, progress_file.seconds()
+            progress_file.write(last, "stopping")
+            save_checkpoint(accelerator, out_dir, model, optimizer, scheduler, state, config.save_total_limit)
         accelerator.end_training()
+        progress_file.write(last, "stopped")
+        if stopped:
+            raise TrainingStopped(progress_file.stage, out_dir, last, steps)
         return result
     save_final(accelerator, model, tokenizer, config, out_dir, run, restore_model)
     accelerator.end_training()
+    progress_file.write(steps, "finished")
     return result
 
 
@@ -419,6 +451,99 @@ def make_progress(enabled: bool):
         TextColumn("ETA"), TimeRemainingColumn(), disable=not enabled,
     )  # fmt: skip
 
+
+
+# ---------------------------------------------------------------------------------------------
+# Stopping on request, and progress for whoever watches the run
+
+
+class TrainingStopped(LiandanError):
+    """SIGTERM or SIGINT ended the run early, with a checkpoint at ``step`` to resume from. A
+    `LiandanError`, so every caller stops with this one line rather than going on to use a model
+    that was never written; the training commands print it and exit with status 3."""
+
+    def __init__(self, stage: str, out_dir: Path, step: int, steps: int):
+        self.step, self.steps = step, steps
+        super().__init__(f"stopped at step {step} of {steps}, with a checkpoint; continue with: "
+                         f"liandan {stage} --resume -o {shlex.quote(str(out_dir))}")  # fmt: skip
+
+
+class StopRequest:
+    """SIGTERM or SIGINT (Ctrl-C) asks the loop to stop: it finishes the step in progress (GRPO:
+    the round, as its checkpoints fall between rounds) and ends as ``stop_after`` does, with a
+    resumable checkpoint and nothing final. A second signal aborts at once through the handler
+    that was there before; nothing is half-written then either, since checkpoints are written
+    under a temporary name and renamed. Handlers go in from the main thread only (Python allows no
+    other). Every process of a multi-process run installs its own, as a launcher passes the
+    signal on to each, and the request is summed over processes so that all stop at one step."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, object] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)  # None: set outside Python
+        self.previous = {}
+
+    def handle(self, signum: int, frame) -> None:
+        if self.requested:
+            self.restore()
+            signal.raise_signal(signum)
+            return
+        self.requested = True
+        # os.write, not print: the signal may have interrupted a print to the same stream.
+        name = signal.Signals(signum).name
+        os.write(2, f"\n{name}: stopping after this step with a checkpoint (once more to abort)\n".encode())
+
+    def agreed(self, accelerator) -> bool:
+        """Whether any process was asked to stop; every process calls it at the same step."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor(float(self.requested), device=accelerator.device)
+        return float(accelerator.reduce(flag, "sum")) > 0
+
+
+class ProgressFile:
+    """``progress.json`` in the run directory, rewritten whole (temporary file, rename) by the main
+    process when the loop starts, at each logged step and when it ends: stage, step of steps,
+    seconds spent training (over resumes too), ETA at this session's pace, status (running,
+    stopping, stopped, finished, failed) and the process id. Nothing is written before the loop
+    starts: a run refused at the start leaves the directory it was refused from alone."""
+
+    def __init__(self, config: TrainConfig):
+        self.path = Path(config.output_dir) / PROGRESS
+        self.stage = next((name for name, cls in STAGES.items() if type(config) is cls), type(config).__name__)
+        self.record: dict | None = None
+        self.began, self.first, self.earlier = time.monotonic(), 0, 0.0
+
+    def start(self, step: int, steps: int, seconds: float, enabled: bool) -> None:
+        self.began, self.first, self.earlier = time.monotonic(), step, seconds
+        if enabled:
+            self.record = {"stage": self.stage, "step": step, "steps": steps, "seconds": seconds, "eta_seconds": None,
+                           "status": "running", "pid": os.getpid()}  # fmt: skip
+            self.write(step)
+
+    def seconds(self) -> float:
+        return self.earlier + time.monotonic() - self.began
+
+    def write(self, step: int | None = None, status: str = "running") -> None:
+        if self.record is None:
+            return
+        step = self.record["step"] if step is None else step
+        done, left, spent = step - self.first, self.record["steps"] - step, time.monotonic() - self.began
+        eta = 0.0 if not left else round(spent / done * left, 3) if done else None  # None: no step timed yet
+        self.record.update(step=step, seconds=round(self.seconds(), 3), status=status,
+                           eta_seconds=None if status == "failed" else eta)  # fmt: skip
+        try:
+            write_atomic(self.path, json.dumps(self.record) + "\n")
+        except OSError:
+            if status != "failed":  # a failed run raises its own error; this one must not hide it
+                raise
 
 
 # ---------------------------------------------------------------------------------------------

@@ -54,7 +54,7 @@ COMPLETE = "COMPLETE"
 INCOMPLETE = "INCOMPLETE"
 """In a run directory from the start of training until its final model is completely saved."""
 PROGRESS = "progress.json"
-"""In a run directory once training begins: its step, ETA, status and process (`liandan.train.ProgressFile`)."""
+"""In a run directory once training begins: its step, ETA, status and process (`liandan.run_control.ProgressFile`)."""
 RESUMABLE_CHANGES = {"output_dir", "save_every", "save_every_minutes", "save_total_limit", "log_every", "eval_every",
                      "report_to", "sample_prompts", "max_bad_steps", "resume_changed"}  # fmt: skip
 """Settings a resumed run may change: they do not change what the steps compute."""

@@ -1,7 +1,7 @@
 """What every ``liandan`` command shares: the Typer app, the options several commands take, and
 turning a `LiandanError` into one line and exit code 2. The commands themselves are in
 `liandan.cli_look` (compare, generate, quickstart, bake, eval), `liandan.cli_train` (sft, dpo,
-pretrain, merge) and `liandan.cli_use` (chat, serve, export, examples, inspect-data); they import
+pretrain, merge) and `liandan.cli_use` (chat, serve, export, examples, inspect-data, ui); they import
 the library inside each command, so that ``liandan --help`` stays quick."""
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .errors import LiandanError
 
@@ -56,7 +57,8 @@ def user_errors():
     try:
         yield
     except LiandanError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escaped: a message naming 'liandan[ui]' or a list ['a', 'b'] is text, not Rich markup
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
 
 

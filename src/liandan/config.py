@@ -24,6 +24,14 @@ import yaml
 from .errors import LiandanError
 
 
+# The settings that take one of a few words, named so that the checks below and the forms of
+# `liandan ui` offer the same ones.
+ATTENTION_KERNELS = ("auto", "eager", "sdpa", "flash_attention_2")
+MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+SPECIAL_TEXT_MODES = ("error", "plain")
+DPO_LOSSES = ("sigmoid", "ipo", "orpo", "simpo", "kto")
+
+
 @dataclass
 class LoraConfig:
     rank: int = 16
@@ -138,9 +146,9 @@ class TrainConfig:
             (self.batch_tokens >= self.max_length, f"batch_tokens ({self.batch_tokens}) must be at least max_length ({self.max_length})"),
             (0 <= self.warmup_ratio < 1, f"warmup_ratio must be in [0, 1) (got {self.warmup_ratio})"),
             (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction})"),
-            (self.attention in ("auto", "eager", "sdpa", "flash_attention_2"), f"attention must be auto, eager, sdpa or flash_attention_2 (got {self.attention!r})"),
-            (self.mixed_precision in ("auto", "no", "bf16", "fp16"), f"mixed_precision must be auto, no, bf16 or fp16 (got {self.mixed_precision!r})"),
-            (self.special_text in ("error", "plain"), f"special_text must be error or plain (got {self.special_text!r})"),
+            (self.attention in ATTENTION_KERNELS, f"attention must be auto, eager, sdpa or flash_attention_2 (got {self.attention!r})"),
+            (self.mixed_precision in MIXED_PRECISIONS, f"mixed_precision must be auto, no, bf16 or fp16 (got {self.mixed_precision!r})"),
+            (self.special_text in SPECIAL_TEXT_MODES, f"special_text must be error or plain (got {self.special_text!r})"),
         ]  # fmt: skip
         raise_first(checks)
 
@@ -219,8 +227,7 @@ class DPOConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        losses = ("sigmoid", "ipo", "orpo", "simpo", "kto")
-        raise_first([(self.loss in losses, f"loss must be sigmoid, ipo, orpo, simpo or kto (got {self.loss!r})")])
+        raise_first([(self.loss in DPO_LOSSES, f"loss must be sigmoid, ipo, orpo, simpo or kto (got {self.loss!r})")])
         if self.beta is None:
             self.beta = 2.0 if self.loss == "simpo" else 0.1
         weights = (self.desirable_weight, self.undesirable_weight)

@@ -1,4 +1,4 @@
-"""The commands that use a model or prepare for training: chat, serve, export, examples, inspect-data."""
+"""The commands that use a model or prepare for training: chat, serve, export, examples, inspect-data, ui."""
 
 from __future__ import annotations
 
@@ -136,3 +136,30 @@ def inspect_data(
             console.print(text)
         console.print(report.summary(), highlight=False)
         console.print(report.verdict(), style="green" if report.stops_kept else "bold red")
+
+
+@app.command()
+def ui(
+    model: Annotated[Optional[list[str]], typer.Option("--model", "-m", help="A model every picker offers (repeatable; the first is selected; default: default).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; 0.0.0.0 opens it to the network (anyone who reaches it can train and read files here).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 7860,
+    share: Annotated[bool, typer.Option("--share", help="Also ask Gradio for a public gradio.live link (off unless asked).")] = False,
+    state_dir: Annotated[Optional[Path], typer.Option("--state-dir", help="Where the UI keeps its training jobs and reports (default: $LIANDAN_HOME/ui).")] = None,
+    lang: Annotated[str, typer.Option(help="The language the page opens in: en or zh (switchable in the page).")] = "en",
+) -> None:
+    """The whole life cycle in the browser: look, inspect data, train with live curves, evaluate,
+    chat, export; English and 简体中文 (needs the ui extra: pip install 'liandan\\[ui]')."""
+    with user_errors():
+        from .errors import LiandanError
+        from .ui import require_gradio
+        from .ui.i18n import LANGUAGES
+
+        if lang not in LANGUAGES:
+            raise LiandanError(f"--lang {lang}: expected one of {', '.join(LANGUAGES)}")
+        require_gradio()
+        if model:
+            check_models(model)
+        from .ui.app import launch
+
+        quiet_libraries()
+        launch(models=model, host=host, port=port, share=share, state_dir=state_dir, lang=lang)

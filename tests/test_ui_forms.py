@@ -182,26 +182,57 @@ def test_every_label_on_the_page_is_a_string_of_the_language_or_a_setting_name(p
         for text in texts:
             if isinstance(text, str) and text and text not in english and text not in settings | helps:
                 missing.append((type(block).__name__, text))
-            elif text in english and id(block) not in switched:  # the language switch would leave it in English
+            elif isinstance(text, str) and text and id(block) not in switched:  # the language switch would leave it in English
                 unswitched.append((type(block).__name__, text))
     assert missing == [] and unswitched == []
     assert sum(isinstance(b, gr.Tab) for b in page.blocks.values()) == 6
 
 
 def test_switching_the_language_relabels_every_translated_component(page):
+    from liandan.ui.context import Key
+
     labels = page.liandan_labels
     for lang in STRINGS:
         for (component, keys), update in zip(labels.entries, labels.updates(lang), strict=True):
-            assert update == {"__type__": "update", **{prop: STRINGS[lang][key] for prop, key in keys.items()}}
+            expected = {prop: STRINGS[lang][key] if isinstance(key, Key) else key.by_lang[lang] for prop, key in keys.items()}
+            assert update == {"__type__": "update", **expected}
     tabs = [update["label"] for (component, _), update in zip(labels.entries, labels.updates("zh")) if type(component).__name__ == "Tab"]
     assert tabs == ["看模型", "数据", "训练", "评测", "对话", "导出"]
 
 
 def test_each_stage_has_a_widget_per_setting_labelled_with_it_and_helped_by_its_docstring(page):
+    from liandan.ui.i18n_settings import ZH_HELP, ZH_LABELS, entry
+
+    labels = page.liandan_labels
+    switched = {id(component): i for i, component in enumerate(labels.components)}
+    english, chinese = labels.updates("en"), labels.updates("zh")
     for stage in STAGES:
         for field in form_fields(stage):
             widget = next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == f"{stage}-{field.name.replace('.', '-')}")
             assert (widget.label, widget.info) == (field.name, field.help)
+            # The language switch gives it its Chinese help and a gloss after its name, and gives the English back.
+            i = switched.get(id(widget))
+            assert i is not None, f"{widget.elem_id}: the language switch leaves it as it is"
+            zh_label = f"{field.name} · {ZH_LABELS[entry(ZH_LABELS, stage, field.name)]}"
+            assert (chinese[i]["label"], chinese[i]["info"]) == (zh_label, ZH_HELP[entry(ZH_HELP, stage, field.name)])
+            assert (english[i]["label"], english[i]["info"]) == (field.name, field.help)
+    i = switched[id(next(b for b in page.blocks.values() if getattr(b, "elem_id", None) == "dpo-lr"))]
+    assert chinese[i]["info"] == "峰值学习率（AdamW）；DPO 宜用比 SFT 更小的学习率。" and chinese[i]["label"] == "lr · 学习率"
+
+
+def test_progress_and_the_data_summary_speak_the_page_language():
+    needs_gradio()
+    from liandan.data_inspection import DataInspection
+    from liandan.ui.train import data_summary, duration, progress_html
+
+    assert (duration(3725, "en"), duration(3725, "zh")) == ("1 h 02 min", "1 小时 02 分")
+    assert (duration(65, "zh"), duration(5, "zh"), duration(None, "zh")) == ("1 分 05 秒", "5 秒", "—")
+    line = progress_html({"step": 3, "steps": 10, "seconds": 65, "eta_seconds": 130, "status": "running"}, "zh")
+    assert "第 3 / 10 步 · 已用 1 分 05 秒 · 约剩 2 分 10 秒 · 运行中" in line
+    stats = {"tokens": 40, "trained_tokens": 12, "truncated": 1, "no_trained_tokens": ["d.jsonl:2"], "stop_cut_off": 0}
+    report = DataInspection(format="messages", records=2, stats=stats, shown=[])
+    assert data_summary(report, "zh") == "2 条记录（messages），共 40 个 token，其中 12 个参与训练（绿色）；1 条被截断，1 条没有参与训练的 token。"
+    assert data_summary(report, "en") == report.summary() + "."  # the words of liandan inspect-data
 
 
 # ---------------------------------------------------------------------------------------------

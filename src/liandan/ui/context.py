@@ -4,7 +4,7 @@ thread so that the page keeps answering while it runs.
 
     ctx = UIContext(jobs=Jobs(state_dir), state_dir=state_dir, models=["default"])
     labels = Labels("zh")
-    button = labels(gr.Button, value="look.run", variant="primary")   # "运行对比"; labels.updates("en") -> "Run"
+    button = labels(gr.Button, value=K("look.run"), variant="primary")   # "运行对比"; labels.updates("en") -> "Compare"
     for kind, payload in in_background(ctx, lambda report: compare(..., progress=report)):
         ...   # ("progress", "default · chat 3/6") while it runs, then ("done", result)
 """
@@ -55,23 +55,24 @@ def model_choices(ctx: UIContext) -> list[str]:
 
 class Labels:
     """Every translated property of every component, so that one switch of language updates
-    them all. ``labels(gr.Textbox, label="look.prompts", info="look.prompts_info", lines=4)``
-    makes the component with the strings of the starting language and remembers the keys."""
+    them all. ``labels(gr.Textbox, label=K("look.prompts"), info=K("look.prompts_info"), lines=4)``
+    makes the component with the strings of the starting language and remembers the keys; a
+    property given as `Texts` (a setting's label and help) is switched the same way."""
 
-    TRANSLATED = ("label", "info", "value", "placeholder")
+    TRANSLATED = ("label", "info", "value", "placeholder", "x_title", "y_title")
 
     def __init__(self, lang: str):
         self.lang = lang
-        self.entries: list[tuple[Any, dict[str, str]]] = []
+        self.entries: list[tuple[Any, dict[str, Key | Texts]]] = []
 
     def __call__(self, factory: Callable[..., Any], **kwargs: Any) -> Any:
-        keys = {name: kwargs.pop(name) for name in self.TRANSLATED if isinstance(kwargs.get(name), Key)}
-        component = factory(**kwargs, **{name: t(self.lang, key) for name, key in keys.items()})
+        keys = {name: kwargs.pop(name) for name in self.TRANSLATED if isinstance(kwargs.get(name), (Key, Texts))}
+        component = factory(**kwargs, **{name: key.text(self.lang) for name, key in keys.items()})
         self.entries.append((component, keys))
         return component
 
     def updates(self, lang: str) -> list:
-        return [gr.update(**{name: t(lang, key) for name, key in keys.items()}) for _, keys in self.entries]
+        return [gr.update(**{name: key.text(lang) for name, key in keys.items()}) for _, keys in self.entries]
 
     @property
     def components(self) -> list:
@@ -81,8 +82,22 @@ class Labels:
 class Key(str):
     """An i18n key given to `Labels` (``K("look.run")``), as against a literal value."""
 
+    def text(self, lang: str) -> str:
+        return t(lang, self)
+
 
 K = Key
+
+
+@dataclass
+class Texts:
+    """A text given in every language at once, for what `liandan.ui.i18n` does not hold: a
+    setting's label and help (`liandan.ui.i18n_settings`)."""
+
+    by_lang: dict[str, str]
+
+    def text(self, lang: str) -> str:
+        return self.by_lang.get(lang, self.by_lang["en"])
 
 
 def in_background(ctx: UIContext | None, work: Callable[[Callable[[str], None]], Any]) -> Iterator[tuple[str, Any]]:

@@ -2,7 +2,8 @@
 language with the same keys (`tests/test_ui_forms.py` holds them to it, and holds every label on
 the page to being one of these strings). The settings of the training forms are the exception:
 their label is the setting's own name (``lr``, ``lora.rank``, what YAML and ``--set`` take) and
-their help is its docstring in `liandan.config`, defined once, in English.
+their help is its docstring in `liandan.config`; their Chinese (a short name shown after the
+setting's own, and the docstring translated) is in `liandan.ui.i18n_settings`.
 
     t("zh", "tab.train")                          # '训练'
     t("en", "look.done", stopped=3, total=4)      # '3 of 4 outputs stopped by themselves.'
@@ -69,6 +70,7 @@ EN = {
     "data.stops_kept": "Every assistant turn ends in a trained stop token: the model learns to stop.",
     "data.stops_cut": "{n} examples lose their stop token to truncation: raise max_length.",
     "data.done": "Inspected {name}.",
+    "data.summary": "{records} records ({format}), {tokens} tokens, {trained} trained (green); {truncated} truncated, {empty} with no trained token.",
     "train.intro": "Fill in a form — every setting of the stage, its help taken from liandan's config — check the recipe and the equivalent command, and start. The run is a separate `liandan` process writing a normal run directory; it keeps running when you close or reload this page.",
     "train.stage": "Stage",
     "train.stage_info": "sft: conversations; dpo: preference pairs; pretrain: raw text; grpo: rewards on sampled answers.",
@@ -95,6 +97,8 @@ EN = {
     "jobs.resume_done": "Job {id}: {status}.",
     "jobs.progress": "Step {step} of {steps} · {elapsed} elapsed · about {eta} left · {status}",
     "jobs.loss": "Training loss",
+    "jobs.step": "step",
+    "jobs.loss_axis": "loss",
     "jobs.metrics": "Last metrics",
     "jobs.samples": "Samples",
     "jobs.prompt": "Prompt",
@@ -107,6 +111,9 @@ EN = {
     "status.stopped": "stopped",
     "status.finished": "finished",
     "status.failed": "failed",
+    "time.hours": "{hours} h {minutes:02d} min",
+    "time.minutes": "{minutes} min {seconds:02d} s",
+    "time.seconds": "{seconds} s",
     "eval.intro": "Before vs after (`liandan eval`): the first model is **before**, every other one is shown with its change and a 95% interval. A task set with checks, the retention probes (what the model knew) and drift (how far its answers moved).",
     "eval.models_info": "The first is 'before'; add run directories to see what training changed.",
     "eval.task": "Task set (.jsonl)",
@@ -144,6 +151,8 @@ EN = {
     "chat.ending_interrupted": "stopped early: kept out of training",
     "chat.cleared": "New conversation.",
     "chat.empty": "Nothing to save yet: the conversation is empty.",
+    "chat.not_jsonl": "Not saved: '{path}' is not a .jsonl file; training data is saved one conversation per line in a .jsonl file.",
+    "chat.no_dir": "Not saved: the directory '{dir}' does not exist.",
     "chat.nothing_to_train": "Not saved: every reply was cut short (at the length limit), so there is nothing to train on; liandan sft would refuse the record.",
     "chat.saved": "Saved {n} messages to {path}, which now holds {records} conversation(s); train on it with liandan sft --data {path}.",
     "export.intro": "Use the result elsewhere: merge a LoRA run into a standalone model (`liandan merge`), or write a GGUF file for llama.cpp and Ollama with its Modelfile (`liandan export`), verified against the source before it is kept.",
@@ -225,6 +234,7 @@ ZH = {
     "data.stops_kept": "每个助手回复都以参与训练的停止 token 结尾：模型能学会停下。",
     "data.stops_cut": "有 {n} 个样例因截断丢失了停止 token：请调大 max_length。",
     "data.done": "已检查 {name}。",
+    "data.summary": "{records} 条记录（{format}），共 {tokens} 个 token，其中 {trained} 个参与训练（绿色）；{truncated} 条被截断，{empty} 条没有参与训练的 token。",
     "train.intro": "填写表单（该阶段的每个设置，说明取自 liandan 的配置定义），核对配方和等价的命令行，然后开始。训练在一个独立的 `liandan` 进程中进行，写出标准的运行目录；关闭或刷新本页面不影响训练。",
     "train.stage": "阶段",
     "train.stage_info": "sft：对话数据；dpo：偏好对；pretrain：纯文本；grpo：对采样回答打分的奖励。",
@@ -251,6 +261,8 @@ ZH = {
     "jobs.resume_done": "任务 {id}：{status}。",
     "jobs.progress": "第 {step} / {steps} 步 · 已用 {elapsed} · 约剩 {eta} · {status}",
     "jobs.loss": "训练损失",
+    "jobs.step": "步数",
+    "jobs.loss_axis": "损失",
     "jobs.metrics": "最新指标",
     "jobs.samples": "生成样例",
     "jobs.prompt": "提示词",
@@ -263,6 +275,9 @@ ZH = {
     "status.stopped": "已停止",
     "status.finished": "已完成",
     "status.failed": "失败",
+    "time.hours": "{hours} 小时 {minutes:02d} 分",
+    "time.minutes": "{minutes} 分 {seconds:02d} 秒",
+    "time.seconds": "{seconds} 秒",
     "eval.intro": "训练前后对比（`liandan eval`）：第一个模型是**训练前**，其余每个模型都给出相对它的变化和 95% 置信区间。包括带检查项的任务集、保持度探针（模型原本会的东西）和漂移（回答偏离了多少）。",
     "eval.models_info": "第一个是“训练前”；加入运行目录即可看到训练带来的变化。",
     "eval.task": "任务集（.jsonl）",
@@ -300,6 +315,8 @@ ZH = {
     "chat.ending_interrupted": "提前停止：不参与训练",
     "chat.cleared": "已开始新对话。",
     "chat.empty": "还没有可保存的内容：对话为空。",
+    "chat.not_jsonl": "未保存：'{path}' 不是 .jsonl 文件；训练数据按每行一段对话保存在 .jsonl 文件中。",
+    "chat.no_dir": "未保存：目录 '{dir}' 不存在。",
     "chat.nothing_to_train": "未保存：每个回复都被截断了（达到长度上限），没有可训练的内容；liandan sft 会拒绝这条记录。",
     "chat.saved": "已将 {n} 条消息保存到 {path}，文件中现有 {records} 段对话；用 liandan sft --data {path} 训练。",
     "export.intro": "把结果用到别处：把 LoRA 运行合并成独立模型（`liandan merge`），或导出 llama.cpp 和 Ollama 用的 GGUF 文件及其 Modelfile（`liandan export`），保留之前会先与原模型比对验证。",

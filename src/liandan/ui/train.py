@@ -36,9 +36,10 @@ from ..data_inspection import DataInspection, inspect_data
 from ..jobs import Job, cli_command
 from ..models import check_models, load_tokenizer, resolve_model
 from ..prompts import shipped_example
-from .context import K, Labels, UIContext, error_text, in_background, model_choices, status_text, uploaded_or_typed
+from .context import K, Labels, Texts, UIContext, error_text, in_background, model_choices, status_text, uploaded_or_typed
 from .forms import FormField, build_config, form_fields, recipe_from_values, recipe_yaml
-from .i18n import t
+from .i18n import LANGUAGES, t
+from .i18n_settings import setting_help, setting_label
 
 FIELD = re.compile(r"^field '([^']*)': (.*)$", re.DOTALL)
 
@@ -77,6 +78,13 @@ def marked_pieces(report: DataInspection, stop_texts: list[str], trained: str, s
                     pieces.append((part, stop if part in stop_texts else trained))
         pieces.append(("\n\n", None))
     return pieces
+
+
+def data_summary(report: DataInspection, lang: str) -> str:
+    """`DataInspection.summary` in the page's language (the invalid records have their own table)."""
+    s = report.stats
+    return t(lang, "data.summary", records=report.records, format=report.format, tokens=s["tokens"], trained=s["trained_tokens"],
+             truncated=s["truncated"], empty=len(s["no_trained_tokens"]))  # fmt: skip
 
 
 def data_tab(ctx: UIContext, labels: Labels, lang: gr.Radio) -> None:
@@ -134,7 +142,7 @@ def data_tab(ctx: UIContext, labels: Labels, lang: gr.Radio) -> None:
                 return
             trained, stop = t(lang_value, "data.trained"), t(lang_value, "data.stop")
             verdict = t(lang_value, "data.stops_kept") if inspection.stops_kept else t(lang_value, "data.stops_cut", n=inspection.stats["stop_cut_off"])
-            text = f"{invalid}\n\n{inspection.summary()}\n\n**{verdict}**"
+            text = f"{invalid}\n\n{data_summary(inspection, lang_value)}\n\n**{verdict}**"
             pieces = marked_pieces(inspection, stops, trained, stop)
             yield (t(lang_value, "data.done", name=Path(chosen).name), table, text,
                    gr.update(value=pieces, color_map={trained: "green", stop: "red"}))  # fmt: skip
@@ -148,20 +156,23 @@ GROUPS = ("first", "stage", "lora", "advanced")
 CURVE_COLUMNS = ("step", "value", "curve")
 
 
-def field_widget(stage: str, field: FormField, ctx: UIContext) -> Any:
-    """The widget of one setting: its name as the label, its docstring as the help text."""
-    common = {"label": field.name, "info": field.help, "value": field.widget_default, "elem_id": f"{stage}-{field.name.replace('.', '-')}"}
+def field_widget(stage: str, field: FormField, ctx: UIContext, labels: Labels) -> Any:
+    """The widget of one setting: its name as the label (in Chinese with a short gloss after it),
+    its docstring as the help text (in Chinese its translation, `liandan.ui.i18n_settings`)."""
+    label = Texts({lang: setting_label(lang, stage, field.name) for lang in LANGUAGES})
+    info = Texts({lang: setting_help(lang, stage, field.name, field.help) for lang in LANGUAGES})
+    common = {"label": label, "info": info, "value": field.widget_default, "elem_id": f"{stage}-{field.name.replace('.', '-')}"}
     if field.name == "model":  # the model the page was opened with, not the config's default
-        return gr.Dropdown(choices=model_choices(ctx), allow_custom_value=True, **common | {"value": ctx.models[0]})
+        return labels(gr.Dropdown, choices=model_choices(ctx), allow_custom_value=True, **common | {"value": ctx.models[0]})
     if field.choices:
         choices = ([("—", "")] if field.optional else []) + list(field.choices)
-        return gr.Dropdown(choices=choices, **common | {"value": common["value"] or ("" if field.optional else None)})
+        return labels(gr.Dropdown, choices=choices, **common | {"value": common["value"] or ("" if field.optional else None)})
     if field.kind == "bool":
-        return gr.Checkbox(**common)
+        return labels(gr.Checkbox, **common)
     if field.kind in ("int", "float"):
-        return gr.Number(precision=0 if field.kind == "int" else None, **common)
+        return labels(gr.Number, precision=0 if field.kind == "int" else None, **common)
     lines = 2 if field.kind == "list[str]" else 1
-    return gr.Textbox(lines=lines, max_lines=8, **common)
+    return labels(gr.Textbox, lines=lines, max_lines=8, **common)
 
 
 def stage_form(stage: str, ctx: UIContext, labels: Labels) -> tuple[list[FormField], list[Any]]:
@@ -175,7 +186,7 @@ def stage_form(stage: str, ctx: UIContext, labels: Labels) -> tuple[list[FormFie
         with labels(gr.Accordion, label=K(f"train.group_{group}"), open=group in ("first", "stage")):
             for start in range(0, len(members), 2):
                 with gr.Row():
-                    widgets += [field_widget(stage, f, ctx) for f in members[start : start + 2]]
+                    widgets += [field_widget(stage, f, ctx, labels) for f in members[start : start + 2]]
     return [f for group in GROUPS for f in fields if f.group == group], widgets
 
 
@@ -256,21 +267,23 @@ def job_rows(jobs: list[Job], lang: str) -> dict:
     return {"headers": headers, "data": rows}
 
 
-def duration(seconds: float | None) -> str:
+def duration(seconds: float | None, lang: str) -> str:
     if seconds is None:
         return "—"
     seconds = round(seconds)
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
-    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
+    if hours:
+        return t(lang, "time.hours", hours=hours, minutes=minutes)
+    return t(lang, "time.minutes", minutes=minutes, seconds=seconds) if minutes else t(lang, "time.seconds", seconds=seconds)
 
 
 def progress_html(progress: dict, lang: str) -> str:
     step, steps = progress.get("step") or 0, progress.get("steps") or 0
     status = progress.get("status") or ""
     bar = f'<progress value="{step}" max="{max(steps, 1)}" style="width:100%;height:1.2rem"></progress>'
-    line = t(lang, "jobs.progress", step=step, steps=steps or "?", elapsed=duration(progress.get("seconds")),
-             eta=duration(progress.get("eta_seconds")), status=t(lang, f"status.{status}") if status else "—")  # fmt: skip
+    line = t(lang, "jobs.progress", step=step, steps=steps or "?", elapsed=duration(progress.get("seconds"), lang),
+             eta=duration(progress.get("eta_seconds"), lang), status=t(lang, f"status.{status}") if status else "—")  # fmt: skip
     return f'<div id="train-progress">{bar}<div>{line}</div></div>'
 
 
@@ -307,7 +320,7 @@ def job_panel(ctx: UIContext, labels: Labels, lang: gr.Radio) -> dict:
     action = gr.Markdown(elem_id="jobs-action")
     progress = gr.HTML(elem_id="job-progress")
     with gr.Row():
-        curve = labels(gr.LinePlot, label=K("jobs.loss"), x="step", y="value", color="curve", height=280, scale=2, y_title="loss", color_title=" ",
+        curve = labels(gr.LinePlot, label=K("jobs.loss"), x="step", y="value", color="curve", height=280, scale=2, x_title=K("jobs.step"), y_title=K("jobs.loss_axis"), color_title=" ",
                        elem_id="loss-plot", value=None)  # fmt: skip
         metrics = labels(gr.JSON, label=K("jobs.metrics"), scale=1)
     samples = labels(gr.Dataframe, label=K("jobs.samples"), interactive=False, wrap=True, visible=False)

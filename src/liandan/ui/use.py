@@ -159,6 +159,10 @@ def chat_tab(ctx: UIContext, labels: Labels, lang: gr.Radio) -> None:
             if not trainable(held[1]):
                 raise LiandanError(t(lang_value, "chat.nothing_to_train"))
             path = Path((path_value or "").strip() or "chats.jsonl").expanduser()
+            if path.suffix.lower() != ".jsonl":
+                raise LiandanError(t(lang_value, "chat.not_jsonl", path=path))
+            if not path.parent.is_dir():
+                raise LiandanError(t(lang_value, "chat.no_dir", dir=path.parent))
             records = append_conversation(path, held[1])
             return t(lang_value, "chat.saved", n=len(held[1].messages), path=path, records=records)
         except Exception as exc:

@@ -5,8 +5,11 @@ Files are ``.jsonl``, ``.json`` (a list of records, or ``{"data": [...]}``), ``.
 format is detected from its first record's keys (or forced with ``format=``):
 
 ==================  =================================================================
-``messages``        ``{"messages": [{"role", "content", "train"?}, ...]}`` (OpenAI)
-``sharegpt``        ``{"conversations": [{"from", "value"}, ...], "system"?}``
+``messages``        ``{"messages": [{"role", "content", "train"?, "tool_calls"?}, ...], "tools"?}``
+                    (OpenAI; a ``tool`` turn may give ``"tool_call_id"`` and ``"name"``)
+``sharegpt``        ``{"conversations": [{"from", "value"}, ...], "system"?, "tools"?}``; ``from``
+                    may also be ``function_call`` (value: a call ``{"name", "arguments"}`` or a
+                    list of them) and ``observation`` (a tool's result), as in LLaMA-Factory
 ``alpaca``          ``{"instruction", "input"?, "output", "system"?}``
 ``prompt_completion`` ``{"prompt": str | messages, "completion": str | messages}``
 ``text``            ``{"text"}`` (raw text for pre-training)
@@ -14,6 +17,13 @@ format is detected from its first record's keys (or forced with ``format=``):
 
 Every record becomes an `Example`: a conversation of ``{"role", "content"}`` dicts (plus
 ``"train": False`` on turns that must not be trained on) or a raw text, with its source.
+
+Tool calling: an assistant turn may carry ``"tool_calls": [{"type": "function", "function":
+{"name", "arguments"}, "id"?}]`` with ``arguments`` always a dict (OpenAI's JSON string is
+parsed) and ``content`` ``""`` when the turn only calls; a ``tool`` turn holds one result, with
+``"tool_call_id"`` and ``"name"`` where known; `Example.tools` holds the record's ``tools``
+(a list, or a JSON string of one as LLaMA-Factory writes it) as ``{"type": "function",
+"function": {"name", "description"?, "parameters"?}}``.
 
     from liandan.data import read_examples, split_examples
     result = read_examples("examples/chat.jsonl")              # purpose="sft"
@@ -48,6 +58,8 @@ CONVERSATION_FORMATS = FORMATS[:-1]
 PURPOSES = ("sft", "text")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "tool": "tool"}
+SHAREGPT_TOOL_TAGS = {"function_call": "assistant", "observation": "tool"}
+"""LLaMA-Factory's sharegpt names for a turn of tool calls and for a tool's result."""
 EXPECTED_KEYS = (
     "expected 'messages' (messages), 'conversations' (sharegpt), 'instruction' and 'output' (alpaca), "
     "'prompt' and 'completion' (prompt_completion) or 'text' (text) (or force one with format=)"
@@ -60,9 +72,13 @@ class Example:
     """One training record in liandan's internal shape: exactly one of ``messages`` and ``text``."""
 
     messages: list[dict] | None = None
-    """The conversation: ``{"role", "content"}`` dicts, plus ``"train": False`` where the data said so."""
+    """The conversation: ``{"role", "content"}`` dicts, plus ``"train": False`` where the data said so,
+    ``"tool_calls"`` on assistant turns that call tools, ``"tool_call_id"``/``"name"`` on tool results."""
     text: str | None = None
     """Raw text, for pre-training."""
+    tools: list[dict] | None = None
+    """The tools the conversation may call, ``{"type": "function", "function": {"name", ...}}``; None when
+    the record lists none."""
     source: str
     """Where it came from (``FILE:LINE``, ``FILE:record N`` or ``FILE:row N``), for errors and reports."""
 
@@ -371,15 +387,24 @@ class _Turn:
     role_field: str
     """The record's field that gave the role, e.g. ``conversations[2].from``."""
     raw_role: str
+    call_names: list[str] = field(default_factory=list)
+    """The record's field that gave each tool call's name, e.g. ``messages[2].tool_calls[0].function.name``."""
+
+    @property
+    def prefix(self) -> str:
+        """The message's own field, e.g. ``messages[2]``."""
+        return self.role_field.rsplit(".", 1)[0]
 
 
 def normalise(record: dict, fmt: str, where: str) -> Example:
     if fmt == "text":
         return Example(text=string_field(record, "text", where), source=where)
     if fmt == "messages":
-        turns = read_turns(record.get("messages", MISSING), "messages", "role", "content", dict(zip(ROLES, ROLES)), where)
+        roles = dict(zip(ROLES, ROLES))
+        turns = read_turns(record.get("messages", MISSING), "messages", "role", "content", roles, where, tools=True)
     elif fmt == "sharegpt":
-        turns = read_turns(record.get("conversations", MISSING), "conversations", "from", "value", SHAREGPT_ROLES, where)
+        roles = SHAREGPT_ROLES | SHAREGPT_TOOL_TAGS
+        turns = read_turns(record.get("conversations", MISSING), "conversations", "from", "value", roles, where, tools=True)
         if record.get("system") is not None:
             turns.insert(0, plain_turn("system", string_field(record, "system", where), "system"))
     elif fmt == "alpaca":
@@ -387,7 +412,9 @@ def normalise(record: dict, fmt: str, where: str) -> Example:
     else:
         turns = prompt_completion_turns(record, where)
     check_conversation(turns, where)
-    return Example(messages=[t.message for t in turns], source=where)
+    tools = read_tools(record.get("tools"), where)
+    check_tool_use(turns, tools, where)
+    return Example(messages=[t.message for t in turns], tools=tools, source=where)
 
 
 def alpaca_turns(record: dict, where: str) -> list[_Turn]:
@@ -409,7 +436,7 @@ def prompt_completion_turns(record: dict, where: str) -> list[_Turn]:
     for key, role in (("prompt", "user"), ("completion", "assistant")):
         value = record.get(key, MISSING)
         if isinstance(value, list):  # conversational prompt-completion, as in TRL
-            turns += read_turns(value, key, "role", "content", dict(zip(ROLES, ROLES)), where)
+            turns += read_turns(value, key, "role", "content", dict(zip(ROLES, ROLES)), where, tools=True)
         else:
             turns.append(plain_turn(role, string_field(record, key, where), key))
     return turns
@@ -419,8 +446,12 @@ def plain_turn(role: str, content: str, field_name: str) -> _Turn:
     return _Turn({"role": role, "content": content}, field_name, role)
 
 
-def read_turns(value: object, name: str, role_key: str, content_key: str, roles: dict, where: str) -> list[_Turn]:
-    """Validate a list of message objects; ``roles`` maps the record's role names to ours."""
+def read_turns(
+    value: object, name: str, role_key: str, content_key: str, roles: dict, where: str, *, tools: bool = False
+) -> list[_Turn]:
+    """Validate a list of message objects; ``roles`` maps the record's role names to ours. With
+    ``tools``, assistant turns may call tools and tool turns may say which call they answer (how
+    calls and results fit together is `check_tool_use`'s part, once the whole record is read)."""
     if not isinstance(value, list) or not value:
         raise field_error(where, name, f"expected a non-empty list of {{{role_key}, {content_key}}} objects; got {describe(value)}")
     turns = []
@@ -430,15 +461,29 @@ def read_turns(value: object, name: str, role_key: str, content_key: str, roles:
             raise field_error(where, prefix, f"expected an object with '{role_key}' and '{content_key}'; got {describe(item)}")
         raw_role = item.get(role_key, MISSING)
         if not isinstance(raw_role, str) or raw_role not in roles:
-            raise field_error(where, f"{prefix}.{role_key}", f"expected one of {', '.join(roles)}; got {describe(raw_role)}")
-        message = {"role": roles[raw_role], "content": string_field(item, content_key, where, prefix=f"{prefix}.")}
+            tags = [r for r in roles if r in SHAREGPT_TOOL_TAGS]
+            listed = ", ".join(r for r in roles if r not in SHAREGPT_TOOL_TAGS)
+            also = f" (or {' and '.join(tags)}, for tool calls and their results)" if tags else ""
+            raise field_error(where, f"{prefix}.{role_key}", f"expected one of {listed}; got {describe(raw_role)}{also}")
+        role, call_names = roles[raw_role], []
+        if tools and raw_role == "function_call":
+            calls, call_names = sharegpt_calls(item.get(content_key, MISSING), f"{prefix}.{content_key}", where)
+            message = {"role": role, "content": "", "tool_calls": calls}
+        elif tools and role == "assistant" and item.get("tool_calls") is not None:
+            calls, call_names = read_tool_calls(item["tool_calls"], f"{prefix}.tool_calls", where)
+            content = call_content(item.get(content_key), f"{prefix}.{content_key}", where)
+            message = {"role": role, "content": content, "tool_calls": calls}
+        elif tools and role == "tool":
+            message = tool_result(item, content_key, prefix, where)
+        else:
+            message = {"role": role, "content": string_field(item, content_key, where, prefix=f"{prefix}.")}
         train = item.get("train")
         if train is not None and not isinstance(train, bool):
             raise field_error(where, f"{prefix}.train", f"expected true or false; got {describe(train)}")
         train = read_weight(item, train, message["role"], prefix, where)
         if train is False:
             message["train"] = False
-        turns.append(_Turn(message, f"{prefix}.{role_key}", raw_role))
+        turns.append(_Turn(message, f"{prefix}.{role_key}", raw_role, call_names))
     return turns
 
 
@@ -457,7 +502,8 @@ def read_weight(item: dict, train: bool | None, role: str, prefix: str, where: s
 
 
 def check_conversation(turns: list[_Turn], where: str) -> None:
-    """A user turn before the first assistant turn, an assistant turn last, and something to train on."""
+    """A user turn before the first assistant turn, an assistant turn last (one that only calls tools
+    counts), and something to train on."""
     roles = [t.message["role"] for t in turns]
     if "assistant" in roles:
         first = turns[roles.index("assistant")]
@@ -467,8 +513,216 @@ def check_conversation(turns: list[_Turn], where: str) -> None:
     if last.message["role"] != "assistant":
         raise field_error(where, last.role_field, f"expected the conversation to end with an assistant turn; got {last.raw_role!r}")
     if all(t.message.get("train") is False for t in turns if t.message["role"] == "assistant"):
-        train_field = last.role_field.rsplit(".", 1)[0] + ".train"
+        train_field = last.prefix + ".train"
         raise field_error(where, train_field, "expected at least one assistant turn to train on; got train: false on all of them")
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool calling: the record's tools, an assistant turn's calls, a tool turn's result
+
+
+def read_tools(value: object, where: str) -> list[dict] | None:
+    """The record's ``tools`` as ``{"type": "function", "function": {...}}`` objects; a bare function
+    object is wrapped so. A JSON string (LLaMA-Factory) is read; absent, empty or ``[]`` is None."""
+    expected = "expected a list of tools or a JSON string of one"
+    if isinstance(value, str):
+        if not value.strip():  # CSV cells and LLaMA-Factory data say "no tools" so
+            return None
+        try:
+            parsed = parse_json(value)
+        except ValueError as exc:
+            raise field_error(where, "tools", f"{expected}; got {describe(value)}: {exc}") from None
+        if not isinstance(parsed, list):
+            raise field_error(where, "tools", f"{expected}; got {describe(value)}, which holds {describe(parsed)}")
+        value = parsed
+    if value is None or value == []:
+        return None
+    if not isinstance(value, list):
+        raise field_error(where, "tools", f"{expected}; got {describe(value)}")
+    tools, first = [], {}
+    for i, item in enumerate(value):
+        path = f"tools[{i}]"
+        if not isinstance(item, dict):
+            expected = "expected a tool object with 'function' (or a bare one with 'name')"
+            raise field_error(where, path, f"{expected}; got {describe(item)}")
+        function, function_path = function_of(item, path, where)
+        name = string_field(function, "name", where, prefix=f"{function_path}.")
+        if name in first:
+            raise field_error(where, f"{function_path}.name", f"expected each tool once; got {name!r} again (also {first[name]})")
+        first[name] = path
+        description, parameters = function.get("description"), function.get("parameters")
+        if description is not None and not isinstance(description, str):
+            raise field_error(where, f"{function_path}.description", f"expected a string; got {describe(description)}")
+        if parameters is not None and not isinstance(parameters, dict):
+            raise field_error(where, f"{function_path}.parameters", f"expected a JSON Schema object; got {describe(parameters)}")
+        kept = {k: v for k, v in function.items() if v is not None and not (function is item and k == "type")}
+        tools.append({"type": "function", "function": kept})
+    return tools
+
+
+def function_of(item: dict, path: str, where: str) -> tuple[dict, str]:
+    """The function object of a tool or a call, and its field: OpenAI wraps it as ``{"type":
+    "function", "function": {...}}``, other data gives it bare."""
+    kind = item.get("type")
+    if kind is not None and kind != "function":
+        raise field_error(where, f"{path}.type", f"expected 'function'; got {describe(kind)}")
+    if "function" not in item:
+        return item, path
+    if not isinstance(item["function"], dict):
+        raise field_error(where, f"{path}.function", f"expected an object with 'name'; got {describe(item['function'])}")
+    return item["function"], f"{path}.function"
+
+
+def read_tool_calls(value: object, path: str, where: str) -> tuple[list[dict], list[str]]:
+    """An assistant turn's ``tool_calls``: the calls, and the field of each call's name."""
+    if not isinstance(value, list) or not value:
+        raise field_error(where, path, f"expected a non-empty list of calls; got {describe(value)}")
+    return read_calls([(f"{path}[{j}]", item) for j, item in enumerate(value)], where)
+
+
+def sharegpt_calls(value: object, path: str, where: str) -> tuple[list[dict], list[str]]:
+    """A ``function_call`` turn's value: a call object, or a list of them (parallel calls), as JSON text."""
+    expected = "expected a call object with 'name' and 'arguments' or a list of them, as JSON"
+    parsed = value
+    if isinstance(value, str):
+        try:
+            parsed = parse_json(value)
+        except ValueError as exc:
+            raise field_error(where, path, f"{expected}; got {describe(value)}: {exc}") from None
+    if isinstance(parsed, dict):
+        return read_calls([(path, parsed)], where)
+    if isinstance(parsed, list) and parsed:
+        return read_calls([(f"{path}[{j}]", item) for j, item in enumerate(parsed)], where)
+    raise field_error(where, path, f"{expected}; got {describe(value)}")
+
+
+def read_calls(items: list[tuple[str, object]], where: str) -> tuple[list[dict], list[str]]:
+    """``(field, call)`` pairs as OpenAI's calls, ``arguments`` a dict; and the field of each call's name."""
+    calls, names, ids = [], [], set()
+    for path, item in items:
+        if not isinstance(item, dict):
+            expected = "expected a call object with 'function' (or a bare one with 'name')"
+            raise field_error(where, path, f"{expected}; got {describe(item)}")
+        function, function_path = function_of(item, path, where)
+        name = string_field(function, "name", where, prefix=f"{function_path}.")
+        arguments = read_arguments(function.get("arguments", MISSING), f"{function_path}.arguments", where)
+        call = {"type": "function", "function": {"name": name, "arguments": arguments}}
+        if item.get("id") is not None:
+            call["id"] = string_field(item, "id", where, prefix=f"{path}.")
+            if call["id"] in ids:  # a result could not say which of the two it answers
+                raise field_error(where, f"{path}.id", f"expected each call's id once; got {call['id']!r} again")
+            ids.add(call["id"])
+        calls.append(call)
+        names.append(f"{function_path}.name")
+    return calls, names
+
+
+def read_arguments(value: object, path: str, where: str) -> dict:
+    """A call's arguments as a dict: OpenAI writes them as a JSON string, other data as an object."""
+    expected = "expected a JSON object or a JSON string of one"
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, str):
+        raise field_error(where, path, f"{expected}; got {describe(value)}")
+    try:
+        parsed = parse_json(value)
+    except ValueError as exc:
+        raise field_error(where, path, f"{expected}; got {describe(value)}: {exc}") from None
+    if not isinstance(parsed, dict):
+        raise field_error(where, path, f"{expected}; got {describe(value)}, which holds {describe(parsed)}")
+    return parsed
+
+
+def call_content(value: object, path: str, where: str) -> str:
+    """The text beside an assistant turn's calls: often null or left out, then ``""``."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return ""
+    if not isinstance(value, str):
+        raise field_error(where, path, f"expected a string or null beside tool_calls; got {describe(value)}")
+    return value
+
+
+def tool_result(item: dict, content_key: str, prefix: str, where: str) -> dict:
+    """A tool turn. Its content is the result as text; a result given as a JSON value (an object, a
+    list, a number, true or false) is kept as that value's JSON text, which is what a tool returns to
+    a model. A list of OpenAI content parts is refused rather than trained as JSON."""
+    value, path = item.get(content_key, MISSING), f"{prefix}.{content_key}"
+    if isinstance(value, list) and value and all(isinstance(p, dict) and p.get("type") == "text" for p in value):
+        problem = "expected the result as a string; got a list of content parts (join their text into one string)"
+        raise field_error(where, path, problem)
+    if isinstance(value, (dict, list, int, float)):  # bool is an int
+        content = json.dumps(value, ensure_ascii=False)
+    elif isinstance(value, str) and value.strip():
+        content = value
+    else:
+        raise field_error(where, path, f"expected a non-empty string or a JSON value; got {describe(value)}")
+    message = {"role": "tool", "content": content}
+    for key in ("tool_call_id", "name"):
+        if item.get(key) is not None:
+            message[key] = string_field(item, key, where, prefix=f"{prefix}.")
+    return message
+
+
+def check_tool_use(turns: list[_Turn], tools: list[dict] | None, where: str) -> None:
+    """Calls name the record's tools (when it lists them), and each tool result answers a call of the
+    turn of calls just before it (only other results in between), one result per call at most. A
+    result's ``name``, when the record leaves it out, is filled in from the call it answers (by
+    ``tool_call_id``, or the turn's only call): templates such as Llama 3.1's and Gemma's write it.
+
+    In a record without structured calls, tool turns answer calls written in the assistant's text
+    (Hermes' ``<tool_call>``, sharegpt's ``tool`` turns) and are read as before, unchecked."""
+    known = [tool["function"]["name"] for tool in tools or []]
+    structured = any("tool_calls" in turn.message for turn in turns)
+    calls_turn, answered, previous = None, [], None
+    for turn in turns:
+        message = turn.message
+        if "tool_calls" in message:
+            for call, name_field in zip(message["tool_calls"], turn.call_names):
+                name = call["function"]["name"]
+                if tools and name not in known:
+                    raise field_error(where, name_field, f"expected one of the record's tools: {', '.join(known)}; got {name!r}")
+            calls_turn, answered = turn, []
+        elif message["role"] != "tool":
+            calls_turn = None
+        elif structured or "tool_call_id" in message:
+            if calls_turn is None:
+                after = f"after {previous.raw_role!r}" if previous else "at the start"
+                expected = "expected a tool result to follow a turn of tool calls (with only tool results in between)"
+                raise field_error(where, turn.role_field, f"{expected}; got {turn.raw_role!r} {after}")
+            answer_call(turn, calls_turn, answered, where)
+        previous = turn
+
+
+def answer_call(turn: _Turn, calls_turn: _Turn, answered: list, where: str) -> None:
+    """Match one tool result to a call of ``calls_turn``; ``answered`` holds the results so far."""
+    message, calls = turn.message, calls_turn.message["tool_calls"]
+    if len(answered) == len(calls):
+        n = len(calls)
+        expected = f"expected at most {n} tool result{'s' if n > 1 else ''}, one per call in {calls_turn.prefix}"
+        raise field_error(where, turn.role_field, f"{expected}; got {n + 1}")
+    call = calls[0] if len(calls) == 1 else None
+    if "tool_call_id" in message:
+        ids = [c["id"] for c in calls if "id" in c]
+        call_id = message["tool_call_id"]
+        if call_id not in ids:
+            known = ", ".join(ids) if ids else "none, its calls have no 'id'"
+            expected = f"expected the id of a call in {calls_turn.prefix} ({known})"
+            raise field_error(where, f"{turn.prefix}.tool_call_id", f"{expected}; got {call_id!r}")
+        if call_id in answered:
+            raise field_error(where, f"{turn.prefix}.tool_call_id", f"expected each call answered once; got {call_id!r} again")
+        call = next(c for c in calls if c.get("id") == call_id)
+    answered.append(message.get("tool_call_id"))
+    names, name = [c["function"]["name"] for c in calls], message.get("name")
+    if name is None:
+        if call is not None:
+            message["name"] = call["function"]["name"]
+    elif call is not None and name != call["function"]["name"]:
+        which = f"call {message['tool_call_id']!r}" if "tool_call_id" in message else f"the call in {calls_turn.prefix}"
+        expected = f"expected {call['function']['name']!r}, the name of {which}"
+        raise field_error(where, f"{turn.prefix}.name", f"{expected}; got {name!r}")
+    elif name not in names:
+        expected = f"expected one of the functions called in {calls_turn.prefix}: {', '.join(names)}"
+        raise field_error(where, f"{turn.prefix}.name", f"{expected}; got {name!r}")
 
 
 def string_field(record: dict, key: str, where: str, prefix: str = "") -> str:

@@ -82,7 +82,7 @@ def test_every_stage_setting_is_its_own_or_shared():
     shared = {f.name for f in dataclasses.fields(TrainConfig)}
     own = {cls: {f.name for f in dataclasses.fields(cls)} - shared for cls in (SFTConfig, DPOConfig, PretrainConfig)}
     assert own[SFTConfig] == {"format", "skip_invalid", "packing", "replay", "replay_ratio", "replay_prompts",
-                              "replay_max_new_tokens"}  # fmt: skip
+                              "replay_max_new_tokens", "tools_template"}  # fmt: skip
     assert own[DPOConfig] == {"beta", "label_smoothing", "loss", "sft_weight", "simpo_gamma", "desirable_weight", "undesirable_weight"}
     assert own[PretrainConfig] == set()  # its own defaults only (max_length is the block size)
     assert (DPOConfig().lr, PretrainConfig().max_length, SFTConfig().lr) == (5e-5, 512, 2e-4)

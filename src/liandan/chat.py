@@ -18,6 +18,7 @@ trains only the assistant's replies and the stop token that ends each one:
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,15 +142,17 @@ class EncodedChat:
 
 
 def encode_chat(
-    tokenizer: Any, messages: list[dict], max_length: int | None = None, special_text: str = "error"
+    tokenizer: Any, messages: list[dict], max_length: int | None = None, special_text: str = "error",
+    tools: list[dict] | None = None,
 ) -> dict[str, list[int]]:
     """``{"input_ids", "labels"}`` for supervised fine-tuning; see `encode_chat_example`."""
-    encoded = encode_chat_example(tokenizer, messages, max_length, special_text)
+    encoded = encode_chat_example(tokenizer, messages, max_length, special_text, tools)
     return {"input_ids": encoded.input_ids, "labels": encoded.labels}
 
 
 def encode_chat_example(
-    tokenizer: Any, messages: list[dict], max_length: int | None = None, special_text: str = "error"
+    tokenizer: Any, messages: list[dict], max_length: int | None = None, special_text: str = "error",
+    tools: list[dict] | None = None,
 ) -> EncodedChat:
     """Tokenize a conversation with the tokenizer's chat template and mask everything but the
     trained assistant replies and their stop tokens. An assistant message with ``"train": False``
@@ -157,7 +160,12 @@ def encode_chat_example(
 
     Special-token text in a message's content raises (``special_text="error"``) or is encoded as
     plain characters (``"plain"``); it never becomes a control token. A message the template does
-    not render (a dropped system or tool turn) raises."""
+    not render (a dropped system or tool turn) raises.
+
+    ``tools`` (function definitions) are rendered by the template as it renders them; an
+    assistant message's ``tool_calls`` are trained with its reply (the calls as the template
+    writes them, and the stop token), tool results and definitions never are. A template that
+    leaves out the definitions, a call or a result raises."""
     if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
         raise LiandanError(f"max_length: expected a positive integer or None, got {max_length!r}")
     if not has_chat_template(tokenizer):
@@ -167,12 +175,16 @@ def encode_chat_example(
     clean, trained = _check_messages(messages)
     specials = special_texts(tokenizer)
     _check_special_text(clean, specials, special_text)
-    full = _render(tokenizer, clean)
-    if _render(tokenizer, clean) != full:
+    _check_tool_text(clean, tools, specials)
+    full = _render(tokenizer, clean, tools=tools)
+    if _render(tokenizer, clean, tools=tools) != full:
         raise _no_mask("rendering the same conversation twice gave different text")
-    _check_rendered(tokenizer, clean)
-    spans = _reply_spans(tokenizer, clean, trained, full, plain=special_text == "plain")
-    plain = _plain_ranges(tokenizer, clean, full, specials) if special_text == "plain" else []
+    _check_rendered(tokenizer, clean, tools=tools)
+    if tools or any(m.get("tool_calls") for m in clean):
+        spans = _reply_spans_by_prefix(tokenizer, clean, trained, full, tools, specials, plain=special_text == "plain")
+    else:
+        spans = _reply_spans(tokenizer, clean, trained, full, plain=special_text == "plain")
+    plain = _plain_ranges(tokenizer, clean, full, specials, tools=tools) if special_text == "plain" else []
     input_ids, offsets = _tokenize_with_offsets(tokenizer, full, plain)
     labels = [IGNORE_INDEX] * len(input_ids)
     stop_ids, stops, begin = set(stop_token_ids(tokenizer)), [], 0
@@ -210,10 +222,47 @@ def _check_messages(messages: Any) -> tuple[list[dict], list[int]]:
             raise LiandanError(f"messages[{i}]: field 'train': only assistant messages are trained, not '{role}'")
         if not isinstance(train, bool):
             raise LiandanError(f"messages[{i}]: field 'train': expected true or false, got {train!r}")
-        clean.append({key: value for key, value in message.items() if key != "train"})
+        clean.append(_with_object_arguments({key: value for key, value in message.items() if key != "train"}, i))
         if role == "assistant" and train:
             trained.append(i)
     return clean, trained
+
+
+def _with_object_arguments(message: dict, index: int) -> dict:
+    """The message with each call's arguments as an object: templates write them with ``tojson``,
+    so a JSON string (as OpenAI's API and data files give them) would be written quoted."""
+    calls = message.get("tool_calls")
+    if calls is None:
+        return message
+    if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict) for c in calls):
+        raise LiandanError(f"messages[{index}]: field 'tool_calls': expected a list of {{'function': {{'name', 'arguments'}}}} objects")
+    fixed = []
+    for j, call in enumerate(calls):
+        function = call["function"]
+        name, arguments = function.get("name"), function.get("arguments", {})
+        if not isinstance(name, str) or not name:
+            raise LiandanError(f"messages[{index}].tool_calls[{j}].function.name: expected a non-empty string, got {name!r}")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError as exc:
+                raise LiandanError(f"messages[{index}].tool_calls[{j}].function.arguments: not valid JSON: {exc.msg}") from None
+        if not isinstance(arguments, dict):
+            raise LiandanError(f"messages[{index}].tool_calls[{j}].function.arguments: expected a JSON object")
+        fixed.append({**call, "function": {**function, "arguments": arguments}})
+    return {**message, "tool_calls": fixed}
+
+
+def _check_tool_text(clean: list[dict], tools: list[dict] | None, specials: set[str]) -> None:
+    """Special-token text inside a tool definition or a call is refused in every mode: it is
+    written into the prompt by the template, where it would become a control token."""
+    parts = [(f"messages[{i}].tool_calls", m["tool_calls"]) for i, m in enumerate(clean) if m.get("tool_calls")]
+    parts += [(f"tools[{k}]", tool) for k, tool in enumerate(tools or [])]
+    for where, value in parts:
+        text = json.dumps(value, ensure_ascii=False)
+        found = sorted(s for s in specials if s and s in text)
+        if found:
+            raise LiandanError(f"{where}: contains the special token {found[0]!r} as text, which would become a control token")
 
 
 def _check_special_text(clean: list[dict], specials: set[str], special_text: str) -> None:
@@ -230,23 +279,50 @@ def _check_special_text(clean: list[dict], specials: set[str], special_text: str
             )
 
 
-def _check_rendered(tokenizer: Any, clean: list[dict], generation_prompt: bool = False, template: str | None = None) -> None:
+def _check_rendered(
+    tokenizer: Any, clean: list[dict], generation_prompt: bool = False, template: str | None = None,
+    tools: list[dict] | None = None,
+) -> None:
     """Every message must appear in the render: a template that silently drops a system or tool
-    turn would train (or answer) on a different conversation than the data holds."""
-    marks = [f"{_SENTINEL}{n}Z" if isinstance(m.get("content"), str) else None for n, m in enumerate(clean)]
+    turn would train (or answer) on a different conversation than the data holds. So must every
+    tool definition and every call (its name and its arguments)."""
+    marks = [f"{_SENTINEL}{n}Z" if isinstance(m.get("content"), str) and (m.get("content") or not m.get("tool_calls")) else None
+             for n, m in enumerate(clean)]  # fmt: skip
     marked = [{**message, "content": mark} if mark else message for message, mark in zip(clean, marks)]
-    rendered = _render(tokenizer, marked, generation_prompt, template)
+    calls = []  # (message index, call index, name mark, argument mark)
+    for i, message in enumerate(marked):
+        if message.get("tool_calls"):
+            marked_calls = []
+            for j, call in enumerate(message["tool_calls"]):
+                name, value = f"{_SENTINEL}Call{i}x{j}Z", f"{_SENTINEL}Arg{i}x{j}Z"
+                function = {**call["function"], "name": name, "arguments": {"liandan_argument": value}}
+                marked_calls.append({**call, "function": function})
+                calls.append((i, j, name, value))
+            marked[i] = {**message, "tool_calls": marked_calls}
+    marked_tools = None
+    if tools:
+        marked_tools = [{**tool, "function": {**tool["function"], "description": f"{_SENTINEL}Tool{k}Z"}}
+                        for k, tool in enumerate(tools)]  # fmt: skip
+    rendered = _render(tokenizer, marked, generation_prompt, template, marked_tools)
+    hint = "; set tools_template: chatml or use a template that renders tools" if tools or calls else ""
     for i, (message, mark) in enumerate(zip(clean, marks)):
         if mark and mark not in rendered:
             raise LiandanError(
                 f"messages[{i}]: the chat template does not render this {message['role']!r} message, so it would "
-                "be dropped silently; remove it or use a template that supports it"
+                f"be dropped silently; remove it or use a template that supports it{hint}"
             )
+    for i, j, name, value in calls:
+        if name not in rendered or value not in rendered:
+            what = "the function name" if name not in rendered else "the arguments"
+            raise LiandanError(f"messages[{i}].tool_calls[{j}]: the chat template leaves out {what} of this call{hint}")
+    for k, tool in enumerate(marked_tools or []):
+        if tool["function"]["description"] not in rendered:
+            raise LiandanError(f"tools[{k}]: the chat template does not render the tool definitions{hint}")
 
 
 def _plain_ranges(
     tokenizer: Any, clean: list[dict], full: str, specials: set[str], generation_prompt: bool = False,
-    template: str | None = None,
+    template: str | None = None, tools: list[dict] | None = None,
 ) -> list[tuple[int, int]]:
     """The character ranges of the full render that are special-token text inside a message's
     content, to be tokenized as plain characters. The template text around those messages must
@@ -258,7 +334,7 @@ def _plain_ranges(
     marked = [dict(message) for message in clean]
     for mark, index in zip(marks, dirty):
         marked[index]["content"] = mark
-    pieces = _split_at_marks(_render(tokenizer, marked, generation_prompt, template), marks, dirty)
+    pieces = _split_at_marks(_render(tokenizer, marked, generation_prompt, template, tools), marks, dirty)
     ranges, at = [], 0
     for piece, index in zip(pieces, dirty):
         content = clean[index]["content"]
@@ -286,26 +362,34 @@ def _plain_ranges(
     return merged
 
 
-def encode_generation_prompt(tokenizer: Any, messages: list[dict], check_roles: bool = True) -> list[int]:
+def encode_generation_prompt(
+    tokenizer: Any, messages: list[dict], check_roles: bool = True, tools: list[dict] | None = None
+) -> list[int]:
     """The conversation plus the assistant header as token ids, for generation (chat, serve,
     compare, eval): the model's template (ChatML when it has none), and special-token text that a
     user typed in a message encoded as the plain characters it is, so no one can forge a turn or a
     stop. Raises when the template drops a message, unless ``check_roles`` is False (comparing
     models shows what each template does). Keys other than ``train`` (``name``, ``tool_calls``)
-    are passed to the template as they are."""
+    are passed to the template as they are; ``tools`` are rendered as the template renders them
+    (special-token text in them is refused: they come from the request, not from a person)."""
     clean = [{key: value for key, value in m.items() if key != "train"} for m in messages]
     template = None if has_chat_template(tokenizer) else CHATML_TEMPLATE
-    text = _render(tokenizer, clean, True, template)
-    if check_roles:
-        _check_rendered(tokenizer, clean, True, template)
-    plain = _plain_ranges(tokenizer, clean, text, special_texts(tokenizer), True, template)
+    specials = special_texts(tokenizer)
+    _check_tool_text(clean, tools, specials)
+    text = _render(tokenizer, clean, True, template, tools)
+    if check_roles or tools or any(m.get("tool_calls") for m in clean):
+        _check_rendered(tokenizer, clean, True, template, tools)
+    plain = _plain_ranges(tokenizer, clean, text, specials, True, template, tools)
     return _tokenize_segments(tokenizer, text, plain)[0]
 
 
-def _render(tokenizer: Any, messages: list[dict], generation_prompt: bool = False, template: str | None = None) -> str:
+def _render(
+    tokenizer: Any, messages: list[dict], generation_prompt: bool = False, template: str | None = None,
+    tools: list[dict] | None = None,
+) -> str:
     try:
         return tokenizer.apply_chat_template(
-            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt
+            messages, chat_template=template, tokenize=False, add_generation_prompt=generation_prompt, tools=tools or None
         )
     except Exception as exc:  # templates reject conversations with raise_exception(); say so on one line
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -342,6 +426,34 @@ def _reply_spans(
     if not full.endswith(tail) or len(full) - len(tail) < at:
         raise _no_mask(f"the template text after messages[{trained[-1]}] does not end the full render")
     spans.append(_checked_span(full, (at, len(full) - len(tail)), clean, trained[-1], specials, plain))
+    return spans
+
+
+def _reply_spans_by_prefix(
+    tokenizer: Any, clean: list[dict], trained: list[int], full: str, tools: list[dict] | None, specials: set[str],
+    plain: bool = False,
+) -> list[tuple[int, int]]:
+    """The span of each trained reply, found by rendering the conversation up to it: the text the
+    reply adds after the generation prompt, up to its end-of-turn token. Used for conversations
+    with tools, where a reply's calls are written by the template and so cannot be marked. Each
+    shorter render must be a prefix of the full one, or the mask cannot be trusted."""
+    stop_texts = [t for t in tokenizer.convert_ids_to_tokens(stop_token_ids(tokenizer)) if t]
+    spans = []
+    for index in trained:
+        prompt = _render(tokenizer, clean[:index], True, tools=tools)
+        upto = _render(tokenizer, clean[: index + 1], tools=tools)
+        if not upto.startswith(prompt) or not full.startswith(upto):
+            raise _no_mask(f"the render up to messages[{index}] is not the start of the full render")
+        turn = upto[len(prompt) :]
+        ends = [turn.rfind(t) for t in stop_texts if t in turn]
+        if not ends:
+            raise _no_mask(f"no stop token (eos or the template's end-of-turn) after the reply in messages[{index}]")
+        span = (len(prompt), len(prompt) + max(ends))
+        if not clean[index].get("tool_calls"):
+            span = _checked_span(full, span, clean, index, specials, plain)
+        elif any(t in full[span[0] : span[1]] for t in stop_texts):
+            raise _no_mask(f"the reply in messages[{index}] holds a stop token before its end")
+        spans.append(span)
     return spans
 
 

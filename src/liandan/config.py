@@ -187,10 +187,16 @@ class SFTConfig(TrainConfig):
     """Prompts the base model answers for replay "self": "default" (shipped) or a .jsonl/.txt file."""
     replay_max_new_tokens: int = 256
     """Longest self-replay answer; answers that do not stop within it are left out."""
+    tools_template: str | None = None
+    """For tool-calling data on a model whose chat template renders no tools: "chatml" (liandan's
+    ChatML template with tools, for ChatML models such as the default) or a .jinja file. The run
+    saves it with its tokenizer; a model whose own template renders tools keeps its own."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
         raise_first([
+            (self.tools_template is None or self.tools_template == "chatml" or self.tools_template.endswith(".jinja"),
+             f"tools_template must be chatml or a .jinja file (got {self.tools_template!r})"),
             (0 <= self.replay_ratio <= 1, f"replay_ratio must be between 0 and 1: replay examples per task example, and replay must not outweigh the task (got {self.replay_ratio})"),
             (self.replay_max_new_tokens >= 1, f"replay_max_new_tokens must be at least 1 (got {self.replay_max_new_tokens})"),
         ])  # fmt: skip

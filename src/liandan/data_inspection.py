@@ -19,6 +19,7 @@ from .chat import encode_chat_example, ensure_chat_template, explain_mask
 from .data import Example, read_examples, summarize_skipped
 from .encoding import encode_all
 from .models import load_tokenizer, resolve_model
+from .tools import prepare_tools
 
 
 @dataclass
@@ -60,17 +61,20 @@ class DataInspection:
 
 
 def inspect_data(paths: list[str], *, model: str = "default", format: str | None = None, max_length: int = 1024,
-                 show: int = 3, skip_invalid: bool = False, trust_remote_code: bool = False) -> DataInspection:  # fmt: skip
+                 show: int = 3, skip_invalid: bool = False, trust_remote_code: bool = False,
+                 tools_template: str | None = None) -> DataInspection:  # fmt: skip
     """Read, validate and encode ``paths`` with ``model``'s tokenizer and chat template; keep the
-    first ``show`` examples as trained / context runs of text."""
+    first ``show`` examples as trained / context runs of text. ``tools_template``: as in SFT, for
+    tool-calling data on a model whose template renders no tools."""
     tokenizer = load_tokenizer(resolve_model(model), trust_remote_code=trust_remote_code)
     ensure_chat_template(tokenizer)
     data = read_examples(paths, format=format, purpose="sft", skip_invalid=skip_invalid)
+    prepare_tools(tokenizer, tools_template, data.examples)
     _, stats = encode_all(tokenizer, data.examples, max_length)  # raises on the first record that cannot be masked
     shown = [show_example(tokenizer, example, max_length) for example in data.examples[:show]]
     return DataInspection(format=data.format, records=len(data.examples), stats=stats, skipped=data.skipped, shown=shown)
 
 
 def show_example(tokenizer, example: Example, max_length: int) -> ShownExample:
-    enc = encode_chat_example(tokenizer, example.messages, max_length)
+    enc = encode_chat_example(tokenizer, example.messages, max_length, tools=example.tools)
     return ShownExample(source=example.source, pieces=explain_mask(tokenizer, enc.input_ids, enc.labels))

@@ -35,7 +35,7 @@ def encode_all(
                           "no_trained_tokens": [], "stop_cut_off": 0}  # fmt: skip
     for example in examples:
         try:
-            item = encode_chat_example(tokenizer, example.messages, max_length, special_text)
+            item = encode_chat_example(tokenizer, example.messages, max_length, special_text, example.tools)
         except LiandanError as exc:
             raise LiandanError(f"{example.source}: {exc}") from None
         stats["truncated"] += item.truncated

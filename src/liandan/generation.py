@@ -137,7 +137,8 @@ def prompt_ids(tokenizer: Any, prompt: Prompt, mode: str, system: str | None) ->
     typed in a message kept as plain characters (a prompt cannot forge a turn). Raw: the text
     tokenized as the model was pre-trained (BOS added; what the user writes is what it reads)."""
     if mode == "chat":
-        return encode_generation_prompt(tokenizer, prompt.chat_messages(system), check_roles=False)
+        tools = list(prompt.tools) if prompt.tools else None
+        return encode_generation_prompt(tokenizer, prompt.chat_messages(system), check_roles=False, tools=tools)
     return list(tokenizer(prompt_text(tokenizer, prompt, mode, system), add_special_tokens=True)["input_ids"])
 
 

@@ -43,6 +43,7 @@ from .objectives import dpo_objective, kto_objective, precompute_reference, refe
 from .preference import read_pairs, read_unpaired
 from .replay import replay_examples
 from .rewards import parse_rewards
+from .tools import prepare_tools
 
 
 @dataclass
@@ -71,6 +72,9 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
         eval_examples = read_examples(config.eval_data, format=config.format, purpose="sft", skip_invalid=config.skip_invalid).examples
     else:
         train_examples, eval_examples = split_examples(data.examples, config.eval_fraction, config.seed)
+    tools_note = prepare_tools(tokenizer, config.tools_template, train_examples + eval_examples)
+    if tools_note and main_process:
+        say(f"tools: {tools_note}")
     replay, replay_info = replay_examples(config, tokenizer, len(train_examples),
                                           weights_sha256=weights_hash(resolve_model(config.model)), device=device)  # fmt: skip
     train, train_stats = encode_all(tokenizer, train_examples + replay, config.max_length, special_text=config.special_text)
@@ -81,6 +85,8 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
     manifest = build_manifest(config, model, tokenizer, sft_data_manifest(data, train_stats, eval_stats, config.eval_data), added_template)
     if replay_info:
         manifest["replay"] = replay_info
+    if tools_note:
+        manifest["tools_template"] = config.tools_template
     run = PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals,
                       objective=sft_objective(config.packing, pad_id(tokenizer)), manifest=manifest)  # fmt: skip
     return finish(run, config, out_dir, main_process, resume, lambda: print_data_summary(data, train_stats, eval_stats, replay_info))

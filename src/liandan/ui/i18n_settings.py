@@ -38,6 +38,10 @@ ZH_HELP = {
     "replay_ratio": "每个任务样本搭配的回放样本数（最多 1：回放数据不能压过任务数据）。",
     "replay_prompts": '回放 "self" 时让基座模型回答的提示词："default"（自带）或一个 .jsonl/.txt 文件。',
     "replay_max_new_tokens": "自回放回答的最大长度（token）；在此长度内没有自己停下的回答会被舍弃。",
+    "tools_template": (
+        "用于工具调用数据、而模型自己的对话模板不渲染工具时：\"chatml\"（liandan 带工具的 ChatML 模板，适用于默认模型等 ChatML 模型）"
+        "或一个 .jinja 文件。运行目录会把它随分词器一起保存；自己的模板能渲染工具的模型保留自己的模板。"
+    ),
     # DPO
     "dpo:beta": (
         "损失的缩放系数：策略模型可以偏离参考模型多远（越大越贴近参考模型）；对 ORPO 即其 lambda。"
@@ -134,6 +138,7 @@ ZH_LABELS = {
     "replay_ratio": "回放比例",
     "replay_prompts": "回放提示词",
     "replay_max_new_tokens": "回放最大生成长度",
+    "tools_template": "工具模板",
     "dpo:beta": "偏离约束系数",
     "label_smoothing": "标签平滑",
     "loss": "损失函数",

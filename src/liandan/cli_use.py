@@ -119,6 +119,7 @@ def inspect_data(
     max_length: Annotated[int, typer.Option("--max-length", help="Truncate examples to this many tokens.")] = 1024,
     show: Annotated[int, typer.Option(help="Examples to show with trained tokens highlighted.")] = 3,
     skip_invalid: Annotated[bool, typer.Option("--skip-invalid", help="Drop invalid records instead of stopping.")] = False,
+    tools_template: Annotated[Optional[str], typer.Option("--tools-template", help="For tool-calling data on a model whose template renders no tools: chatml or a .jinja file (as SFT's tools_template).")] = None,
 ) -> None:
     """Check data before spending compute: encoded examples with the trained tokens highlighted."""
     with user_errors():
@@ -128,7 +129,8 @@ def inspect_data(
 
         quiet_libraries()
         check_models([model])
-        report = run_inspection(data, model=model, format=format, max_length=max_length, show=show, skip_invalid=skip_invalid)
+        report = run_inspection(data, model=model, format=format, max_length=max_length, show=show, skip_invalid=skip_invalid,
+                                tools_template=tools_template)  # fmt: skip
         for example in report.shown:
             text = Text(f"── {example.source} ──\n", style="bold")
             for piece, trained in example.pieces:

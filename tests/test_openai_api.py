@@ -61,8 +61,10 @@ def openai_error(message, param=None, code=None, type="invalid_request_error") -
 
 def test_a_minimal_chat_request_has_every_option_unset():
     request = chat()
-    assert request.model_dump() == {"model": "m", **UNSET_SAMPLING, "messages": [{"role": "user", "content": "Hi"}],
-                                    "max_completion_tokens": None, "logprobs": None, "top_logprobs": None}  # fmt: skip
+    assert request.model_dump() == {"model": "m", **UNSET_SAMPLING,
+                                    "messages": [{"role": "user", "content": "Hi", "tool_calls": None, "tool_call_id": None}],
+                                    "max_completion_tokens": None, "logprobs": None, "top_logprobs": None,
+                                    "tools": None, "tool_choice": None, "parallel_tool_calls": None}  # fmt: skip
     assert request.model_extra == {}
 
 

@@ -111,7 +111,8 @@ def test_a_bad_limit_is_one_line_naming_it(item, message):
      (["--allow-origin", "*"], "--allow-origin '*': expected a web page's origin"),
      (["--allow-origin", "https://app.example.com/chat"], "expected a web page's origin"),
      (["--allow-host", "my-box.lan:8000"], "--allow-host 'my-box.lan:8000': expected a host name or address without"),
-     (["--allow-host", "http://my-box.lan"], "expected a host name")],
+     (["--allow-host", "http://my-box.lan"], "expected a host name"),
+     (["--tools-template", "hermes"], "--tools-template 'hermes': expected chatml or a .jinja file")],
 )  # fmt: skip
 def test_bad_serve_options_exit_2_before_the_model_is_looked_at(args, message):
     """The model does not exist: its error would come first if the options were checked later."""
@@ -133,7 +134,7 @@ def test_origins_and_host_names_are_written_as_browsers_send_them():
 
 def test_the_serve_help_names_the_new_options():
     text = " ".join(CliRunner().invoke(cli, ["serve", "--help"], env={"COLUMNS": "200"}).output.split())
-    for option in ("--limit", "--allow-host", "--allow-origin", "--docs", "max_connections=4 x max_queued"):
+    for option in ("--limit", "--allow-host", "--allow-origin", "--docs", "--tools-template", "max_connections=4 x max_queued"):
         assert option in text
 
 

@@ -67,6 +67,7 @@ def serve(
     allow_host: Annotated[Optional[list[str]], typer.Option("--allow-host", metavar="NAME", help="Also answer to this Host name (repeatable; '*': any). Always: localhost, 127.0.0.1, ::1, --host.")] = None,
     allow_origin: Annotated[Optional[list[str]], typer.Option("--allow-origin", metavar="URL", help="Accept browser requests from this web origin, e.g. http://localhost:3000 (repeatable).")] = None,
     docs: Annotated[bool, typer.Option("--docs", help="Serve /docs and /openapi.json (behind --api-key when set).")] = False,
+    tools_template: Annotated[Optional[str], typer.Option("--tools-template", help="For a model whose chat template renders no tools: chatml (liandan's ChatML tools template) or a .jinja file. A run trained with tools_template has it already.")] = None,
     device: DeviceOpt = "auto",
     dtype: DtypeOpt = "auto",
 ) -> None:
@@ -76,7 +77,8 @@ def serve(
 
         quiet_libraries()
         serving.serve(model, host=host, port=port, api_key=api_key, dtype=dtype, device=device, model_name=model_name, docs=docs,
-                      max_prompt_tokens=max_prompt_tokens, limits=serving.parse_limits(limit), extra_hosts=allow_host, origins=allow_origin)  # fmt: skip
+                      max_prompt_tokens=max_prompt_tokens, limits=serving.parse_limits(limit), extra_hosts=allow_host, origins=allow_origin,
+                      tools_template=tools_template)  # fmt: skip
 
 
 @app.command()

@@ -11,6 +11,11 @@ liandan does not implement are refused when set (`UNSUPPORTED`) rather than sile
 `chat_logprobs` write a choice's tokens in the two shapes OpenAI answers ``logprobs`` with.
 `ServeLimits` bounds what one request may ask for; `GuardRequests` refuses, before a body is read,
 requests from other sites (Host and Origin checks) and bodies that are too large.
+
+Tool calling: a chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are checked
+here (`ChatRequest.offered_tools`), assistant ``tool_calls`` and ``tool`` results are read into the
+shape the chat template takes (`ChatRequest.conversation`), and `CallReader` turns a generated reply
+into OpenAI's ``tool_calls`` (`CallStream`: the same, streamed as deltas).
 """
 
 from __future__ import annotations
@@ -25,18 +30,33 @@ from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr, WrapValidator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+    WrapValidator,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from .errors import LiandanError
+from .tools import CallFormat, parse_reply
 
 # OpenAI parameters liandan does not implement: refused when set, rather than silently ignored.
-# "top_logprobs" and "echo" belong to one endpoint each (chat, completions); the other refuses them.
+# "top_logprobs", "echo" and the tool fields belong to one endpoint each (chat, completions); the
+# other refuses them.
 UNSUPPORTED = (
-    "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "frequency_penalty",
-    "presence_penalty", "tools", "tool_choice", "functions", "function_call", "response_format",
+    "top_logprobs", "echo", "suffix", "best_of", "logit_bias", "frequency_penalty", "presence_penalty", "tools",
+    "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
 )  # fmt: skip
 UNSET = (None, False, 0, "", [], {}, "none", "auto", {"type": "text"})
+REPLACED = {"functions": "'tools'", "function_call": "'tool_choice'"}
+"""OpenAI's deprecated fields, and what replaced them (what the refusal points to)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -66,14 +86,96 @@ class _TextPart(BaseModel):
     text: StrictStr
 
 
-class _Message(BaseModel):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[_TextPart] | None = None
+TOOL_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+"""OpenAI's rule for function names (which also keeps special-token text out of forced call text)."""
 
-    def as_dict(self) -> dict[str, str]:
+
+class _Function(BaseModel):
+    name: Annotated[StrictStr, Field(pattern=TOOL_NAME)]
+    description: StrictStr | None = None
+    parameters: dict[str, Any] | None = None
+    """A JSON Schema object, rendered as it is: the model reads it, nothing enforces it."""
+    strict: StrictBool | None = None
+
+    @field_validator("strict")
+    @classmethod
+    def _no_strict(cls, value: bool | None) -> bool | None:
+        if value:  # OpenAI's promise that the arguments match the schema; liandan samples freely
+            raise PydanticCustomError("strict", "liandan serve does not constrain arguments to the schema; leave out "
+                                      "'strict' or set it to false")  # fmt: skip
+        return value
+
+
+class _Tool(BaseModel):
+    type: Literal["function"]
+    function: _Function
+
+
+class _FunctionName(BaseModel):
+    name: StrictStr
+
+
+class _NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: _FunctionName
+
+
+class _CalledFunction(BaseModel):
+    name: Annotated[StrictStr, Field(min_length=1)]
+    arguments: StrictStr
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise PydanticCustomError("arguments", "expected a JSON object written as a string, as the API returns it; "
+                                      "this is not valid JSON: {reason}", {"reason": exc.msg}) from None  # fmt: skip
+        if not isinstance(parsed, dict):
+            raise PydanticCustomError("arguments", "expected a JSON object written as a string, as the API returns it")
+        return value
+
+
+class _ToolCall(BaseModel):
+    id: Annotated[StrictStr, Field(min_length=1)]
+    type: Literal["function"]
+    function: _CalledFunction
+
+    def as_dict(self) -> dict:
+        """The call as chat templates take it: arguments as an object (they write them with ``tojson``)."""
+        function = {"name": self.function.name, "arguments": json.loads(self.function.arguments)}
+        return {"id": self.id, "type": "function", "function": function}
+
+
+class _Message(BaseModel):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: StrictStr | list[_TextPart] | None = None
+    tool_calls: list[_ToolCall] | None = None
+    tool_call_id: StrictStr | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> _Message:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise PydanticCustomError("tool_calls", "'tool_calls' belong to assistant messages, not to {role} messages",
+                                      {"role": self.role})  # fmt: skip
+        if self.role == "tool" and (not self.tool_call_id or self.content is None):
+            raise PydanticCustomError("tool", "a tool message needs 'tool_call_id' (the id of the call it answers) and "
+                                      "'content' (the result)")  # fmt: skip
+        if self.tool_call_id is not None and self.role != "tool":
+            raise PydanticCustomError("tool_call_id", "'tool_call_id' belongs to tool messages, not to {role} messages",
+                                      {"role": self.role})  # fmt: skip
+        return self
+
+    def as_dict(self) -> dict[str, Any]:
         text = self.content if isinstance(self.content, str) else "".join(p.text for p in self.content or [])
         # Templates are trained on "system"; OpenAI's newer name for it is "developer".
-        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+        message: dict[str, Any] = {"role": "system" if self.role == "developer" else self.role, "content": text}
+        if self.tool_calls:
+            message["tool_calls"] = [call.as_dict() for call in self.tool_calls]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
 
 
 class ChatRequest(SamplingRequest):
@@ -81,6 +183,50 @@ class ChatRequest(SamplingRequest):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     logprobs: StrictBool | None = None
     top_logprobs: Annotated[StrictInt, Field(ge=0)] | None = None  # capped by ServeLimits.max_logprobs
+    tools: list[_Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | _NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool | None = None
+    """False: a reply's first call only."""
+
+    def conversation(self) -> list[dict]:
+        """The messages as the chat template takes them: each call's arguments as an object, and
+        each tool result with the name of the function whose call it answers (some templates write it)."""
+        called: dict[str, str] = {}
+        messages = []
+        for i, message in enumerate(self.messages):
+            as_dict = message.as_dict()
+            called.update((call.id, call.function.name) for call in message.tool_calls or ())
+            if message.role == "tool":
+                if message.tool_call_id not in called:
+                    raise ApiError(400, f"'messages.{i}.tool_call_id': {message.tool_call_id!r} answers no call of an "
+                                   "earlier assistant message", param="messages")  # fmt: skip
+                as_dict["name"] = called[message.tool_call_id]
+            messages.append(as_dict)
+        return messages
+
+    def offered_tools(self) -> list[dict] | None:
+        """The tool definitions to render (None when none are offered: no ``tools``, or
+        ``tool_choice: "none"``), once ``tool_choice`` is checked against them."""
+        names = [tool.function.name for tool in self.tools or ()]
+        twice = sorted({name for name in names if names.count(name) > 1})
+        if twice:
+            raise ApiError(400, f"'tools': each function needs its own name; {twice[0]!r} is defined twice", param="tools")
+        choice = self.tool_choice
+        if not names and choice not in (None, "none", "auto"):
+            raise ApiError(400, "'tool_choice': needs 'tools', the functions the model may call", param="tool_choice")
+        if isinstance(choice, _NamedToolChoice) and choice.function.name not in names:
+            raise ApiError(400, f"'tool_choice': function {choice.function.name!r} is not among 'tools' ({', '.join(names)})",
+                           param="tool_choice")  # fmt: skip
+        if not names or choice == "none":
+            return None
+        return [{"type": "function", "function": tool.function.model_dump(exclude_none=True, exclude={"strict"})}
+                for tool in self.tools]  # fmt: skip
+
+    def forced_call(self) -> str | None:
+        """The function a reply must call: "" for any (``"required"``), its name, or None (free)."""
+        if isinstance(self.tool_choice, _NamedToolChoice):
+            return self.tool_choice.function.name
+        return "" if self.tool_choice == "required" else None
 
 
 TokenIds = Annotated[list[Annotated[StrictInt, Field(ge=0)]], Field(min_length=1)]
@@ -399,6 +545,121 @@ def completion_chunk(index: int, text: str | None, finish_reason: str | None, to
     """``start``: where the chunk's first token begins in the choice's whole text (``text_offset``)."""
     logprobs = None if tokens is None else completion_logprobs(tokens, start)
     return {"choices": [{"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish_reason}]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tool calls read back from a reply
+
+
+@dataclass(frozen=True)
+class CallReader:
+    """How the replies to a chat request with tools are read: the template's `CallFormat`, the
+    text put after the prompt to force a call (a reply is read as if the model had written it),
+    and whether a reply may make more than one call (``parallel_tool_calls``)."""
+
+    fmt: CallFormat
+    forced: str = ""
+    parallel: bool = True
+
+    @classmethod
+    def for_request(cls, fmt: CallFormat, forced_call: str | None, parallel: bool | None) -> CallReader:
+        """``forced_call`` as `ChatRequest.forced_call` gives it: None (the model may answer in
+        text), "" (any call) or a function's name."""
+        forced = "" if forced_call is None else fmt.forced_text(forced_call or None)
+        if forced_call == "" and not forced and fmt.opening:  # bare JSON has no prefix: begin the call object
+            forced = fmt.opening.split("\x00")[0]
+        return cls(fmt, forced, parallel is not False)
+
+    def message(self, generated: str, finish_reason: str) -> tuple[dict, str]:
+        """The assistant message and finish reason for a generated reply: its calls as
+        ``tool_calls`` (``finish_reason: "tool_calls"``) and the text before them as ``content``
+        (null when there is none); a reply with a call that cannot be read is all text, as written."""
+        text = self.forced + generated
+        reply = parse_reply(text, self.fmt)
+        if not reply.calls or reply.problem:
+            return {"role": "assistant", "content": text}, finish_reason
+        calls = reply.calls if self.parallel else reply.calls[:1]
+        return {"role": "assistant", "content": reply.content or None, "tool_calls": [_wire_call(c) for c in calls]}, "tool_calls"
+
+    def open_length(self, text: str) -> int:
+        """How much of ``text`` (forced text and the reply so far) is content whatever comes next:
+        up to where a call begins or may begin, less trailing space (which `parse_reply` drops
+        before a call)."""
+        head = self.fmt.prefix.strip()
+        if head:
+            at = text.find(head)
+            end = at if at >= 0 else len(text) - _partial_suffix(text, head)
+        else:  # bare JSON: the whole reply is a call when it begins with "{"
+            rest = text.lstrip()
+            end = 0 if not rest or rest.startswith("{") else len(text)
+        return len(text[:end].rstrip())
+
+
+def _partial_suffix(text: str, head: str) -> int:
+    """The length of the longest end of ``text`` that ``head`` begins with."""
+    for n in range(min(len(head) - 1, len(text)), 0, -1):
+        if head.startswith(text[-n:]):
+            return n
+    return 0
+
+
+def _wire_call(call: dict) -> dict:
+    """A parsed call in OpenAI's shape: a fresh id, and the arguments as a JSON string."""
+    function = call["function"]
+    arguments = json.dumps(function["arguments"], ensure_ascii=False)
+    return {
+        "id": f"call_{secrets.token_hex(12)}",
+        "type": "function",
+        "function": {"name": function["name"], "arguments": arguments},
+    }
+
+
+class CallStream:
+    """One streamed choice of a request with tools. Its text goes out as content deltas while it
+    cannot be the start of a call; from where a call may begin it is held back, and at the end it
+    goes out as ``tool_calls`` deltas (and ``finish_reason: "tool_calls"``) or, when it was no call
+    after all, as content. The content deltas join to the message the same reply gets unstreamed."""
+
+    def __init__(self, reader: CallReader, index: int) -> None:
+        self.reader, self.index = reader, index
+        self.text = reader.forced
+        self.sent = 0
+        """Characters of ``text`` sent as content."""
+        self.held: list[tuple[int, TokenLogprob]] = []
+        """Tokens not sent yet, each with where its text starts in ``text``."""
+        self.logprobs = False
+
+    def feed(self, piece: str, tokens: list[TokenLogprob] | None) -> tuple[str, list[TokenLogprob] | None]:
+        """The content (and its tokens) that can go out once ``piece`` is added."""
+        at = len(self.text)
+        for token in tokens or ():
+            self.held.append((at, token))
+            at += len(token.token)
+        self.logprobs = self.logprobs or tokens is not None
+        self.text += piece
+        end = max(self.reader.open_length(self.text), self.sent)
+        content, self.sent = self.text[self.sent : end], end
+        return content, self._release(lambda start: start < end)
+
+    def _release(self, sent: Callable[[int], bool]) -> list[TokenLogprob] | None:
+        out = [token for start, token in self.held if sent(start)]
+        self.held = [(start, token) for start, token in self.held if not sent(start)]
+        return out if self.logprobs else None
+
+    def finish(self, finish_reason: str) -> list[dict]:
+        """The last chunks: the rest of the content, the calls, and the finishing chunk."""
+        message, reason = self.reader.message(self.text[len(self.reader.forced) :], finish_reason)
+        rest = (message["content"] or "")[self.sent :]  # what was sent is always the start of the content
+        tokens, chunks = self._release(lambda start: True), []
+        if rest or (tokens and "tool_calls" not in message):
+            chunks.append(chat_chunk(self.index, rest, None, tokens))
+            tokens = None
+        for i, call in enumerate(message.get("tool_calls", ())):
+            logprobs = chat_logprobs(tokens) if tokens and i == 0 else None  # the tokens that wrote the calls
+            chunks.append({"choices": [{"index": self.index, "delta": {"tool_calls": [{"index": i, **call}]},
+                                        "logprobs": logprobs, "finish_reason": None}]})  # fmt: skip
+        chunks.append(chat_chunk(self.index, None, reason))
+        return chunks
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,12 @@ the model's stop token or a stop string ended a choice and ``length`` when ``max
 Log-probabilities for evaluators (lm-evaluation-harness, as against OpenAI or vLLM): completions take
 ``logprobs: N``, ``echo`` (the prompt's tokens scored too; with ``max_tokens: 0``, only them) and
 prompts as token ids; chat takes ``logprobs: true`` and ``top_logprobs: N``.
+Tool calling: chat takes ``tools``, ``tool_choice`` (``"required"`` or a named function puts the
+start of a call after the prompt) and ``parallel_tool_calls``; the model's calls, written as its chat
+template writes them (`liandan.tools`), come back as ``tool_calls`` with ``finish_reason:
+"tool_calls"``, streamed too, and the ``tool`` results of the next request are rendered by the same
+template. A model whose template renders no tools is refused with the reason; a ChatML model can be
+served with liandan's ChatML tools template (``serve(..., tools_template="chatml")``).
 Text is decoded with special tokens kept, as ``liandan generate`` shows it; the stop token itself
 is never part of it.
 
@@ -63,10 +69,13 @@ from .errors import LiandanError
 from .models import check_models, context_length, load_model
 from .openai_api import (
     LOCAL_HOSTS,
+    REPLACED,
     UNSET,
     UNSUPPORTED,
     AnswerBugs,
     ApiError,
+    CallReader,
+    CallStream,
     ChatRequest,
     CompletionRequest,
     GuardRequests,
@@ -85,6 +94,7 @@ from .openai_api import (
     web_origin,
 )
 from .serve_worker import Choice, Job, Worker
+from .tools import BUILTIN_TEMPLATES, CallFormat, call_format, tools_problem, with_tools_template
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 log = logging.getLogger("liandan.serve")
@@ -112,11 +122,15 @@ class _Server:
     limits: ServeLimits = field(default_factory=ServeLimits)
     vocab: int | None = None
     """Token ids a prompt may hold: those both the tokenizer and the model's embeddings know."""
+    calls: CallFormat | str | None = None
+    """How the model writes tool calls, or why it cannot (found at the first request that needs it)."""
 
     def check(self, request: SamplingRequest) -> None:
         for name, value in (request.model_extra or {}).items():
             if name in UNSUPPORTED and value not in UNSET:
-                raise ApiError(400, f"'{name}' is not supported by liandan serve", param=name, code="unsupported_parameter")
+                instead = f"; it is deprecated: send {REPLACED[name]} instead" if name in REPLACED else ""
+                raise ApiError(400, f"'{name}' is not supported by liandan serve{instead}", param=name,
+                               code="unsupported_parameter")  # fmt: skip
         if request.model != self.name:
             raise ApiError(404, f"model '{request.model}' is not served here; this server serves '{self.name}' "
                            "(see GET /v1/models)", param="model", code="model_not_found")  # fmt: skip
@@ -172,16 +186,40 @@ class _Server:
             for i, ids in enumerate(prompts)
         ]  # fmt: skip
 
-    def chat_jobs(self, request: ChatRequest) -> list[Job]:
+    def tool_format(self, param: str) -> CallFormat:
+        """How the model writes tool calls; a 400 naming ``param`` when its template cannot render tools."""
+        if self.calls is None:  # found once: the template does not change while the server runs
+            with self.lock:
+                try:
+                    self.calls = call_format(self.tokenizer)
+                except LiandanError as exc:
+                    self.calls = tools_problem(self.tokenizer) or str(exc)
+        if isinstance(self.calls, str):
+            raise ApiError(400, f"this model cannot be served with tools: {self.calls}; serve a run trained with "
+                           "tools_template: chatml, or start the server with --tools-template chatml (for a ChatML model) "
+                           "or --tools-template FILE.jinja (a template that renders tools)", param=param,
+                           code="tools_unsupported")  # fmt: skip
+        return self.calls
+
+    def chat_jobs(self, request: ChatRequest) -> tuple[list[Job], CallReader | None]:
+        """The request's jobs, and how their replies are read for tool calls (None: as plain text)."""
         self.check(request)
-        messages = [m.as_dict() for m in request.messages]
+        tools, messages = request.offered_tools(), request.conversation()
+        fmt = self.tool_format("tools") if tools else None
+        if fmt is None and any(m.get("tool_calls") or m["role"] == "tool" for m in messages):
+            self.tool_format("messages")  # earlier calls and results need a template that renders them
         try:  # special-token text typed in a message stays text: a user cannot forge a turn
             with self.lock:
-                ids = encode_generation_prompt(self.tokenizer, messages)
+                ids = encode_generation_prompt(self.tokenizer, messages, tools=tools)
         except Exception as exc:
             raise ApiError(400, f"the model's chat template cannot render these messages: {exc}", param="messages") from exc
+        reader = None
+        if fmt is not None:
+            reader = CallReader.for_request(fmt, request.forced_call(), request.parallel_tool_calls)
+            if reader.forced:  # the template's own text (function names are letters, digits, _ and -)
+                ids = ids + self.encode(reader.forced, add_special_tokens=False)
         max_tokens = request.max_completion_tokens or request.max_tokens
-        return self.jobs(request, [ids], max_tokens, None, "messages", self.chat_stop_ids)
+        return self.jobs(request, [ids], max_tokens, None, "messages", self.chat_stop_ids), reader
 
     def completion_jobs(self, request: CompletionRequest) -> list[Job]:
         self.check(request)
@@ -204,11 +242,11 @@ class _Server:
 
     async def prepare(self, make: Callable[[Any], list[Job]], request: SamplingRequest) -> list[Job]:
         """``make(request)`` in a thread: chat templates and tokenizers are slow on long inputs."""
-        loop = asyncio.get_running_loop()
-        jobs = await asyncio.to_thread(make, request)
-        for job in jobs:
-            job.loop = loop
-        return jobs
+        return _bound(await asyncio.to_thread(make, request))
+
+    async def prepare_chat(self, request: ChatRequest) -> tuple[list[Job], CallReader | None]:
+        jobs, reader = await asyncio.to_thread(self.chat_jobs, request)
+        return _bound(jobs), reader
 
     async def results(self, jobs: list[Job], request: Request) -> list[Choice]:
         """The choices of ``jobs``; if the client leaves first, its jobs are cancelled, queued or running."""
@@ -225,6 +263,14 @@ class _Server:
             watcher.cancel()
             _cancel(jobs)
         return choices
+
+
+def _bound(jobs: list[Job]) -> list[Job]:
+    """``jobs``, reporting to the running event loop (they are made in a thread, off the loop)."""
+    loop = asyncio.get_running_loop()
+    for job in jobs:
+        job.loop = loop
+    return jobs
 
 
 async def _cancel_when_gone(request: Request, jobs: list[Job]) -> None:
@@ -245,19 +291,26 @@ def _usage(jobs: list[Job], choices: list[Choice]) -> dict[str, int]:
 
 
 async def _stream(server: _Server, jobs: list[Job], head: dict, chunk: Callable[..., dict], opening: list[dict],
-                  include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
+                  include_usage: bool, reader: CallReader | None = None) -> AsyncIterator[str]:  # fmt: skip
     """Server-sent events: ``opening`` chunks, one chunk per piece of text (with its tokens' log-
     probabilities when asked for), a finishing chunk per choice, the usage chunk if asked for, then
-    ``[DONE]``. A client that goes away cancels its jobs (queued by the caller, so that a full queue
-    is a 429 before the stream begins)."""
+    ``[DONE]``. With a ``reader`` (chat with tools) each choice's text passes through a
+    `CallStream`, which holds back what may be a call and sends calls as ``tool_calls`` deltas. A
+    client that goes away cancels its jobs (queued by the caller, so that a full queue is a 429
+    before the stream begins)."""
     choices: list[Choice] = []
     offsets: dict[int, int] = {}  # characters of each choice's tokens sent so far: their text_offset
+    calls: dict[int, CallStream] = {}
     try:
         for data in opening:
             yield sse({**head, **data})
         for job in jobs:
             while (event := await job.events.get())[0] == "delta":
                 _, index, text, tokens = event
+                if reader is not None:
+                    text, tokens = calls.setdefault(index, CallStream(reader, index)).feed(text, tokens)
+                    if not text and not tokens:
+                        continue
                 start = offsets.get(index, 0)
                 offsets[index] = start + sum(len(t.token) for t in tokens or ())
                 yield sse({**head, **chunk(index, text, None, tokens, start)})
@@ -266,7 +319,11 @@ async def _stream(server: _Server, jobs: list[Job], head: dict, chunk: Callable[
                 yield sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
                 return
             for choice in event[1]:
-                yield sse({**head, **chunk(choice.index, None, choice.finish_reason)})
+                if reader is None:
+                    yield sse({**head, **chunk(choice.index, None, choice.finish_reason)})
+                    continue
+                for data in calls.setdefault(choice.index, CallStream(reader, choice.index)).finish(choice.finish_reason):
+                    yield sse({**head, **data})
             choices += event[1]
         if include_usage:
             yield sse({**head, "choices": [], "usage": _usage(jobs, choices)})
@@ -364,19 +421,18 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: ChatRequest, http: Request) -> Any:
-        jobs = await server.prepare(server.chat_jobs, request)
+        jobs, reader = await server.prepare_chat(request)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.name}
         if request.stream:
             opening = [{"choices": [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": None}]} for i in range(request.n or 1)]  # fmt: skip
             include_usage = bool(request.stream_options and request.stream_options.include_usage)
             head["object"] = "chat.completion.chunk"
-            return _streaming_response(server, jobs, _stream(server, jobs, head, chat_chunk, opening, include_usage))
+            events = _stream(server, jobs, head, chat_chunk, opening, include_usage, reader)
+            return _streaming_response(server, jobs, events)
         choices = await server.results(jobs, http)
-        return {**head, "object": "chat.completion", "usage": _usage(jobs, choices), "choices": [
-            {"index": c.index, "message": {"role": "assistant", "content": c.text},
-             "logprobs": chat_logprobs(c.logprobs) if request.logprobs else None,
-             "finish_reason": c.finish_reason} for c in choices]}  # fmt: skip
+        return {**head, "object": "chat.completion", "usage": _usage(jobs, choices),
+                "choices": [_chat_choice(c, reader, bool(request.logprobs)) for c in choices]}  # fmt: skip
 
     @app.post("/v1/completions")
     async def completions(request: CompletionRequest, http: Request) -> Any:
@@ -390,6 +446,16 @@ def _add_routes(app: FastAPI, server: _Server) -> None:
         return {**head, "usage": _usage(jobs, choices), "choices": [
             {"index": c.index, "text": c.text, "finish_reason": c.finish_reason,
              "logprobs": None if request.logprobs is None else completion_logprobs(c.logprobs)} for c in choices]}  # fmt: skip
+
+
+def _chat_choice(choice: Choice, reader: CallReader | None, logprobs: bool) -> dict:
+    """A finished choice as OpenAI writes it; with a ``reader``, its calls as ``tool_calls``."""
+    if reader is None:
+        message, finish_reason = {"role": "assistant", "content": choice.text}, choice.finish_reason
+    else:
+        message, finish_reason = reader.message(choice.text, choice.finish_reason)
+    return {"index": choice.index, "message": message, "logprobs": chat_logprobs(choice.logprobs) if logprobs else None,
+            "finish_reason": finish_reason}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -427,20 +493,26 @@ def parse_limits(items: Sequence[str] | None) -> ServeLimits:
 def serve(spec: str = "default", *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str = "auto", device: str = "auto", model_name: str | None = None,
           max_prompt_tokens: int | None = None, limits: ServeLimits | None = None,
-          extra_hosts: Sequence[str] | None = None, origins: Sequence[str] | None = None, docs: bool = False) -> None:  # fmt: skip
+          extra_hosts: Sequence[str] | None = None, origins: Sequence[str] | None = None, docs: bool = False,
+          tools_template: str | None = None) -> None:  # fmt: skip
     """Load ``spec`` with `liandan.models.load_model` and serve it on ``host:port`` until interrupted.
 
     ``limits``, ``origins`` and ``docs`` are `create_app`'s; the connection limits are applied as in
     `uvicorn_server`. The Host names answered are the localhost names, ``host`` itself and
-    ``extra_hosts`` (``"*"``: any); any name when ``host`` is 0.0.0.0 or ::. Every option is checked
-    before the model loads."""
+    ``extra_hosts`` (``"*"``: any); any name when ``host`` is 0.0.0.0 or ::. ``tools_template``
+    (``chatml`` or a ``.jinja`` file) is given to a model whose own template renders no tools, as
+    `liandan.tools.with_tools_template` does. Every option is checked before the model loads."""
     if not 0 < port < 65536:
         raise LiandanError(f"--port {port}: expected a port number from 1 to 65535")
     if max_prompt_tokens is not None and max_prompt_tokens < 1:
         raise LiandanError(f"--max-prompt-tokens must be at least 1 (got {max_prompt_tokens})")
+    if tools_template and tools_template not in BUILTIN_TEMPLATES and not (
+            tools_template.endswith(".jinja") and Path(tools_template).is_file()):  # fmt: skip
+        raise LiandanError(f"--tools-template {tools_template!r}: expected {', '.join(BUILTIN_TEMPLATES)} or a .jinja file")
     hosts, origins = allowed_hosts(host, tuple(extra_hosts or ())), tuple(web_origin(o) for o in origins or ())
     check_models([spec])
     model, tokenizer = load_model(spec, device=device, dtype=dtype)
+    tools_note = with_tools_template(tokenizer, tools_template, where="--tools-template")
     name = model_name or default_model_name(spec)
     app = create_app(model, tokenizer, model_name=name, api_key=api_key, max_prompt_tokens=max_prompt_tokens,
                      limits=limits, hosts=hosts, origins=origins, docs=docs)  # fmt: skip
@@ -448,6 +520,9 @@ def serve(spec: str = "default", *, host: str = "127.0.0.1", port: int = 8000, a
           "/v1/completions); Ctrl+C stops it", flush=True)  # fmt: skip
     if not has_chat_template(tokenizer):
         print("note: the model has no chat template: chat requests are rendered as ChatML text", flush=True)
+    if tools_template:
+        note = tools_note or "the model's own chat template renders tools, so --tools-template changes nothing"
+        print(f"note: {note}", flush=True)
     if host not in LOOPBACK and not api_key:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
               flush=True)  # fmt: skip

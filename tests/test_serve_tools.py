@@ -21,8 +21,9 @@ from conftest import CHATML, build_model_dir
 from liandan.chat import encode_generation_prompt
 from liandan.errors import LiandanError
 from liandan.models import load_model
-from liandan.openai_api import CallReader, CallStream, ChatRequest, TokenLogprob
+from liandan.openai_api import ChatRequest, TokenLogprob
 from liandan.serve import create_app, serve
+from liandan.serve_tools import CallReader, CallStream
 from liandan.tools import CallFormat, call_format, tools_problem, with_tools_template
 from test_serve import running
 

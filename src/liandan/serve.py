@@ -74,8 +74,6 @@ from .openai_api import (
     UNSUPPORTED,
     AnswerBugs,
     ApiError,
-    CallReader,
-    CallStream,
     ChatRequest,
     CompletionRequest,
     GuardRequests,
@@ -93,6 +91,7 @@ from .openai_api import (
     validation_error,
     web_origin,
 )
+from .serve_tools import CallReader, CallStream
 from .serve_worker import Choice, Job, Worker
 from .tools import BUILTIN_TEMPLATES, CallFormat, call_format, tools_problem, with_tools_template
 

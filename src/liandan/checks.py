@@ -8,6 +8,13 @@ A record of a task set carries its checks in a ``checks`` object; a command can 
 checks to every record (``--schema FILE``, ``--check KEY=VALUE``). Text comparisons ignore case.
 Every problem names the file, the line and the field, and is found before any model is loaded.
 
+A ``tool_call`` check reads the calls the model wrote, parsed in its chat template's own format
+(`liandan.tools.parse_reply`, done by the caller that holds the model's tokenizer), against the
+record's reference turn and its ``tools``:
+
+    checks = parse_checks({"tool_call": "exact"}, where="test.jsonl:9", reference_calls=calls, tools=tools)
+    run_checks(checks, text, reply=parse_reply(text, call_format(tokenizer)))   # {'tool_call': True}
+
 A ``predicate`` runs Python code named by the task file, so it is refused unless code is allowed
 (``--allow-code``: `allowing_code`, or ``parse_checks(..., allow_code=True)``), and its module is
 imported without the current directory on ``sys.path``: a task file cannot pick up a stray
@@ -32,6 +39,7 @@ from typing import Any
 import yaml
 
 from .errors import LiandanError
+from .tools import Reply, call_matches
 
 CHECKS = {
     "exact": "the whole answer equals this text (case, surrounding space and final punctuation ignored)",
@@ -43,8 +51,13 @@ CHECKS = {
     "schema": "the answer is JSON that conforms to this JSON Schema (an object, or a file path)",
     "reference": "compare with the record's reference answer: exact, contains or json (parsed equal)",
     "predicate": "module:function, called as function(answer, record) -> bool",
+    "tool_call": "the calls the model writes: exact (the reference turn's calls, or none when it makes none) or schema "
+    "(each names a tool of the record and its arguments follow that tool's parameters)",
 }
 REFERENCE_MODES = ("exact", "contains", "json")
+TOOL_CALL_MODES = ("exact", "schema")
+REPLY_CHECKS = ("tool_call",)
+"""Checks that read the `Reply` parsed from the answer rather than its text."""
 _ALLOW_CODE: ContextVar[bool] = ContextVar("allow_code", default=False)
 
 
@@ -65,9 +78,10 @@ def code_allowed() -> bool:
 
 @dataclass
 class Checks:
-    """Parsed, validated checks of one record: each name maps to a test of the answer."""
+    """Parsed, validated checks of one record: each name maps to a test of the answer (its text,
+    or for `REPLY_CHECKS` the `Reply` read from it) and the reference answer."""
 
-    tests: dict[str, Callable[[str, str | None], bool]] = field(default_factory=dict)
+    tests: dict[str, Callable[[Any, str | None], bool]] = field(default_factory=dict)
     where: str = ""
 
     def __bool__(self) -> bool:
@@ -75,12 +89,15 @@ class Checks:
 
 
 def parse_checks(spec: object, *, where: str, base_dir: Path | None = None, reference: str | None = None,
-                 record: dict | None = None, allow_code: bool | None = None) -> Checks:  # fmt: skip
+                 record: dict | None = None, allow_code: bool | None = None, reference_calls: list[dict] | None = None,
+                 tools: tuple[dict, ...] | list[dict] | None = None) -> Checks:  # fmt: skip
     """Validate ``spec`` (the ``checks`` object of a record) and compile each check.
 
     ``base_dir`` resolves a schema given as a relative path; ``reference`` is the record's
     reference answer (needed by the ``reference`` check); ``record`` is passed to predicates;
-    ``allow_code`` permits predicates (None: as set by `allowing_code`, off by default).
+    ``allow_code`` permits predicates (None: as set by `allowing_code`, off by default);
+    ``reference_calls`` (the reference turn's ``tool_calls``, None when it makes none) and
+    ``tools`` (the record's function definitions) are what ``tool_call`` compares with.
     """
     allow_code = _ALLOW_CODE.get() if allow_code is None else allow_code
     if not isinstance(spec, dict):
@@ -90,13 +107,26 @@ def parse_checks(spec: object, *, where: str, base_dir: Path | None = None, refe
         if name not in CHECKS:
             raise LiandanError(f"{where}: field 'checks.{name}': unknown check; expected one of {', '.join(CHECKS)}")
         here = f"{where}: field 'checks.{name}'"
+        if name == "tool_call":
+            checks.tests[name] = _tool_call_check(value, here, base_dir or Path("."), reference_calls, tools)
+            continue
         checks.tests[name] = _compile(name, value, here, base_dir or Path("."), reference, record or {}, allow_code)
     return checks
 
 
-def run_checks(checks: Checks, answer: str, reference: str | None = None) -> dict[str, bool]:
-    """Each check's verdict on ``answer``. A predicate that raises is an error, not a fail."""
-    return {name: bool(test(answer, reference)) for name, test in checks.tests.items()}
+def run_checks(checks: Checks, answer: str, reference: str | None = None, reply: Reply | None = None) -> dict[str, bool]:
+    """Each check's verdict on ``answer``; `REPLY_CHECKS` judge ``reply``, the answer parsed with
+    the model's call format. A predicate that raises is an error, not a fail."""
+    verdicts = {}
+    for name, test in checks.tests.items():
+        if name in REPLY_CHECKS:
+            if reply is None:
+                raise LiandanError(f"{checks.where}: field 'checks.{name}': reads the calls of a reply parsed with the "
+                                   "model's chat template, which only `liandan eval` does; score this record there")  # fmt: skip
+            verdicts[name] = bool(test(reply, reference))
+        else:
+            verdicts[name] = bool(test(answer, reference))
+    return verdicts
 
 
 def _compile(name: str, value: Any, here: str, base_dir: Path, reference: str | None, record: dict, allow_code: bool):
@@ -142,6 +172,41 @@ def _reference_check(mode: Any, here: str, reference: str | None):
     if expected is INVALID_JSON:
         raise LiandanError(f"{here}: 'json' compares parsed JSON, but the reference is not valid JSON")
     return lambda answer, _ref: (doc := parse_json(answer)) is not INVALID_JSON and doc == expected
+
+
+def _tool_call_check(mode: Any, here: str, base_dir: Path, expected: list[dict] | None, tools: Any):
+    """``exact``: the same calls as the reference turn, in order (`call_matches`: name equal,
+    arguments equal as JSON values). ``schema``: as many calls as the reference, to the same
+    functions in order, each with arguments that its tool's ``parameters`` schema accepts. Either
+    way a reference without calls wants none, and a call begun but unreadable fails."""
+    if mode not in TOOL_CALL_MODES:
+        raise LiandanError(f"{here}: expected one of {', '.join(TOOL_CALL_MODES)} (got {mode!r})")
+    expected = list(expected or [])
+    if not tools and not expected:
+        raise LiandanError(f"{here}: compares the model's calls with the record's, and this record has no 'tools' and "
+                           "no reference turn with 'tool_calls'")  # fmt: skip
+    if mode == "exact":
+        return lambda reply, _ref: reply.problem is None and len(reply.calls) == len(expected) and all(
+            call_matches(call, want) for call, want in zip(reply.calls, expected))  # fmt: skip
+    if not tools:
+        raise LiandanError(f"{here}: 'schema' checks each call against the record's tools, and this record has no 'tools'")
+    validators = {}
+    for k, tool in enumerate(tools):
+        function = tool["function"]
+        where = f"{here}: tools[{k}].function.parameters"
+        validators[function["name"]] = load_schema(function.get("parameters") or {}, where, base_dir)
+    unknown = [c["function"]["name"] for c in expected if c["function"]["name"] not in validators]
+    if unknown:
+        raise LiandanError(f"{here}: the reference calls {unknown[0]!r}, which is not one of the record's tools "
+                           f"({', '.join(validators)})")  # fmt: skip
+
+    def test(reply: Reply, _ref: str | None) -> bool:
+        names = [c["function"]["name"] for c in reply.calls]
+        if reply.problem is not None or names != [c["function"]["name"] for c in expected]:
+            return False
+        return all(validators[c["function"]["name"]].is_valid(c["function"]["arguments"]) for c in reply.calls)
+
+    return test
 
 
 def _predicate(value: Any, here: str, record: dict, allow_code: bool):

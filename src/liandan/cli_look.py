@@ -208,6 +208,7 @@ def eval_command(
     few_shot_data: Annotated[Optional[Path], typer.Option("--few-shot-data", help="Training data the --few-shot examples are drawn from (as sft reads it).")] = None,
     few_shot_system: Annotated[Optional[str], typer.Option("--few-shot-system", help="The few-shot column's system prompt [default: --system].")] = None,
     few_shot_seed: Annotated[int, typer.Option("--few-shot-seed", help="Seed that draws the --few-shot examples.")] = 0,
+    tools_template: Annotated[Optional[str], typer.Option("--tools-template", help="For a task set with tools: chatml (liandan's ChatML tools template) or a .jinja file, for every model whose own template renders no tools.")] = None,
 ) -> None:
     """Evaluate models before vs after fine-tuning: task score, stop rate, retention, drift, and lm-eval tasks."""
     from .checks import allowing_code, parse_check_options
@@ -223,7 +224,7 @@ def eval_command(
                             lm_eval=[t.strip() for v in lm_eval or [] for t in v.split(",") if t.strip()], lm_eval_limit=lm_eval_limit,
                             lm_eval_include=str(lm_eval_include) if lm_eval_include else None, few_shot=few_shot,
                             few_shot_data=str(few_shot_data) if few_shot_data else None, few_shot_system=few_shot_system,
-                            few_shot_seed=few_shot_seed)  # fmt: skip
+                            few_shot_seed=few_shot_seed, tools_template=tools_template)  # fmt: skip
         for path in out or []:
             if path.suffix not in (".html", ".md", ".json"):
                 raise LiandanError(f"--out {path}: expected a file ending in .html, .md or .json")

@@ -7,6 +7,9 @@ as Markdown, or as JSON.
                            "format": "percent", "values": {"default": 0.0, "runs/extract": 0.95}}]}
     write_eval_report(result, "eval.html")        # or eval.md, eval.json
 
+Tool calls read from an output (``calls``) and the reference turn's (``reference_calls``) are
+shown as ``get_weather({"city": "Oslo"})``.
+
 The page needs nothing from the network (inline CSS, SVG plots from `liandan.plots`, no script),
 so it can be attached to a CI run or opened years later. The first model is "before"; every other
 column shows its delta against it, green or red by whether the metric is better higher or lower.
@@ -84,21 +87,42 @@ def _check_names(set_: dict) -> list[str]:
     return names
 
 
+SPLIT_ROWS = {"tool_call": [("tool_call, where a call is needed", True), ("tool_call, where none is needed", False)]}
+"""Extra pass-rate rows of a check, over the outputs whose ``expects_call`` is the value given."""
+
+
 def pass_rates(set_: dict, models: list[str]) -> list[tuple[str, dict[str, tuple[int, int]]]]:
-    """Rows ``(name, {model: (passed, counted)})`` for "passed" and each check; null checks are not counted."""
+    """Rows ``(name, {model: (passed, counted)})`` for "passed" and each check (the ``tool_call``
+    check also split by whether a call is needed); null checks are not counted."""
     rows = []
     for name in ["passed", *_check_names(set_)]:
-        row = {}
-        for model in models:
-            outcomes = []
-            for example in set_.get("examples") or []:
-                output = (example.get("outputs") or {}).get(model) or {}
-                value = output.get("passed") if name == "passed" else (output.get("checks") or {}).get(name)
-                if isinstance(value, bool):
-                    outcomes.append(value)
-            row[model] = (sum(outcomes), len(outcomes))
-        rows.append((name, row))
+        for label, expects in [(name, None), *SPLIT_ROWS.get(name, [])]:
+            row = {}
+            for model in models:
+                outcomes = []
+                for example in set_.get("examples") or []:
+                    output = (example.get("outputs") or {}).get(model) or {}
+                    value = output.get("passed") if name == "passed" else (output.get("checks") or {}).get(name)
+                    if isinstance(value, bool) and (expects is None or output.get("expects_call") is expects):
+                        outcomes.append(value)
+                row[model] = (sum(outcomes), len(outcomes))
+            rows.append((label, row))
     return rows
+
+
+def format_call(call: dict) -> str:
+    """``get_weather({"city": "Oslo"})``: a call in the OpenAI shape, as a person reads it."""
+    function = call.get("function") if isinstance(call, dict) else None
+    if not isinstance(function, dict):
+        return json.dumps(call, ensure_ascii=False)
+    arguments = function.get("arguments")
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
+    return f"{function.get('name')}({text})"
+
+
+def calls_text(calls) -> str:
+    """Each call on its own line, or "no call"."""
+    return "\n".join(format_call(c) for c in calls) if calls else "no call"
 
 
 def _rate(passed: int, counted: int) -> str:
@@ -155,7 +179,7 @@ table.examples td{border-bottom:1px solid #d8dee4}
 .text{white-space:pre-wrap;overflow-wrap:anywhere;margin:0;max-height:24rem;overflow:auto;
  font:13px/1.45 ui-monospace,"SFMono-Regular",Menlo,Consolas,"Noto Sans Mono CJK SC",monospace;
  background:#f6f8fa;border:1px solid #eaeef2;border-radius:6px;padding:.4rem .55rem}
-.ref{background:#f0f6ff;border-color:#d4e4fa}
+.ref{background:#f0f6ff;border-color:#d4e4fa} .calls{background:#fff8c5;border-color:#eedc82;margin-top:.3rem}
 .small{font-size:.78rem;color:#656d76;margin:.35rem 0 .15rem}
 .status{font-size:.8rem;color:#1a7f37;margin-top:.3rem} .status.limit{color:#cf222e}
 .badges{display:flex;flex-wrap:wrap;gap:.25rem;margin-top:.3rem}
@@ -278,6 +302,9 @@ def _output_cell(output: dict | None, check_names: list[str]) -> str:
     if not output:
         return f'<td class="muted">{DASH}</td>'
     cell = f'<td><div class="text">{escape(str(output.get("text") or ""))}</div>'
+    if "calls" in output:  # read back in the model's call format: what it called, or why it could not be read
+        problem = f"\nunreadable call: {output['call_problem']}" if output.get("call_problem") else ""
+        cell += f'<div class="small">calls</div><div class="text calls">{escape(calls_text(output["calls"]) + problem)}</div>'
     if status := status_line(output):
         limit = " limit" if output.get("stopped") is False else ""
         cell += f'<div class="status{limit}">{escape(status)}</div>'
@@ -288,10 +315,19 @@ def _example_row(example: dict, models: list[str], check_names: list[str]) -> st
     category = f'<span class="cat">{escape(str(example["category"]))}</span>' if example.get("category") else ""
     first = (f'<div class="small">{escape(str(example.get("id") or ""))}{category}</div>'
              f'<div class="text">{escape(str(example.get("prompt") or ""))}</div>')  # fmt: skip
-    if example.get("reference") is not None:
-        first += f'<div class="small">reference</div><div class="text ref">{escape(str(example["reference"]))}</div>'
+    reference = _reference_text(example)
+    if reference is not None:
+        first += f'<div class="small">reference</div><div class="text ref">{escape(reference)}</div>'
     outputs = example.get("outputs") or {}
     return f"<tr><td>{first}</td>" + "".join(_output_cell(outputs.get(m), check_names) for m in models) + "</tr>"
+
+
+def _reference_text(example: dict) -> str | None:
+    """The reference answer, with the reference turn's calls (or "no call") for a record with tools."""
+    parts = [str(example["reference"])] if example.get("reference") is not None else []
+    if "reference_calls" in example:
+        parts.append(calls_text(example["reference_calls"]))
+    return "\n".join(parts) if parts else None
 
 
 def _set_section(set_: dict, index: int, result: dict, colours: dict[str, str]) -> str:
@@ -367,6 +403,10 @@ def _md_output(output: dict | None) -> str:
     if not output:
         return DASH
     mark = {True: "✓ ", False: "✗ "}.get(output.get("passed"), "")
+    if output.get("call_problem"):
+        return mark + _md(f"unreadable call: {output['call_problem']}", MD_CHARS)
+    if output.get("calls"):  # the call read back says more than its raw text with the template's tags
+        return mark + _md(calls_text(output["calls"]), MD_CHARS)
     return mark + _md(output.get("text") or "", MD_CHARS)
 
 

@@ -7,7 +7,9 @@
 
 The first model is "before"; every other model is compared with it.
 
-- **task**: held-out prompts with checks (see `liandan.checks`) or reference answers;
+- **task**: held-out prompts with checks (see `liandan.checks`) or reference answers; a record
+  that offers ``tools`` is rendered with them, and the calls each model writes are read back in
+  its own template's format (`liandan.tools`) for the ``tool_call`` check and the report;
 - **health**: the share of outputs that stop by themselves, their mean length, repetition;
 - **retention**: a general probe set shipped with liandan (facts, arithmetic, reasoning,
   instruction following, translation), scored the same way: what fine-tuning made it forget;
@@ -43,10 +45,11 @@ from .fewshot import few_shot_name, few_shot_turns, request_cost, with_shots
 from .generation import SamplingConfig, generate
 from .lm_eval_tasks import check_tasks, metric_rows, run_lm_eval
 from .losses import IGNORE_INDEX
-from .models import load_model, release_model
+from .models import check_models, load_model, load_tokenizer, release_model
 from .objectives import collate_pairs, micro_batch_loss, pair_logps, trained_token_nll
 from .preference import read_pairs
 from .prompts import Prompt, builtin_path, read_general_prompts, read_prompts
+from .tools import BUILTIN_TEMPLATES, CallFormat, call_format, parse_reply, tools_problem, with_tools_template
 from .uncertainty import paired_bootstrap_mean, paired_bootstrap_ratio, paired_proportions
 
 
@@ -59,6 +62,14 @@ class EvalItem:
     checks: Any
     reference: str | None = None
     category: str | None = None
+    reference_calls: list[dict] | None = None
+    """The calls of the reference turn (None when it makes none)."""
+
+    @property
+    def uses_tools(self) -> bool:
+        """Whether the model must render tools or calls for this item, or have its calls read."""
+        return bool(self.prompt.tools or self.reference_calls or "tool_call" in self.checks.tests
+                    or any(m.get("tool_calls") or m["role"] == "tool" for m in self.prompt.messages or ()))  # fmt: skip
 
 
 @dataclass
@@ -66,6 +77,11 @@ class EvalSet:
     name: str
     path: str
     items: list[EvalItem]
+
+    @property
+    def tool_item(self) -> EvalItem | None:
+        """The first item that uses tools (it names the set in errors), or None."""
+        return next((i for i in self.items if i.uses_tools), None)
 
 
 @dataclass
@@ -110,8 +126,14 @@ class EvalConfig:
     """The few-shot column's system prompt (default: ``system``)."""
     few_shot_seed: int = 0
     """The seed that draws the few-shot examples."""
+    tools_template: str | None = None
+    """For a task set with tools: "chatml" (liandan's ChatML tools template) or a .jinja file, given
+    to every model whose own chat template renders no tools (a run trained with one keeps its own)."""
 
     def __post_init__(self) -> None:
+        spec = self.tools_template
+        if spec is not None and spec not in BUILTIN_TEMPLATES and not (spec.endswith(".jinja") and Path(spec).is_file()):
+            raise LiandanError(f"--tools-template {spec!r}: expected {', '.join(BUILTIN_TEMPLATES)} or a .jinja file that exists")
         if self.few_shot < 0:
             raise LiandanError(f"--few-shot {self.few_shot}: expected a number of examples, 0 for none")
         if self.few_shot and not (self.few_shot_data and self.task):
@@ -128,7 +150,8 @@ def read_eval_set(path: str | Path, *, name: str, extra_checks: dict | None = No
     """Read a JSONL set of ``prompt``/``messages`` records with ``checks``, ``reference``, ``id``,
     ``category``. A conversation that ends with an assistant turn has that turn as its reference.
     A record with a reference is also scored against it (exact, or parsed JSON when the reference
-    is JSON); a record with neither checks nor reference is an error."""
+    is JSON); a record with neither checks nor reference is an error. A reference turn that makes
+    tool calls is kept as ``reference_calls`` and scored with ``tool_call: exact`` by default."""
     path = Path(path)
     prompts = read_prompts(path) if path.suffix == ".jsonl" else _wrong_suffix(path)
     extra = dict(extra_checks or {})
@@ -137,29 +160,37 @@ def read_eval_set(path: str | Path, *, name: str, extra_checks: dict | None = No
     items = []
     for n, prompt in enumerate(prompts, 1):
         where = prompt.source
+        calls = reference_calls(prompt)
         reference, prompt, checks = record_checks(prompt, path.parent, extra)
         if checks is None:
             raise LiandanError(f"{where}: field 'checks': this record has no checks and no reference answer to score against")
         category = prompt.meta.get("category")
-        items.append(EvalItem(id=str(prompt.meta.get("id") or f"{path.stem}:{n}"), prompt=prompt, checks=checks,
-                              reference=reference, category=str(category) if category else None))  # fmt: skip
+        items.append(EvalItem(id=str(prompt.meta.get("id") or f"{path.stem}:{n}"), prompt=prompt, checks=checks, reference=reference,
+                              category=str(category) if category else None, reference_calls=calls))  # fmt: skip
     return EvalSet(name=name, path=str(path), items=items)
 
 
 def record_checks(prompt: Prompt, base_dir: Path, extra: dict | None = None) -> tuple[str | None, Prompt, Any]:
     """A prompt record's reference answer (a final assistant turn, or ``reference``), the prompt
     without it, and its parsed checks: its own ``checks`` plus ``extra``, and a comparison with the
-    reference (parsed JSON when the reference is JSON) unless a check says how; None without any."""
+    reference (parsed JSON when the reference is JSON) unless a check says how; None without any.
+    A reference turn with tool calls is compared by ``tool_call: exact`` unless a check says how;
+    with a ``tool_call`` check the reference text is not compared: the right reply to a request
+    the tools cannot serve is a plain answer, rarely word for word the reference's."""
     where = prompt.source
+    calls = reference_calls(prompt)
     reference, prompt = split_reference(prompt, where)
     if "checks" in prompt.meta and not isinstance(prompt.meta["checks"], dict):
         raise LiandanError(f"{where}: field 'checks': expected an object such as {{\"contains\": [\"Paris\"]}}")
     spec = {**(prompt.meta.get("checks") or {}), **(extra or {})}
-    if reference is not None and "reference" not in spec:
+    if calls and "tool_call" not in spec:
+        spec["tool_call"] = "exact"
+    if reference is not None and "reference" not in spec and "tool_call" not in spec:
         spec["reference"] = "json" if looks_like_json(reference) else "exact"
     if not spec:
         return reference, prompt, None
-    return reference, prompt, parse_checks(spec, where=where, base_dir=base_dir, reference=reference, record=prompt.meta)
+    return reference, prompt, parse_checks(spec, where=where, base_dir=base_dir, reference=reference, record=prompt.meta,
+                                           reference_calls=calls, tools=prompt.tools)  # fmt: skip
 
 
 def _wrong_suffix(path: Path):
@@ -175,9 +206,17 @@ def split_reference(prompt: Prompt, where: str) -> tuple[str | None, Prompt]:
             raise LiandanError(f"{where}: field 'reference': given twice (also as the last assistant message)")
         if len(prompt.messages) < 2:
             raise LiandanError(f"{where}: field 'messages': has only the assistant's answer, no prompt")
-        reference = prompt.messages[-1]["content"]
-        prompt = Prompt(messages=prompt.messages[:-1], source=prompt.source, meta=prompt.meta)
+        last = prompt.messages[-1]
+        # A call turn's text is its reference only when it has some; its calls are `reference_calls`.
+        reference = last["content"] if last["content"] or not last.get("tool_calls") else None
+        prompt = Prompt(messages=prompt.messages[:-1], source=prompt.source, meta=prompt.meta, tools=prompt.tools)
     return reference, prompt
+
+
+def reference_calls(prompt: Prompt) -> list[dict] | None:
+    """The tool calls of a conversation's final assistant turn (its reference), or None."""
+    last = prompt.messages[-1] if prompt.messages else None
+    return list(last["tool_calls"]) if last and last["role"] == "assistant" and last.get("tool_calls") else None
 
 
 def looks_like_json(text: str) -> bool:
@@ -199,17 +238,33 @@ def read_set_spec(spec: str, *, name: str) -> EvalSet | None:
 # Scoring
 
 
-def score_set(eval_set: EvalSet, generations: list) -> tuple[list[dict], dict]:
-    """Per-example outcomes and the set's aggregates: the share passing all checks and each check."""
+def score_set(eval_set: EvalSet, generations: list, calls: CallFormat | None = None) -> tuple[list[dict], dict]:
+    """Per-example outcomes and the set's aggregates: the share passing all checks and each check.
+    With ``calls`` (the evaluated model's call format) each output is also read as a reply: its
+    outcome holds the ``calls`` made (and ``call_problem`` when one could not be read), and the
+    ``tool_call`` check is split into ``call`` (over the items whose reference makes calls) and
+    ``no_call`` (over those whose reference makes none)."""
     outcomes, per_check = [], {}
     for item, gen in zip(eval_set.items, generations, strict=True):
-        verdicts = run_checks(item.checks, gen.text, item.reference)
+        reply = parse_reply(gen.text, calls) if calls is not None else None
+        verdicts = run_checks(item.checks, gen.text, item.reference, reply)
         for name, ok in verdicts.items():
             per_check.setdefault(name, []).append(ok)
-        outcomes.append({"text": gen.text, "stopped": gen.stopped, "new_tokens": gen.new_tokens,
-                         "passed": all(verdicts.values()), "checks": verdicts})  # fmt: skip
+        outcome = {"text": gen.text, "stopped": gen.stopped, "new_tokens": gen.new_tokens,
+                   "passed": all(verdicts.values()), "checks": verdicts}  # fmt: skip
+        if reply is not None:
+            outcome["calls"] = reply.calls
+            if reply.problem:
+                outcome["call_problem"] = reply.problem
+        if "tool_call" in verdicts:
+            outcome["expects_call"] = bool(item.reference_calls)
+        outcomes.append(outcome)
     aggregate = {"score": _mean(o["passed"] for o in outcomes)}
     aggregate.update({name: _mean(v) for name, v in per_check.items()})
+    for name, expects in (("call", True), ("no_call", False)):
+        split = [o["checks"]["tool_call"] for o in outcomes if o.get("expects_call") is expects]
+        if split:
+            aggregate[name] = _mean(split)
     categories = sorted({i.category for i in eval_set.items if i.category})
     if categories:
         aggregate["by_category"] = {
@@ -311,6 +366,7 @@ def evaluate(config: EvalConfig, *, progress: Progress | None = None, load=None,
     """Run every set through every model (one model in memory at a time); see the module doc.
     ``evaluation`` is an `Evaluation` of ``config`` already made (its sets read and checked)."""
     evaluation = evaluation or Evaluation(config)
+    evaluation.check_tools(config.models)
     for n, spec in enumerate(config.models):
         evaluation.run(spec, progress=progress, load=load)
         if n == 0 and evaluation.shots:  # the prompt-only baseline, beside the model it prompts
@@ -344,6 +400,10 @@ class Evaluation:
             check_tasks(config.lm_eval, config.lm_eval_include)
         if not (self.task or self.probes or self.drift_prompts or self.pairs or self.texts or config.lm_eval):
             raise LiandanError("nothing to evaluate: give --task FILE, or keep the probe or drift sets")
+        if config.tools_template and (self.task is None or self.task.tool_item is None):
+            raise LiandanError(f"--tools-template {config.tools_template}: changes nothing here, as no task record offers tools "
+                               "or calls; give a --task set with 'tools'")  # fmt: skip
+        self.notes: list[str] = []  # what was changed for a model (a tools template given to it)
         self.lm_eval: dict[str, dict] = {}  # per model: its lm-eval results, items included
         self.per_model: dict[str, dict] = {}
         self.items: dict[str, dict] = {}  # per model: per-item drift, preference and text figures, for intervals
@@ -365,13 +425,48 @@ class Evaluation:
             self.prompted.append(name)
         model, tokenizer = load(spec)
         try:
-            self.per_model[name] = self._score(model, tokenizer, name, self.config.system if system is None else system, step, shots)
+            calls, note = self._prepare_tools(tokenizer, name)
+            if note and f"{name}: {note}" not in self.notes:
+                self.notes.append(f"{name}: {note}")
+            system = self.config.system if system is None else system
+            self.per_model[name] = self._score(model, tokenizer, name, system, step, shots, calls)
         finally:
             release_model(model)
             del model
         return self.per_model[name]
 
-    def _score(self, model, tokenizer, name: str, system: str | None, step, shots: list[dict] | None = None) -> dict:
+    def check_tools(self, specs: list[str]) -> None:
+        """Before any model loads: every model in ``specs`` renders the task set's tools (given
+        ``tools_template`` when its own template cannot) and its calls can be read back. Reads
+        their tokenizers only."""
+        if self.task is None or self.task.tool_item is None:
+            return
+        for spec, source in zip(specs, check_models(specs), strict=True):
+            self._prepare_tools(load_tokenizer(source), spec)
+
+    def _prepare_tools(self, tokenizer: Any, name: str) -> tuple[CallFormat | None, str | None]:
+        """For a task set with tools: give ``tokenizer`` the tools template when its own renders
+        none, and find how its template writes calls. Returns (that call format, a note of what
+        changed); (None, None) for a set without tools."""
+        item = self.task.tool_item if self.task is not None else None
+        if item is None:
+            return None, None
+        try:
+            note = with_tools_template(tokenizer, self.config.tools_template, where="--tools-template")
+        except LiandanError as exc:
+            raise LiandanError(f"model '{name}': {exc}") from None
+        problem = tools_problem(tokenizer)
+        if problem:
+            raise LiandanError(f"{item.prompt.source}: this record uses tools, but model '{name}' cannot render them: {problem}; "
+                               "pass --tools-template chatml (liandan's ChatML tools template, for ChatML models such as the "
+                               "default) or a .jinja template that renders tools")  # fmt: skip
+        try:
+            return call_format(tokenizer), note
+        except LiandanError as exc:
+            raise LiandanError(f"model '{name}': {exc}") from None
+
+    def _score(self, model, tokenizer, name: str, system: str | None, step, shots: list[dict] | None = None,
+               calls: CallFormat | None = None) -> dict:  # fmt: skip
         config, scores, gens, items = self.config, {}, [], {}
         # A prompt does not change the weights: a few-shot run reuses the first run's probes, drift
         # and the rest, and is scored on the task set only.
@@ -387,7 +482,8 @@ class Evaluation:
             sampling = SamplingConfig(max_new_tokens=limit, batch_size=config.batch_size)
             generated = generate(model, tokenizer, prompts, system=sys_prompt, config=sampling,
                                  model_name=name, on_batch=lambda n, s=eval_set.name: step(f"{name} · {s}", n))  # fmt: skip
-            self.outputs[eval_set.name][name], scores[eval_set.name] = score_set(eval_set, generated)
+            set_calls = calls if eval_set is self.task else None
+            self.outputs[eval_set.name][name], scores[eval_set.name] = score_set(eval_set, generated, set_calls)
             gens += generated
         if plain:
             return self._reuse(plain, name, scores, items, gens)
@@ -444,6 +540,8 @@ class Evaluation:
         for m in self.prompted:  # the first model's weights: its loss curve is already there
             result["labels"][m] = "prompt only"
             result["curves"].pop(m, None)
+        if self.notes:
+            result["notes"] = list(self.notes)
         if self.lm_eval:
             result["metrics"] += metric_rows(self.lm_eval, result["models"])
             result["settings"].update(lm_eval=self.config.lm_eval, lm_eval_limit=self.config.lm_eval_limit)
@@ -464,6 +562,10 @@ METRICS = [  # key, label, better, format
     ("prefs.margin", "Preference margin: log p(chosen) - log p(rejected)", "higher", "number"),
     ("text.perplexity", "Held-out text perplexity", "lower", "number"),
 ]
+CALL_METRICS = [  # the tool_call check split by what the reference turn does (see `score_set`)
+    ("task.call", "Task: the right call, where one is needed", "higher", "percent"),
+    ("task.no_call", "Task: no call, where none is needed", "higher", "percent"),
+]
 
 
 class EvalResult(dict):
@@ -482,9 +584,11 @@ def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalS
     models = list(per_model)
     if probes is not None and models:
         add_kept(per_model, outputs["probes"], models[0])
-    check_names = sorted({k for s in per_model.values() for k in s.get("task", {}) if k not in ("score", "by_category")})
+    split = {key.split(".")[1] for key, *_ in CALL_METRICS}
+    check_names = sorted({k for s in per_model.values() for k in s.get("task", {}) if k not in ("score", "by_category", *split)})
+    task_rows = [(f"task.{c}", f"Task: {c}", "higher", "percent") for c in check_names] + CALL_METRICS
     metrics = []
-    for key, label, better, fmt in METRICS[:1] + [(f"task.{c}", f"Task: {c}", "higher", "percent") for c in check_names] + METRICS[1:]:
+    for key, label, better, fmt in METRICS[:1] + task_rows + METRICS[1:]:
         group, name = key.split(".")
         values = {m: per_model[m].get(group, {}).get(name) for m in models}
         if any(v is not None for v in values.values()):
@@ -495,6 +599,10 @@ def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalS
     sets = [set_section(s, outputs[s.name], models, title) for s, title in
             ((task, f"Task set: {config.task}"), (probes, "Retention probes")) if s is not None]  # fmt: skip
     bars = []
+    if task is not None and any("by_category" in per_model[m].get("task", {}) for m in models):
+        groups = {c: {m: per_model[m].get("task", {}).get("by_category", {}).get(c) for m in models}
+                  for c in sorted({i.category for i in task.items if i.category})}  # fmt: skip
+        bars.append({"title": "Task by category: all checks pass", "format": "percent", "groups": groups})
     if probes is not None and any("by_category" in per_model[m].get("probes", {}) for m in models):
         groups = {c: {m: per_model[m]["probes"]["by_category"].get(c) for m in models}
                   for c in per_model[models[0]]["probes"].get("by_category", {})}  # fmt: skip
@@ -510,7 +618,8 @@ def build_result(config: EvalConfig, per_model: dict, outputs: dict, task: EvalS
         "curves": {m: c for m in models if (c := read_curve(specs[m]))},
         "settings": {"max_new_tokens": config.max_new_tokens, "probe_max_new_tokens": config.probe_max_new_tokens,
                      "drift_max_new_tokens": config.drift_max_new_tokens, "decoding": "greedy",
-                     "probes": config.probes, "drift": config.drift},  # fmt: skip
+                     "probes": config.probes, "drift": config.drift,
+                     **({"tools_template": config.tools_template} if config.tools_template else {})},  # fmt: skip
     })
 
 
@@ -541,6 +650,10 @@ def compare_models(key: str, before: str, after: str, outputs: dict, items: dict
             return paired_bootstrap_mean([x["new_tokens"] for x in b], [y["new_tokens"] for y in a])
         if key == "health.repetition":
             return paired_bootstrap_mean([repetition(x["text"]) for x in b], [repetition(y["text"]) for y in a])
+        if group == "task" and name in ("call", "no_call"):  # the tool_call check over the items it is split by
+            pairs = [(x["checks"]["tool_call"], y["checks"]["tool_call"]) for x, y in zip(b, a)
+                     if x.get("expects_call") is (name == "call") and "tool_call" in y["checks"]]  # fmt: skip
+            return paired_proportions([x for x, _ in pairs], [y for _, y in pairs]) if pairs else None
         flag = "stopped" if key == "health.stop_rate" else "passed" if name == "score" else None
         pairs = [(x[flag], y[flag]) if flag else (x["checks"].get(name), y["checks"].get(name)) for x, y in zip(b, a)]
         pairs = [(x, y) for x, y in pairs if isinstance(x, bool) and isinstance(y, bool)]  # a check may not apply
@@ -565,6 +678,7 @@ def set_section(eval_set: EvalSet, outputs: dict, models: list[str], title: str)
         "name": eval_set.name, "title": title, "metric_names": names,
         "examples": [
             {"id": item.id, "prompt": item.prompt.display, "reference": item.reference, "category": item.category,
+             **({"reference_calls": item.reference_calls} if item.uses_tools else {}),
              "outputs": {m: outputs[m][i] for m in models if m in outputs}}
             for i, item in enumerate(eval_set.items)
         ],

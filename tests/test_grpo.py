@@ -327,3 +327,21 @@ def test_the_shipped_example_reads(chat_model_dir):
     assert len(items) == 190 and all(item["record"].checks for item in items)
     _, per = score_completions(rewards, [completion("Ice floats because it is less dense than water.", checks=items[0]["record"].checks)])
     assert per == {"checks": [1.0], "stop": [1.0], "max_tokens": [1.0]}
+
+
+def test_a_tool_call_check_is_refused_as_a_reward_before_any_step(tmp_path, chat_model_dir):
+    """GRPO does not read calls back from completions yet: a record checked by tool_call is refused
+    when the prompts are read, and tool_call is no reward name."""
+    from liandan.grpo import read_grpo_prompts
+    from liandan.models import load_model
+
+    record = {"messages": [{"role": "user", "content": "Weather in Oslo?"}], "checks": {"tool_call": "exact"},
+              "tools": [{"type": "function", "function": {"name": "get_weather"}}]}  # fmt: skip
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    _, tok = load_model(str(chat_model_dir), device="cpu", dtype="float32")
+    config = GRPOConfig(model=str(chat_model_dir), data=[str(path)], rewards=["checks"], max_length=256, max_completion_length=8)
+    with pytest.raises(LiandanError, match=r"p\.jsonl:1: field 'checks': tool_call is an evaluation check"):
+        read_grpo_prompts(config.data, tok, config, parse_rewards(config.rewards))
+    with pytest.raises(LiandanError):
+        parse_rewards(["tool_call=exact"])

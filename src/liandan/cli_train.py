@@ -164,6 +164,7 @@ def experiment(
     text: TextOpt = None,
     max_new_tokens: MaxNewOpt = 160,
     batch_size: BatchOpt = 64,
+    tools_template: Annotated[Optional[str], typer.Option("--tools-template", help="For a task set with tools: chatml or a .jinja file, for every model whose own template renders no tools (the base; runs keep the template they trained with).")] = None,
     allow_code: CodeOpt = False,
 ) -> None:
     """Repeat a training run over seeds and a grid of settings; evaluate each run; mean ± sd per metric."""
@@ -179,7 +180,8 @@ def experiment(
         eval_config = EvalConfig(task=str(task) if task else None, schema=str(schema) if schema else None,
                                  checks=parse_check_options(check or []), probes=probes, drift=drift,
                                  pairs=str(pairs) if pairs else None, text=str(text) if text else None,
-                                 max_new_tokens=max_new_tokens, batch_size=batch_size) if evaluated else None  # fmt: skip
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 tools_template=tools_template) if evaluated else None  # fmt: skip
         quiet_libraries()
         check_models([plan_runs(exp)[0].config.model])
         result = run_experiment(exp, eval_config, console)

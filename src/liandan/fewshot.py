@@ -66,14 +66,15 @@ def with_shots(prompts: list[Prompt], turns: list[dict]) -> list[Prompt]:
     for prompt in prompts:
         messages = prompt.chat_messages()
         head = messages[:1] if messages[0]["role"] == "system" else []
-        shot.append(Prompt(messages=(*head, *turns, *messages[len(head) :]), source=prompt.source, meta=prompt.meta))
+        shot.append(Prompt(messages=(*head, *turns, *messages[len(head) :]), source=prompt.source, meta=prompt.meta, tools=prompt.tools))
     return shot
 
 
 def prompt_tokens(tokenizer: Any, prompts: list[Prompt], system: str | None) -> list[int]:
     """Each prompt's length in tokens as generation sends it: the chat-encoded conversation, with
     ``system``, and the assistant header."""
-    return [len(encode_generation_prompt(tokenizer, p.chat_messages(system), check_roles=False)) for p in prompts]
+    return [len(encode_generation_prompt(tokenizer, p.chat_messages(system), check_roles=False, tools=list(p.tools) if p.tools else None))
+            for p in prompts]  # fmt: skip
 
 
 def request_cost(tokenizer: Any, prompts: list[Prompt], system: str | None) -> tuple[dict, dict]:

@@ -153,6 +153,9 @@ def read_grpo_prompts(paths: list[str], tokenizer: Any, config: GRPOConfig, rewa
             raise LiandanError(f"GRPO data '{path}': expected a .jsonl file of prompt records ('prompt' or 'messages', and any other fields)")
         for prompt in read_prompts(path):
             reference, prompt, checks = record_checks(prompt, Path(path).parent)
+            if checks is not None and "tool_call" in checks.tests:
+                raise LiandanError(f"{prompt.source}: field 'checks': tool_call is an evaluation check; GRPO does not read "
+                                   "tool calls back as rewards yet")  # fmt: skip
             if needs_checks and checks is None:
                 raise LiandanError(f"{prompt.source}: field 'checks': the 'checks' reward needs checks or a reference answer in every record")
             if needs_reference and reference is None:

@@ -35,7 +35,8 @@ from .checks import CHECKS, INVALID_JSON, Checks, code_allowed, import_user_func
 from .errors import LiandanError
 from .prompts import Prompt
 
-BUILTIN = ("checks", "schema", "stop", "max_tokens", "python", *(name for name in CHECKS if name not in ("schema", "predicate")))
+BUILTIN = ("checks", "schema", "stop", "max_tokens", "python",
+           *(name for name in CHECKS if name not in ("schema", "predicate", "tool_call")))  # fmt: skip
 
 
 @dataclass

@@ -24,6 +24,14 @@ When llama-cpp-python is installed (``liandan[llamacpp]``): the file also runs i
 whose greedy output must equal the source's for f16; for Q8_0 its agreement is reported. A file
 that fails is deleted. The model may be anything `liandan.models.load_model` accepts; a LoRA run is
 merged in fp32.
+
+A model whose chat template renders tools (a run trained with ``tools_template: chatml`` saves
+liandan's ChatML tools template) keeps it as it is, and the export checks that it still works: the
+GGUF's template must be the model's byte for byte and render tool conversations (definitions,
+calls, results, answers) exactly as the model does, or the file is not kept; llama-cpp-python's chat
+handler renders them from the template llama.cpp reads; and the Modelfile TEMPLATE handles
+Ollama's tools where the template's shape allows it (`liandan.modelfile`), with what differs
+(Ollama writes the JSON itself) in the notes.
 """
 
 from __future__ import annotations
@@ -45,9 +53,10 @@ from .files import write_atomic
 from .gguf_reading import drop_quantizer
 from .gguf_tokenizer import gguf_vocab
 from .gguf_writing import Family, family_of, llama_cpp_settings, write_gguf
-from .llama_cpp_check import RuntimeCheck, SourceRun, llama_cpp_version, run_llama_cpp
-from .modelfile import modelfile_text
+from .llama_cpp_check import RuntimeCheck, SourceRun, ToolChat, llama_cpp_version, run_llama_cpp
+from .modelfile import TOOL_CHECKS, OllamaTools, build_modelfile, ollama_tool_tag
 from .models import load_model, release_model
+from .tools import tools_problem
 
 FORMATS = ("gguf",)
 QUANTS = ("f16", "q8_0")
@@ -87,6 +96,32 @@ class ProbeCheck:
 
 
 @dataclass
+class ToolsCheck:
+    """How the export keeps the tool calling of a model whose chat template renders tools."""
+
+    conversations: int
+    """Tool conversations the GGUF's chat template rendered exactly as the model's (else no file)."""
+    llama_cpp: bool | None
+    """Whether llama-cpp-python's chat handler, from the template llama.cpp read, rendered them
+    the same; None when llama-cpp-python is not installed."""
+    ollama: OllamaTools | None
+    """What the Modelfile TEMPLATE does with tools."""
+
+    def summary(self) -> list[str]:
+        gguf = (f"Tools: the GGUF's chat template renders {self.conversations} tool conversations (definitions, calls, "
+                "results, answers) exactly as the model's")  # fmt: skip
+        if self.llama_cpp is not None:
+            gguf += "; so does llama-cpp-python's chat handler" if self.llama_cpp else "; llama-cpp-python's does not (see notes)"
+        ollama = self.ollama
+        if ollama is None or ollama.pieces is None:
+            return [gguf, "Ollama: the Modelfile TEMPLATE handles plain chat only (see notes)"]
+        how = "exactly" if ollama.json_exact else "exactly but for the JSON Ollama writes itself (see notes)"
+        modelfile = (f"Ollama: the Modelfile TEMPLATE handles tools, calls (read back from {ollama_tool_tag(ollama.pieces)}) "
+                     f"and tool results, rendering {ollama.checked} tool conversations {how}")  # fmt: skip
+        return [gguf, modelfile]
+
+
+@dataclass
 class ExportResult:
     """What `export_gguf` wrote and how well it matched the source, for the CLI to print."""
 
@@ -100,9 +135,12 @@ class ExportResult:
     probes: list[ProbeCheck]
     modelfile: Path
     template_exact: bool
-    """Whether the Modelfile TEMPLATE rendered every checked conversation exactly as the chat template."""
+    """Whether the Modelfile TEMPLATE rendered every checked plain chat conversation exactly as the chat
+    template (tool conversations: ``tools``)."""
     runtime: RuntimeCheck | None = None
     """The file run in llama.cpp, or None when llama-cpp-python is not installed."""
+    tools: ToolsCheck | None = None
+    """How tool calling was kept; None when the model's chat template renders no tools."""
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -135,6 +173,8 @@ class ExportResult:
                          f"({equal}/{total} tokens before the first difference), top-1 agreement "
                          f"{self.runtime.top1_agreement:.1%} over teacher-forced positions, max logit difference "
                          f"{self.runtime.max_logit_diff:.4f}")  # fmt: skip
+        if self.tools is not None:
+            lines += self.tools.summary()
         lines += [f"Note: {note}" for note in self.notes]
         lines.append(f"Use it with Ollama: ollama create {self.path.stem} -f {self.modelfile}")
         return lines
@@ -182,16 +222,15 @@ def export_gguf(
             notes = vocab["notes"] + write_gguf(model, tokenizer, vocab, family, staged, quant, spec)
             stops = set(stop_token_ids(tokenizer, model.generation_config))
             runs = [source_run(model, tokenizer, prompt, stops) for prompt in probes]
-            checks = verify_gguf(runs, tokenizer, staged, family, tolerance)
+            chats = tool_chats(tokenizer) if tools_problem(tokenizer) is None else None
+            checks = verify_gguf(runs, tokenizer, staged, family, tolerance, chats)
             runtime = None
             if llama_cpp_version():
-                runtime = run_llama_cpp(staged, runs, stops, GREEDY_TOKENS)
-                notes += check_runtime(runtime, quant, tolerance)
-            text, exact, template_notes = modelfile_text(
-                tokenizer, model.generation_config, out, vocab["add_bos"], spec, quant
-            )
+                runtime = run_llama_cpp(staged, runs, stops, GREEDY_TOKENS, chats, tokenizer.chat_template)
+                notes += check_runtime(runtime, quant, tolerance) + check_runtime_chats(runtime)
+            written = build_modelfile(tokenizer, model.generation_config, out, vocab["add_bos"], spec, quant)
             os.replace(staged, out)
-        write_atomic(modelfile, text)
+        write_atomic(modelfile, written.text)
     except BaseException:
         for directory in made:  # deepest first; only the ones this export created
             if directory.exists() and not any(directory.iterdir()):
@@ -199,9 +238,13 @@ def export_gguf(
         raise
     finally:
         release_model(model)
+    tools = None
+    if chats is not None:
+        llama = None if runtime is None or runtime.chats is None else runtime.chats.exact
+        tools = ToolsCheck(conversations=len(chats), llama_cpp=llama, ollama=written.tools)
     return ExportResult(
         path=out, quant=quant, size_bytes=out.stat().st_size, arch=family.arch, tolerance=tolerance, probes=checks,
-        modelfile=modelfile, template_exact=exact, runtime=runtime, notes=notes + template_notes,
+        modelfile=modelfile, template_exact=written.exact, runtime=runtime, tools=tools, notes=notes + written.notes,
     )  # fmt: skip
 
 
@@ -297,12 +340,15 @@ def load_as_llama_cpp(path: Path, family: Family) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def verify_gguf(runs: list[SourceRun], tokenizer: Any, path: Path, family: Family, tolerance: float) -> list[ProbeCheck]:
-    """Load ``path`` with transformers and compare it with the source's ``runs``; raise `LiandanError`
-    (the caller then deletes the file) when it is not the same model."""
+def verify_gguf(runs: list[SourceRun], tokenizer: Any, path: Path, family: Family, tolerance: float,
+                chats: list[ToolChat] | None = None) -> list[ProbeCheck]:  # fmt: skip
+    """Load ``path`` with transformers and compare it with the source's ``runs`` (and its renders of
+    tool ``chats``); raise `LiandanError` (the caller then deletes the file) when it is not the same model."""
     exported, gguf_tokenizer = load_as_llama_cpp(path, family)
     try:
         check_tokenizer(tokenizer, gguf_tokenizer, runs)
+        if chats is not None:
+            check_tool_template(tokenizer, gguf_tokenizer, path, chats)
         checks = [compare_probe(exported, run) for run in runs]
     finally:
         release_model(exported)
@@ -333,6 +379,34 @@ def check_tokenizer(source: Any, exported: Any, runs: list[SourceRun]) -> None:
                                    "nothing was written")  # fmt: skip
 
 
+def tool_chats(tokenizer: Any) -> list[ToolChat]:
+    """`TOOL_CHECKS` rendered by the model's chat template (with the generation prompt), leaving out
+    any the template refuses (one call per turn, ...)."""
+    chats = []
+    for messages, tools in TOOL_CHECKS:
+        try:
+            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        except Exception:  # the template's own refusal; nothing an export can change
+            continue
+        chats.append(ToolChat(messages=messages, tools=tools, text=text))
+    return chats
+
+
+def check_tool_template(source: Any, exported: Any, path: Path, chats: list[ToolChat]) -> None:
+    """Raise unless the GGUF holds the model's chat template byte for byte (as gguf-py reads it)
+    and renders every tool conversation exactly as the model's (as transformers reads the file)."""
+    written = GGUFReader(path).fields.get("tokenizer.chat_template")
+    if written is None or written.contents() != source.chat_template:
+        raise LiandanError("export failed verification: the GGUF does not hold the model's chat template byte for "
+                           "byte; nothing was written")  # fmt: skip
+    for n, chat in enumerate(chats, 1):
+        got = exported.apply_chat_template(chat.messages, tools=chat.tools, tokenize=False, add_generation_prompt=True)
+        if got != chat.text:
+            at = next((i for i, (a, b) in enumerate(zip(got, chat.text)) if a != b), min(len(got), len(chat.text)))
+            raise LiandanError(f"export failed verification: the GGUF's chat template renders tool conversation {n} "
+                               f"differently from the model's (from character {at} on); nothing was written")  # fmt: skip
+
+
 def compare_probe(exported: Any, run: SourceRun) -> ProbeCheck:
     """The exported model's logits over the prompt and the source's greedy continuation (teacher-forced).
 
@@ -352,6 +426,26 @@ def compare_probe(exported: Any, run: SourceRun) -> ProbeCheck:
 
 # ---------------------------------------------------------------------------------------------
 # Verification 2: llama.cpp's verdict
+
+
+def check_runtime_chats(runtime: RuntimeCheck) -> list[str]:
+    """A note on llama-cpp-python's renders of the tool conversations, when they are not the model's
+    (its reading and its Jinja, not the file: gguf-py and transformers have read the file exactly)."""
+    chats = runtime.chats
+    if chats is None or chats.exact:
+        return []
+    if not chats.same_template:
+        note = (f"llama.cpp reads the GGUF's chat template back otherwise than it was written: llama-cpp-python "
+                f"{runtime.version} will render chats with another template")  # fmt: skip
+    elif chats.error:
+        note = (f"llama-cpp-python's chat handler cannot render the tool conversations from the GGUF's chat template "
+                f"({chats.error})")  # fmt: skip
+    elif chats.chat_format != "chat_template.default":
+        note = (f"llama-cpp-python picks its built-in chat format {chats.chat_format!r} for this file, not the GGUF's "
+                "chat template: pass chat_format='chat_template.default' to use the template with tools")  # fmt: skip
+    else:
+        note = f"llama-cpp-python's chat handler renders tool conversations {chats.differs} otherwise than the model's template"
+    return [note]
 
 
 def check_runtime(runtime: RuntimeCheck, quant: str, tolerance: float) -> list[str]:

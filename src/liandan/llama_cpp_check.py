@@ -12,6 +12,12 @@ what is compared is the model; llama.cpp's own tokenizer is checked apart on the
 text. Two comparisons per probe: llama.cpp's own greedy run against the source's greedy
 continuation, and the source's continuation fed to llama.cpp whole (teacher-forced), its logits
 compared position by position.
+
+For a model whose chat template renders tools, the child also renders tool conversations with
+llama-cpp-python's chat handler (`Jinja2ChatFormatter`, Python's jinja2) from the template llama.cpp
+read out of the file, as ``create_chat_completion`` would, and says where that differs from the
+model's own render. llama.cpp's C++ Jinja engine (``llama-server --jinja``) is not reachable from
+llama-cpp-python, so it is not checked.
 """
 
 from __future__ import annotations
@@ -51,6 +57,33 @@ class SourceRun:
     """The source's logits over ``ids + continuation``, shape (T, V), fp32."""
     add_special_tokens: bool
     """Whether ``ids`` were tokenized with the tokenizer's special tokens added."""
+
+
+@dataclass
+class ToolChat:
+    """A tool conversation and the model's own render of it (with the generation prompt)."""
+
+    messages: list[dict]
+    tools: list[dict]
+    text: str
+
+
+@dataclass
+class ChatCheck:
+    """The GGUF's chat template as llama-cpp-python uses it for chat completions."""
+
+    chat_format: str
+    """The chat format it picked for the file ("chat_template.default": the file's own template)."""
+    same_template: bool
+    """Whether the template llama.cpp read from the file is the model's, byte for byte."""
+    differs: list[int]
+    """Tool conversations (numbered from 1) that its chat handler renders otherwise than the model."""
+    error: str | None = None
+    """What its chat handler raised, if it did."""
+
+    @property
+    def exact(self) -> bool:
+        return self.chat_format == "chat_template.default" and self.same_template and not self.differs and not self.error
 
 
 @dataclass
@@ -96,6 +129,8 @@ class RuntimeCheck:
     version: str
     """llama-cpp-python's version (it pins the llama.cpp it was built from)."""
     probes: list[RuntimeProbe]
+    chats: ChatCheck | None = None
+    """The tool conversations rendered by its chat handler, when there were any to render."""
 
     @property
     def exact(self) -> bool:
@@ -125,8 +160,11 @@ def llama_cpp_version() -> str | None:
     return importlib.metadata.version("llama_cpp_python")
 
 
-def run_llama_cpp(path: Path, runs: list[SourceRun], stops: set[int], max_new_tokens: int) -> RuntimeCheck:
-    """Load ``path`` in llama.cpp and compare it with ``runs``, in a child process of its own.
+def run_llama_cpp(path: Path, runs: list[SourceRun], stops: set[int], max_new_tokens: int,
+                  chats: list[ToolChat] | None = None, template: str | None = None) -> RuntimeCheck:  # fmt: skip
+    """Load ``path`` in llama.cpp and compare it with ``runs``, in a child process of its own; with
+    ``chats``, also render them with llama-cpp-python's chat handler (`render_chats`) and check that
+    llama.cpp reads the model's chat template (``template``) back from the file byte for byte.
 
     Apart because in a process that has run torch, llama.cpp runs about 50 times slower (both use
     the one OpenMP runtime loaded, whose threads spin against each other), and because a failed
@@ -136,7 +174,8 @@ def run_llama_cpp(path: Path, runs: list[SourceRun], stops: set[int], max_new_to
     with tempfile.TemporaryDirectory(prefix="liandan-llama-cpp-") as tmp:
         folder = Path(tmp)
         request = {"path": str(path), "stops": sorted(stops), "max_new_tokens": max_new_tokens,
-                   "runs": [{f.name: getattr(r, f.name) for f in fields(r) if f.name != "logits"} for r in runs]}  # fmt: skip
+                   "runs": [{f.name: getattr(r, f.name) for f in fields(r) if f.name != "logits"} for r in runs],
+                   "chats": None if chats is None else [asdict(c) for c in chats], "template": template}  # fmt: skip
         (folder / "request.json").write_text(json.dumps(request), encoding="utf-8")
         for i, run in enumerate(runs):
             np.save(folder / f"logits-{i}.npy", np.asarray(run.logits, dtype=np.float32))
@@ -152,7 +191,8 @@ def run_llama_cpp(path: Path, runs: list[SourceRun], stops: set[int], max_new_to
         result = json.loads(answer.read_text(encoding="utf-8"))
     if "error" in result:
         raise LiandanError(f"export failed: llama.cpp cannot load the written GGUF ({result['error']}); nothing was written")
-    return RuntimeCheck(version=result["version"], probes=[RuntimeProbe(**p) for p in result["probes"]])
+    chats_result = ChatCheck(**result["chats"]) if result.get("chats") else None
+    return RuntimeCheck(version=result["version"], probes=[RuntimeProbe(**p) for p in result["probes"]], chats=chats_result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -179,8 +219,12 @@ def main(folder: Path) -> None:
             result: dict = {"error": "; ".join(line for line in log if line)[-400:] or str(exc)}
         else:
             probes = [compare_run(llm, run, stops, max_new_tokens) for run in runs]
+            chats = None
+            if request["chats"] is not None:
+                chats = render_chats(llm, [ToolChat(**c) for c in request["chats"]], request["template"])
             llm.close()
-            result = {"version": llama_cpp_version(), "probes": [asdict(p) for p in probes]}
+            result = {"version": llama_cpp_version(), "probes": [asdict(p) for p in probes],
+                      "chats": None if chats is None else asdict(chats)}  # fmt: skip
     (folder / "result.json").write_text(json.dumps(result), encoding="utf-8")
 
 
@@ -244,6 +288,25 @@ def same_tokens(llm: Any, run: SourceRun) -> bool:
     """Whether llama.cpp tokenizes the rendered probe as the source tokenizer did: special tokens
     parsed from the text, BOS/EOS added only as the file's ``add_bos``/``add_eos`` say."""
     return llm.tokenize(run.text.encode("utf-8"), add_bos=run.add_special_tokens, special=True) == run.ids
+
+
+def render_chats(llm: Any, chats: list[ToolChat], model_template: str | None) -> ChatCheck:
+    """Render ``chats`` as llama-cpp-python's ``create_chat_completion`` does with the file's own
+    template: its `Jinja2ChatFormatter`, given the template and the BOS/EOS texts llama.cpp read."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template", "")
+    model = llm._model  # llama-cpp-python takes the BOS/EOS texts from here for its own handler
+    bos, eos = (model.token_get_text(t) if t != -1 else "" for t in (llm.token_bos(), llm.token_eos()))
+    check = ChatCheck(chat_format=str(llm.chat_format), same_template=template == model_template, differs=[])
+    try:
+        formatter = Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        for n, chat in enumerate(chats, 1):
+            if formatter(messages=chat.messages, tools=chat.tools).prompt != chat.text:
+                check.differs.append(n)
+    except Exception as exc:  # jinja2 raises many types; one line for the report
+        check.error = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return check
 
 
 if __name__ == "__main__":

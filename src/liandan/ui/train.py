@@ -282,7 +282,8 @@ def progress_html(progress: dict, lang: str) -> str:
     step, steps = progress.get("step") or 0, progress.get("steps") or 0
     status = progress.get("status") or ""
     bar = f'<progress value="{step}" max="{max(steps, 1)}" style="width:100%;height:1.2rem"></progress>'
-    line = t(lang, "jobs.progress", step=step, steps=steps or "?", elapsed=duration(progress.get("seconds"), lang),
+    key = "jobs.progress" if status in ("running", "stopping", "") else "jobs.progress_done"  # no time left once it ended
+    line = t(lang, key, step=step, steps=steps or "?", elapsed=duration(progress.get("seconds"), lang),
              eta=duration(progress.get("eta_seconds"), lang), status=t(lang, f"status.{status}") if status else "—")  # fmt: skip
     return f'<div id="train-progress">{bar}<div>{line}</div></div>'
 

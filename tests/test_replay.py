@@ -45,6 +45,11 @@ def test_self_replay_is_generated_once_cached_and_recorded(tmp_path, stopping_mo
     monkeypatch.setattr(replay_module, "generate_answers", must_not_generate)
     train_sft(config(stopping_model_dir, task_file, tmp_path / "b", replay="self", replay_ratio=0.5, replay_prompts=str(prompts)))
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["replay"]["sha256"] == replay["sha256"]
+    # The ChatML tools template renders these prompts as the model's own ChatML does: same answers.
+    train_sft(config(stopping_model_dir, task_file, tmp_path / "c", replay="self", replay_ratio=0.5, replay_prompts=str(prompts),
+                     tools_template="chatml"))  # fmt: skip
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert manifest["tools_template"] == "chatml" and manifest["replay"]["sha256"] == replay["sha256"]
 
 
 def test_replay_file_fewer_examples_than_asked(tmp_path, chat_model_dir, task_file):

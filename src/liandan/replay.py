@@ -21,6 +21,7 @@ from typing import Any
 
 from rich.progress import Progress
 
+from .chat import render_chat
 from .config import SFTConfig
 from .data import Example, read_examples
 from .errors import LiandanError
@@ -52,9 +53,11 @@ def replay_examples(config: SFTConfig, tokenizer: Any, task_count: int, *,
 def self_replay_file(config: SFTConfig, tokenizer: Any, weights_sha256: str | None, device: Any) -> Path:
     """The cached file of the base model's own answers, generated now if missing."""
     prompts = read_general_prompts(config.replay_prompts, "general")
+    # Keyed by the prompts as the template renders them, not by the template's text: a template
+    # that renders plain chats the same (liandan's ChatML tools template) finds the same answers.
     key = json.dumps({
         "weights": weights_sha256 or config.model,
-        "template": tokenizer.chat_template, "prompts": [p.chat_messages() for p in prompts],
+        "rendered": [render_chat(tokenizer, p.chat_messages()) for p in prompts],
         "max_new_tokens": config.replay_max_new_tokens,
     }, sort_keys=True)  # fmt: skip
     path = liandan_home() / "replay" / f"self-{hashlib.sha256(key.encode()).hexdigest()[:16]}.jsonl"

@@ -102,11 +102,13 @@ def eval_tab(ctx: UIContext, labels: Labels, lang: gr.Radio) -> None:
                         value=[ctx.models[0]], multiselect=True, allow_custom_value=True)  # fmt: skip
         with gr.Row():
             task = labels(gr.Dropdown, label=K("eval.task"), info=K("eval.task_info"), allow_custom_value=True,
-                          choices=[str(shipped_example("extract/test.jsonl")), str(shipped_example("persona/test.jsonl"))], value=None)  # fmt: skip
+                          choices=[str(shipped_example(f"{name}/test.jsonl")) for name in ("extract", "persona", "tools")], value=None)  # fmt: skip
             task_upload = labels(gr.File, label=K("eval.task_upload"), file_types=[".jsonl"], height=120)
         with gr.Row():
             schema = labels(gr.Textbox, label=K("eval.schema"), info=K("eval.schema_info"))
             checks = labels(gr.Textbox, label=K("eval.checks"), info=K("eval.checks_info"), lines=2)
+            tools_template = labels(gr.Dropdown, label=K("eval.tools_template"), info=K("eval.tools_template_info"), choices=["", "chatml"],
+                                    value="", allow_custom_value=True)  # fmt: skip
         with gr.Row():
             probes = labels(gr.Dropdown, label=K("eval.probes"), info=K("eval.probes_info"), choices=["default", "none"], value="default",
                             allow_custom_value=True)  # fmt: skip
@@ -120,14 +122,14 @@ def eval_tab(ctx: UIContext, labels: Labels, lang: gr.Radio) -> None:
         saved = labels(gr.File, label=K("eval.download"), visible=False)
     models.focus(lambda: gr.update(choices=model_choices(ctx)), None, models)
 
-    def run_eval(lang_value, models_value, task_value, upload_value, schema_value, checks_value, probes_value,
+    def run_eval(lang_value, models_value, task_value, upload_value, schema_value, checks_value, tools_value, probes_value,
                  drift_value, max_new_value, system_value) -> Iterator[tuple]:  # fmt: skip
         try:
             chosen = list(models_value or []) or [ctx.models[0]]
             config = EvalConfig(models=chosen, task=uploaded_or_typed(upload_value, task_value), schema=(schema_value or "").strip() or None,
                                 checks=parse_check_options([c for c in (checks_value or "").splitlines() if c.strip()]),
                                 probes=probes_value or "none", drift=drift_value or "none", system=system_value or None,
-                                max_new_tokens=int(max_new_value or 160))  # fmt: skip
+                                max_new_tokens=int(max_new_value or 160), tools_template=(tools_value or "").strip() or None)  # fmt: skip
             evaluation = Evaluation(config)  # reads and checks every set before any model loads
             check_models(chosen)
             total = evaluation.units(len(chosen))
@@ -144,4 +146,4 @@ def eval_tab(ctx: UIContext, labels: Labels, lang: gr.Radio) -> None:
         except Exception as exc:
             yield error_text(lang_value, exc), gr.update(), gr.update()
 
-    run.click(run_eval, [lang, models, task, task_upload, schema, checks, probes, drift, max_new, system], [status, report, saved])
+    run.click(run_eval, [lang, models, task, task_upload, schema, checks, tools_template, probes, drift, max_new, system], [status, report, saved])

@@ -48,7 +48,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import LiandanError
-from .prompts import ROLES
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 """A Hugging Face Hub id (owner/name), for data sets and models alike."""
@@ -64,6 +63,8 @@ EXPECTED_KEYS = (
     "expected 'messages' (messages), 'conversations' (sharegpt), 'instruction' and 'output' (alpaca), "
     "'prompt' and 'completion' (prompt_completion) or 'text' (text) (or force one with format=)"
 )
+ROLES = ("system", "user", "assistant", "tool")
+"""The roles a conversation may hold, in data files and in prompt files."""
 MISSING = object()
 
 

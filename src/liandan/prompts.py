@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from .data import ROLES, read_tool_calls, read_tools
 from .errors import LiandanError
 
-ROLES = ("system", "user", "assistant", "tool")
 BUILTIN = {"probes": "general/probes.jsonl", "drift": "general/drift_prompts.jsonl", "general": "general/general_prompts.jsonl"}
 """Prompt sets shipped with liandan (in its examples), by the name settings use."""
 
@@ -117,7 +117,8 @@ def parse_prompt_record(line: str, where: str) -> Prompt:
     if not isinstance(record, dict):
         raise LiandanError(f"{where}: expected a JSON object, got {type(record).__name__}")
     meta = {k: v for k, v in record.items() if k not in ("prompt", "messages", "tools")}
-    tools = check_tools(record["tools"], where) if record.get("tools") is not None else None
+    tools = read_tools(record.get("tools"), where)
+    tools = tuple(tools) if tools else None
     if "messages" in record:
         return Prompt(messages=tuple(check_messages(record["messages"], where)), source=where, meta=meta, tools=tools)
     if "prompt" in record:
@@ -150,63 +151,12 @@ def check_messages(messages: object, where: str) -> list[dict]:
         if calls is not None:
             if role != "assistant":
                 raise LiandanError(f"{where}: field '{field_name}.tool_calls': only assistant messages make calls, not {role!r}")
-            checked_message["tool_calls"] = check_calls(calls, where, f"{field_name}.tool_calls")
+            checked_message["tool_calls"] = read_tool_calls(calls, f"{field_name}.tool_calls", where)[0]
         for key in ("tool_call_id", "name"):
             if role == "tool" and isinstance(message.get(key), str):
                 checked_message[key] = message[key]
         checked.append(checked_message)
     return checked
-
-
-def check_calls(calls: object, where: str, field_name: str) -> list[dict]:
-    """OpenAI-style calls in liandan's shape: ``{"type": "function", "function": {"name",
-    "arguments": dict}}`` (arguments given as a JSON string are parsed), ``id`` kept."""
-    if not isinstance(calls, list) or not calls:
-        raise LiandanError(f"{where}: field '{field_name}': expected a non-empty list of calls")
-    checked = []
-    for j, call in enumerate(calls):
-        here = f"{field_name}[{j}]"
-        function = call.get("function") if isinstance(call, dict) else None
-        if not isinstance(function, dict):
-            raise LiandanError(f"{where}: field '{here}.function': expected an object with 'name' and 'arguments'")
-        name, arguments = function.get("name"), function.get("arguments", {})
-        if not isinstance(name, str) or not name:
-            raise LiandanError(f"{where}: field '{here}.function.name': expected a non-empty string, got {name!r}")
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError as exc:
-                raise LiandanError(f"{where}: field '{here}.function.arguments': not valid JSON: {exc.msg}") from None
-        if not isinstance(arguments, dict):
-            raise LiandanError(f"{where}: field '{here}.function.arguments': expected a JSON object")
-        checked.append({**({"id": call["id"]} if isinstance(call.get("id"), str) else {}), "type": "function",
-                        "function": {"name": name, "arguments": arguments}})  # fmt: skip
-    return checked
-
-
-def check_tools(tools: object, where: str) -> tuple[dict, ...]:
-    """A record's ``tools``: function definitions, each ``{"type": "function", "function":
-    {"name", "description"?, "parameters"?}}`` (a bare ``{"name", ...}`` is wrapped)."""
-    if isinstance(tools, str):
-        try:
-            tools = json.loads(tools)
-        except json.JSONDecodeError as exc:
-            raise LiandanError(f"{where}: field 'tools': not valid JSON: {exc.msg}") from None
-    if not isinstance(tools, list):
-        raise LiandanError(f"{where}: field 'tools': expected a list of function definitions")
-    checked, names = [], set()
-    for k, tool in enumerate(tools):
-        function = tool.get("function", tool) if isinstance(tool, dict) else None
-        name = function.get("name") if isinstance(function, dict) else None
-        if not isinstance(name, str) or not name:
-            raise LiandanError(f"{where}: field 'tools[{k}]': expected a function definition with a 'name'")
-        if name in names:
-            raise LiandanError(f"{where}: field 'tools[{k}].function.name': {name!r} is defined twice")
-        if function.get("parameters") is not None and not isinstance(function["parameters"], dict):
-            raise LiandanError(f"{where}: field 'tools[{k}].function.parameters': expected a JSON Schema object")
-        names.add(name)
-        checked.append({"type": "function", "function": function})
-    return tuple(checked)
 
 
 # ---------------------------------------------------------------------------------------------

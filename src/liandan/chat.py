@@ -22,6 +22,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from .data import read_arguments
 from .errors import LiandanError
 from .losses import IGNORE_INDEX
 
@@ -242,13 +243,7 @@ def _with_object_arguments(message: dict, index: int) -> dict:
         name, arguments = function.get("name"), function.get("arguments", {})
         if not isinstance(name, str) or not name:
             raise LiandanError(f"messages[{index}].tool_calls[{j}].function.name: expected a non-empty string, got {name!r}")
-        if isinstance(arguments, str):
-            try:
-                arguments = json.loads(arguments)
-            except json.JSONDecodeError as exc:
-                raise LiandanError(f"messages[{index}].tool_calls[{j}].function.arguments: not valid JSON: {exc.msg}") from None
-        if not isinstance(arguments, dict):
-            raise LiandanError(f"messages[{index}].tool_calls[{j}].function.arguments: expected a JSON object")
+        arguments = read_arguments(arguments, "function.arguments", f"messages[{index}].tool_calls[{j}]")
         fixed.append({**call, "function": {**function, "arguments": arguments}})
     return {**message, "tool_calls": fixed}
 

@@ -138,6 +138,20 @@ def gather_trained(accelerator, model, optimizer) -> tuple[dict[str, torch.Tenso
     return trained_weights(accelerator.unwrap_model(model)), optimizer.state_dict()
 
 
+def final_weights(accelerator, model, full: bool) -> dict[str, torch.Tensor] | None:
+    """What the final save writes, whole, when the processes each hold only part of it: under
+    FSDP every process takes part and the main process gets the tensors on its CPU (the trained
+    ones for LoRA, every one for full fine-tuning; {} on the other processes); under DeepSpeed
+    ZeRO-3, accelerate's gathering (its config needs ``zero3_save_16bit_model: true``). ``None``
+    when the model in this process is whole: ``save_pretrained`` reads it as it is."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not full)
+        return {k: v.contiguous() for k, v in get_model_state_dict(model, options=options).items()}
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+        return accelerator.get_state_dict(model)
+    return None
+
+
 def scatter_trained(accelerator, model, optimizer, weights: dict[str, torch.Tensor], optimizer_state: dict) -> None:
     """Put saved trainable weights and optimizer state back. Under FSDP the main process's copy
     (read from the checkpoint) is sent to every process, each keeping its own shard."""

@@ -52,6 +52,7 @@ from .batching import plan_batches
 from .checkpoints import (
     INCOMPLETE,
     checkpoints_supported,
+    final_weights,
     fingerprint,
     fsync,
     latest_checkpoint,
@@ -189,6 +190,7 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None, st
         log_with=config.report_to or None,
         project_dir=str(out_dir),
     )
+    warn_engine_not_applied(accelerator)
     set_seed(config.seed)
     with accelerator.main_process_first():
         run = prepare(config, out_dir, main_process=accelerator.is_main_process, resume=resume, device=accelerator.device)
@@ -423,6 +425,17 @@ def sharded(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
+def warn_engine_not_applied(accelerator) -> None:
+    """accelerate applies an FSDP or DeepSpeed config only on accelerators (GPUs); on CPU
+    processes it runs plain DDP without a word, each process holding the whole model. Say so."""
+    for variable, engine in (("ACCELERATE_USE_FSDP", DistributedType.FSDP), ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
+        if os.environ.get(variable, "").lower() == "true" and accelerator.distributed_type != engine:
+            if accelerator.is_main_process:
+                plain = "plain DDP, each process holding the whole model" if accelerator.num_processes > 1 else "one process"
+                warn(f"the accelerate config asks for {engine.value}, which accelerate applies only on GPUs: on "
+                     f"{accelerator.device.type} this run is {plain}")  # fmt: skip
+
+
 def set_adapter_input_casting(model, enabled: bool) -> None:
     for module in model.modules():
         if hasattr(module, "cast_input_dtype_enabled"):
@@ -465,18 +478,24 @@ def save_final(accelerator, model, tokenizer, config: TrainConfig, out_dir: Path
     marker goes last, so a crash while saving never leaves something that passes for a model."""
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
-    refuse_non_finite(trained_weights(unwrapped), "final model")
+    # Sharded (FSDP, DeepSpeed ZeRO-3): every process takes part in gathering the weights whole.
+    gathered = final_weights(accelerator, model, config.full)
     if not accelerator.is_main_process:
         return
+    refuse_non_finite(gathered if gathered is not None else trained_weights(unwrapped), "final model")
     restore_model()
     staging = out_dir / ".final-tmp"
     shutil.rmtree(staging, ignore_errors=True)
     try:
-        unwrapped.save_pretrained(staging, safe_serialization=True)
+        unwrapped.save_pretrained(staging, safe_serialization=True, state_dict=gathered)
         tokenizer.save_pretrained(staging)
         run.write_manifest(staging)
         save_config(config, staging / "config.yaml")
-        if config.sample_prompts:
+        if config.sample_prompts and gathered is not None:
+            # A sharded model computes only with every process taking part: no generation on one.
+            warn("sample_prompts: no samples under FSDP or DeepSpeed (the model is split across the processes); "
+                 f"look at the run with: liandan compare --model {out_dir} ...")  # fmt: skip
+        elif config.sample_prompts:
             write_samples(unwrapped, tokenizer, config.sample_prompts, staging / "samples.jsonl")
         moved = sorted(staging.iterdir())
         for path in moved:

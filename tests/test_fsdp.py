@@ -45,11 +45,17 @@ def pairs(tmp_path):
     return write_jsonl(tmp_path / "pairs.jsonl", rows)
 
 
-def launch(command: str, model, data, out, settings: dict, *, harness: bool = True, env: dict | None = None):
-    """``accelerate launch --config_file fsdp2.yaml --num_processes 2`` of ``liandan <command>``."""
+def accelerate_launch(precision: str = "no") -> list[str]:
+    """``accelerate launch`` with the shipped FSDP2 config on 2 processes, on any free port."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2), "--num_processes", "2",
+            "--main_process_port", "0", "--mixed_precision", precision]  # fmt: skip
+
+
+def launch(command: str, model, data, out, settings: dict, *, harness: bool = True, env: dict | None = None,
+           precision: str = "no"):  # fmt: skip
+    """``liandan <command>`` under FSDP2 on 2 CPU processes."""
     entry = [str(HARNESS)] if harness else ["-m", "liandan.cli"]
-    args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2), "--num_processes", "2",
-            "--mixed_precision", "no", *entry, command, "--model", str(model), "--data", str(data), "--output-dir", str(out)]  # fmt: skip
+    args = [*accelerate_launch(precision), *entry, command, "--model", str(model), "--data", str(data), "--output-dir", str(out)]
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300,
@@ -117,6 +123,17 @@ def test_fsdp2_full_fine_tuning_matches_one_process_and_saves_a_plain_model(tmp_
     assert model.model.layers[1].mlp.up_proj.weight.shape == (64, 32)
 
 
+def test_fsdp2_in_bf16_follows_one_process_in_bf16(tmp_path, chat_model_dir, sft_data):
+    """The shipped config's bf16: FSDP's mixed-precision policy (bf16 compute, fp32 master weights)
+    against one process's autocast, which rounds in other places: close, not equal."""
+    launch("sft", chat_model_dir, sft_data, tmp_path / "fsdp", COMMON, precision="bf16")
+    config = SFTConfig(model=str(chat_model_dir), data=[str(sft_data)], output_dir=str(tmp_path / "one"), mixed_precision="bf16",
+                       grad_accum=2, lora={"dropout": 0}, **{k: v for k, v in COMMON.items() if k != "lora.dropout"})  # fmt: skip
+    train_sft(config)
+    sharded, whole = losses(tmp_path / "fsdp"), losses(tmp_path / "one")
+    assert sharded[1] < sharded[0] and sharded == pytest.approx(whole, rel=2e-3)
+
+
 def test_fsdp2_dpo_with_the_adapter_off_reference_matches_one_process(tmp_path, chat_model_dir, pairs):
     settings = {**COMMON, "lr": 1e-2}
     launch("dpo", chat_model_dir, pairs, tmp_path / "fsdp", settings)
@@ -134,8 +151,7 @@ def test_a_stopped_fsdp2_run_resumes_from_its_checkpoint_to_the_same_run(tmp_pat
     checkpoint = tmp_path / "resumed" / "checkpoints" / "step-000002"
     assert json.loads((checkpoint / STATE_FILE).read_text())["layout"] == "fsdp"
     assert not (tmp_path / "resumed" / "adapter_model.safetensors").exists()
-    args = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(FSDP2), "--num_processes", "2",
-            "--mixed_precision", "no", str(HARNESS), "sft", "--resume", "--output-dir", str(tmp_path / "resumed")]  # fmt: skip
+    args = [*accelerate_launch(), str(HARNESS), "sft", "--resume", "--output-dir", str(tmp_path / "resumed")]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-5000:]
     assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")

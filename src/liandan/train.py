@@ -16,7 +16,9 @@ multi-process runs give the same gradient as one big batch.
 
 A step whose loss or gradient norm is not finite changes no weight (it is counted in the metrics
 as ``skipped_steps``); ``max_bad_steps`` of them in a row stop the run with an error, and no
-checkpoint or final model is ever written with a non-finite weight.
+checkpoint or final model is ever written with a non-finite weight. Under fp16, a step whose
+gradients overflowed the loss scale is skipped by accelerate's scaler while it calibrates: that is
+counted as ``scaler_skipped``, not as divergence (`optimizer_step`).
 
 Checkpoints (every ``save_every`` steps, the newest ``save_total_limit`` kept; `liandan.checkpoints`)
 unpickle nothing on resume, survive a crash at any moment, and refuse changed data or settings
@@ -262,15 +264,15 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None, st
             # changes no weight; the schedule still moves on, so step s keeps step s's rate.
             norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or math.inf)
             norm = float(norm) if norm is not None else 0.0  # DeepSpeed clips inside its own step
-            diverged = not (math.isfinite(mean_loss) and math.isfinite(norm))
-            if not diverged:
-                optimizer.step()
+            diverged, overflowed = optimizer_step(optimizer, accelerator.scaler, mean_loss, norm)
             with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()" after a skip
                 warnings.simplefilter("ignore", UserWarning)
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             bad_in_a_row = bad_in_a_row + 1 if diverged else 0
             state["skipped_steps"] += diverged
+            if accelerator.scaler is not None:
+                state["scaler_skipped"] = state.get("scaler_skipped", 0) + overflowed
 
             result.losses.append(mean_loss)
             seconds = time.perf_counter() - started
@@ -282,6 +284,8 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None, st
                       **step_means(totals, window, objective.averaged_over),
                       **{k: float(accelerator.reduce(torch.tensor(v, device=accelerator.device), "mean")) for k, v in rolled.items()},
                       "grad_norm": norm, "skipped_steps": state["skipped_steps"], "tokens_per_second": tokens / seconds}  # fmt: skip
+            if accelerator.scaler is not None:  # fp16: the steps the loss scaler skipped so far, and its scale now
+                record.update(scaler_skipped=state["scaler_skipped"], loss_scale=accelerator.scaler.get_scale())
             if run.eval and (config.eval_every and (step + 1) % config.eval_every == 0 or step + 1 == steps):
                 record.update(evaluate(model, run.eval, objective, config, accelerator))
                 result.eval_losses.append(record["eval_loss"])
@@ -350,6 +354,32 @@ def check_trackers(names: list[str]) -> None:
         if not available[name]():
             package = "tensorboard" if name == "tensorboard" else "wandb"
             raise LiandanError(f"report_to: {name} is not installed; pip install {package}")
+
+
+def optimizer_step(optimizer, scaler, loss: float, norm: float) -> tuple[bool, bool]:
+    """The step's update, unless it diverged; returns (diverged, overflowed).
+
+    Without a loss scaler a non-finite loss or gradient norm is divergence: no weight changes.
+    Under fp16, accelerate's GradScaler multiplies the loss by its scale S before backward, so
+    that small gradients survive in fp16; when a scaled gradient overflows, the scaler's own step
+    skips the update and halves S. That is calibration, not divergence (the first steps of an fp16
+    run commonly overflow): the step counts as overflowed, and toward ``max_bad_steps`` only once
+    S is down to 1 or below, where the scaled gradients are no larger than the true ones. A
+    non-finite loss is divergence either way: the scale acts on the backward pass only."""
+    if scaler is None:
+        diverged = not (math.isfinite(loss) and math.isfinite(norm))
+        if not diverged:
+            optimizer.step()
+        return diverged, False
+    if not math.isfinite(loss):
+        # The step's gradients were unscaled (in clip_grad_norm_): update() closes that, or the
+        # next step's unscale_ raises; with non-finite gradients it also lowers the scale.
+        scaler.update()
+        return True, False
+    scale = scaler.get_scale()
+    optimizer.step()  # accelerate's: the scaler's step and update
+    overflowed = bool(optimizer.step_was_skipped)
+    return overflowed and scale <= 1, overflowed and scale > 1
 
 
 def resolve_precision(choice: str) -> str:

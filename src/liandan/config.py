@@ -28,6 +28,7 @@ from .errors import LiandanError
 # `liandan ui` offer the same ones.
 ATTENTION_KERNELS = ("auto", "eager", "sdpa", "flash_attention_2")
 MIXED_PRECISIONS = ("auto", "no", "bf16", "fp16")
+QUANTIZE_MODES = ("4bit",)
 SPECIAL_TEXT_MODES = ("error", "plain")
 DPO_LOSSES = ("sigmoid", "ipo", "orpo", "simpo", "kto")
 
@@ -72,6 +73,9 @@ class TrainConfig:
     """Full fine-tuning instead of LoRA."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA settings (ignored with full: true)."""
+    quantize: str | None = None
+    """QLoRA: "4bit" loads the frozen base weights in 4 bits (bitsandbytes NF4) on a CUDA GPU and
+    trains LoRA adapters on top; unset keeps the weights as stored. Not with full: true."""
     lr: float = 2e-4
     """Peak learning rate (AdamW)."""
     weight_decay: float = 0.0
@@ -148,6 +152,9 @@ class TrainConfig:
             (0 <= self.eval_fraction < 1, f"eval_fraction must be in [0, 1) (got {self.eval_fraction})"),
             (self.attention in ATTENTION_KERNELS, f"attention must be auto, eager, sdpa or flash_attention_2 (got {self.attention!r})"),
             (self.mixed_precision in MIXED_PRECISIONS, f"mixed_precision must be auto, no, bf16 or fp16 (got {self.mixed_precision!r})"),
+            (self.attention != "flash_attention_2" or self.mixed_precision != "no", "attention: flash_attention_2 computes in bf16 or fp16 only; set mixed_precision to auto, bf16 or fp16 (got no)"),
+            (self.quantize in (None, *QUANTIZE_MODES), f"quantize must be 4bit or unset (got {self.quantize!r})"),
+            (not (self.quantize and self.full), "quantize: 4bit trains LoRA adapters on frozen 4-bit weights; it cannot be combined with full: true"),
             (self.special_text in SPECIAL_TEXT_MODES, f"special_text must be error or plain (got {self.special_text!r})"),
         ]  # fmt: skip
         raise_first(checks)

@@ -16,7 +16,9 @@ rounding; on a 2-core CPU it is 5% of a LoRA training step on the default model.
 Only layers where nothing else is at stake are fused: PEFT's plain ``lora.Linear`` over an
 ``nn.Linear``, one active adapter without dropout, bias or variant (DoRA etc.), and no hooks on
 its modules (DeepSpeed ZeRO-3 gathers weights in hooks). Anything else keeps PEFT's forward, and
-so does a fused layer whenever its adapters are disabled or merged.
+so does a fused layer whenever its adapters are disabled or merged. A 4-bit base (QLoRA,
+`liandan.quantization`) is never fused: PEFT wraps it in its own bitsandbytes LoRA class, and
+its weight is packed NF4 data that only bitsandbytes' forward dequantizes.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ def eligible(module: Any) -> bool:
     base, lora_a, lora_b = module.base_layer, module.lora_A[name], module.lora_B[name]
     parts = (module, base, lora_a, lora_b)
     return (
+        # exactly nn.Linear: bitsandbytes' Linear4bit is a subclass whose .weight F.linear cannot use
         type(base) is torch.nn.Linear
         and type(module.lora_dropout[name]) is torch.nn.Identity
         and lora_a.bias is None

@@ -134,9 +134,16 @@ def load_model(
     dtype: str = "auto",
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    quantization: Any = None,
 ) -> tuple[Any, Any]:
-    """Load ``(model, tokenizer)`` ready for inference (eval mode, on the chosen device)."""
+    """Load ``(model, tokenizer)`` ready for inference (eval mode, on the chosen device).
+
+    ``quantization``: a transformers quantization config (`liandan.quantization`); the weights
+    are then quantized as they load, straight onto ``device`` (a quantized model cannot be moved
+    or cast afterwards), and ``dtype`` applies to the weights left unquantized."""
     source = resolve_model(spec)
+    if quantization is not None and source.kind in ("gguf", "adapter"):
+        raise LiandanError(f"model '{source.spec}': only safetensors weights are quantized as they load, not a {source.kind}")
     if source.kind == "default":
         ensure_default_model()
     elif source.kind == "hub":
@@ -147,8 +154,10 @@ def load_model(
     if source.kind == "adapter":
         model = _load_adapter_run(source, tokenizer, torch_dtype, trust_remote_code, allow_pickle)
     else:
-        model = _load_weights(source, torch_dtype, trust_remote_code, allow_pickle)
-    model.to(device)
+        placement = {"quantization_config": quantization, "device_map": {"": device}} if quantization is not None else {}
+        model = _load_weights(source, torch_dtype, trust_remote_code, allow_pickle, **placement)
+    if quantization is None:
+        model.to(device)
     model.eval()
     model.liandan_source = source
     return model, tokenizer
@@ -191,9 +200,9 @@ def _where(source: ModelSource) -> tuple[str, str | None]:
     return source.location, None
 
 
-def _load_weights(source: ModelSource, torch_dtype: Any, trust_remote_code: bool, allow_pickle: bool):
+def _load_weights(source: ModelSource, torch_dtype: Any, trust_remote_code: bool, allow_pickle: bool, **placement: Any):
     where, gguf_file = _where(source)
-    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    kwargs: dict[str, Any] = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code, **placement}
     if gguf_file:
         kwargs["gguf_file"] = gguf_file
     elif source.kind == "hub":

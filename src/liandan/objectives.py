@@ -245,14 +245,19 @@ def kto_objective(pad_id: int, beta: float, desirable_weight: float, undesirable
 
 
 @torch.no_grad()
-def precompute_reference(model: Any, pairs: list[dict], pad_id: int, batch_size: int = 8) -> None:
+def precompute_reference(model: Any, pairs: list[dict], pad_id: int, batch_size: int = 8, device: Any = "cpu") -> None:
     """Full fine-tuning has no adapters to switch off: store the starting model's log-probs of
-    both replies of every pair (or both rows of every KTO example) before the first step."""
+    both replies of every pair (or both rows of every KTO example) before the first step.
+
+    Computed on ``device`` (the run's accelerator; the model is moved there and stays). The
+    numbers are kept with the items and become a ``ref_logps`` tensor of each micro-batch, which
+    the loop moves to the device with the rest of the batch: 2 floats a pair, no model pass."""
+    model.to(device)
     model.eval()
     for start in range(0, len(pairs), batch_size):
         chunk = pairs[start : start + batch_size]
         batch = collate_unpaired(chunk, pad_id) if "kl_input_ids" in chunk[0] else collate_pairs(chunk, pad_id)
-        logps = pair_logps(model, {k: batch[k] for k in ROW_KEYS}).tolist()
+        logps = pair_logps(model, {k: batch[k].to(device) for k in ROW_KEYS}).tolist()
         for i, pair in enumerate(chunk):
             pair["ref_logps"] = (logps[i], logps[len(chunk) + i])
     model.train()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -41,6 +42,7 @@ from .grpo import Rollouts, grpo_objective, read_grpo_prompts
 from .models import load_model, resolve_model, weights_sha256
 from .objectives import dpo_objective, kto_objective, precompute_reference, reference_free_objective, sft_objective
 from .preference import read_pairs, read_unpaired
+from .quantization import check_quantize, manifest_entry, prepare_quantized, quantization_config, sharded_launch
 from .replay import replay_examples
 from .rewards import parse_rewards
 from .tools import prepare_tools
@@ -65,7 +67,7 @@ class PreparedRun:
 def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume: bool, device: Any = "cpu") -> PreparedRun:
     """Run on the main process first (it writes the run directory and any replay cache), then on
     the others, which find both in place."""
-    model, tokenizer, added_template, new_token_ids = load_trainable_base(config, out_dir, main_process, resume)
+    model, tokenizer, added_template, new_token_ids = load_trainable_base(config, out_dir, main_process, resume, device)
     data = read_examples(config.data, format=config.format, purpose="sft", skip_invalid=config.skip_invalid)
     if config.eval_data:
         train_examples = data.examples
@@ -93,13 +95,13 @@ def prepare_sft(config: SFTConfig, out_dir: Path, *, main_process: bool, resume:
 
 
 def prepare_dpo(config: DPOConfig, out_dir: Path, *, main_process: bool, resume: bool, device: Any = "cpu") -> PreparedRun:
-    model, tokenizer, added, new_ids = load_trainable_base(config, out_dir, main_process, resume)
+    model, tokenizer, added, new_ids = load_trainable_base(config, out_dir, main_process, resume, device)
     train, evals = encode_preferences(config, tokenizer)
     model = attach_trainable(model, config, new_ids)
     pad = pad_id(tokenizer)
     reference_free = config.loss in ("orpo", "simpo")
     if config.full and not reference_free:  # no adapters to switch off: the reference log-probs are computed now, once
-        precompute_reference(model, train + evals, pad)
+        precompute_reference(model, train + evals, pad, device=reference_device(device))
     unit = "examples" if config.loss == "kto" else "pairs"
     data = {"files": file_hashes([*config.data, *config.eval_data]), f"train_{unit}": len(train), f"eval_{unit}": len(evals)}  # fmt: skip
     if config.loss == "kto":
@@ -116,6 +118,13 @@ def prepare_dpo(config: DPOConfig, out_dir: Path, *, main_process: bool, resume:
     summary = (f"data: {len(train)} examples, {data['train_desirable']} of them desirable ({len(evals)} held out)" if config.loss == "kto"
                else f"data: {len(train)} preference pairs ({len(evals)} held out)")  # fmt: skip
     return finish(run, config, out_dir, main_process, resume, lambda: say(summary))
+
+
+def reference_device(device: Any) -> Any:
+    """Where full fine-tuning's reference log-probs are computed: on the run's device, where
+    accelerate would move the model next anyway, rather than on the CPU it loaded on. Under FSDP
+    or DeepSpeed the whole model may not fit one device before it is sharded: it stays put."""
+    return "cpu" if sharded_launch() else device
 
 
 def preference_settings(config: DPOConfig) -> dict:
@@ -150,7 +159,7 @@ def encode_preferences(config: DPOConfig, tokenizer: Any) -> tuple[list[dict], l
 
 
 def prepare_pretrain(config: PretrainConfig, out_dir: Path, *, main_process: bool, resume: bool, device: Any = "cpu") -> PreparedRun:
-    model, tokenizer, added, new_ids = load_trainable_base(config, out_dir, main_process, resume)
+    model, tokenizer, added, new_ids = load_trainable_base(config, out_dir, main_process, resume, device)
     documents = read_texts(config.data)
     train, tokens = text_blocks(tokenizer, documents, config.max_length, special_text=config.special_text)
     if not train:
@@ -176,7 +185,7 @@ def prepare_grpo(config: GRPOConfig, out_dir: Path, *, main_process: bool, resum
     """The prompts and rewards are checked before the model loads; under full fine-tuning with
     beta > 0 a frozen copy of the starting model is the reference."""
     rewards = parse_rewards(config.rewards, config.reward_weights, base_dir=Path("."))
-    model, tokenizer, added, new_ids = load_trainable_base(config, out_dir, main_process, resume)
+    model, tokenizer, added, new_ids = load_trainable_base(config, out_dir, main_process, resume, device)
     train = read_grpo_prompts(config.data, tokenizer, config, rewards)
     reference = None
     if config.full and config.beta:
@@ -219,25 +228,50 @@ def lora_summary(config: TrainConfig, manifest: dict) -> str:
     modules = ", ".join(f"{kind} x{n}" for kind, n in manifest["adapted_modules"].items()) or "no module"
     rows = manifest.get("trainable_token_rows") or {}
     tokens = f"; new token rows trained in {', '.join(rows)}" if rows else ""
-    return f"LoRA rank {config.lora.rank} on {modules}{tokens}"
+    base = "; the base in 4 bits (QLoRA)" if config.quantize else ""
+    return f"LoRA rank {config.lora.rank} on {modules}{tokens}{base}"
 
 
 def say(line: str) -> None:
     Console(stderr=True).print(line, highlight=False)
 
 
-def load_trainable_base(config: TrainConfig, out_dir: Path, main_process: bool, resume: bool):
+def load_trainable_base(config: TrainConfig, out_dir: Path, main_process: bool, resume: bool, device: Any = "cpu"):
     """The model in fp32 with its chat template, and the ids of tokens the template added. A run
     directory given as the model is loaded merged: DPO after SFT trains a new adapter on top of
-    the SFT model, which is also the reference."""
+    the SFT model, which is also the reference.
+
+    The model loads on the CPU (accelerate moves it), except a 4-bit base (``quantize``), which is
+    quantized as it loads straight onto the run's ``device``."""
     if main_process:
         check_output_dir(out_dir, resume)
     if not config.data:
         raise LiandanError("no training data: give --data FILE (repeatable) or data: [...] in the config")
-    model, tokenizer = load_model(config.model, device="cpu", dtype="float32", trust_remote_code=config.trust_remote_code)
+    check_quantize(config, device, resolve_model(config.model).kind)
+    check_attention_kernel(config, device)
+    if config.quantize:
+        model, tokenizer = load_model(config.model, device=str(device), dtype="float32", trust_remote_code=config.trust_remote_code,
+                                      quantization=quantization_config(config))  # fmt: skip
+        model = prepare_quantized(model)
+    else:
+        model, tokenizer = load_model(config.model, device="cpu", dtype="float32", trust_remote_code=config.trust_remote_code)
     vocab_before = len(tokenizer)
     added = ensure_chat_template(tokenizer, model)
     return model, tokenizer, added, list(range(vocab_before, len(tokenizer)))
+
+
+def check_attention_kernel(config: TrainConfig, device: Any) -> None:
+    """``attention: flash_attention_2`` needs a CUDA GPU and a flash attention kernel: one line
+    naming the setting before the model loads, instead of transformers' ImportError mid-run.
+    (transformers can also take the kernel from the ``kernels`` package, so that is accepted too.)"""
+    if config.attention != "flash_attention_2":
+        return
+    if torch.device(device).type != "cuda":
+        raise LiandanError(f"attention: flash_attention_2 runs on a CUDA GPU only; this run's device is {torch.device(device).type} "
+                           "(use attention: auto, which packs rows without it)")  # fmt: skip
+    if importlib.util.find_spec("flash_attn") is None and importlib.util.find_spec("kernels") is None:
+        raise LiandanError("attention: flash_attention_2 needs the flash-attn package: pip install flash-attn "
+                           "(it builds against your CUDA toolkit), or use attention: auto")  # fmt: skip
 
 
 def check_output_dir(out_dir: Path, resume: bool) -> None:
@@ -331,8 +365,9 @@ def build_manifest(config: TrainConfig, model: Any, tokenizer: Any, data: dict, 
                      "peft": peft.__version__, "accelerate": accelerate.__version__},  # fmt: skip
         "base_model": {"spec": config.model, "kind": source.kind, "weights_sha256": weights_hash(source),
                        **base_path_from_run(source, config.output_dir)},  # fmt: skip
-        "method": "full" if config.full else "lora",
+        "method": "full" if config.full else "qlora" if config.quantize else "lora",
         **({} if config.full else adapted_modules(model)),
+        **({"quantize": manifest_entry(config)} if config.quantize else {}),
         "chat_template_sha256": hashlib.sha256(template.encode()).hexdigest(),
         "chat_template_added": added_template,
         "special_tokens": {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,

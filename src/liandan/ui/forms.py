@@ -36,6 +36,7 @@ from ..config import (
     GRPO_LOSS_TYPES,
     GRPO_SCALE_REWARDS,
     MIXED_PRECISIONS,
+    QUANTIZE_MODES,
     SPECIAL_TEXT_MODES,
     STAGES,
     TrainConfig,
@@ -47,6 +48,7 @@ from ..errors import LiandanError
 CHOICES: dict[str, tuple[str, ...]] = {
     "attention": ATTENTION_KERNELS,
     "mixed_precision": MIXED_PRECISIONS,
+    "quantize": QUANTIZE_MODES,
     "special_text": SPECIAL_TEXT_MODES,
     "loss": DPO_LOSSES,
     "loss_type": GRPO_LOSS_TYPES,

@@ -1,11 +1,11 @@
 """LoRA fine-tuning speed: liandan vs TRL's SFTTrainer, same model, data and settings, one run.
 
     pip install -e ".[bench]"          # TRL and datasets, for this benchmark only
-    python benchmarks/sft_vs_trl.py [--repeats 2] [--count 48]
+    python benchmarks/sft_vs_trl.py [--repeats 2] [--count 48] [--model-dir DIR]
 
 Every trainer runs in a fresh process, in turn (liandan, TRL default, TRL padded, TRL packed;
-then again for each repeat), on the built-in default model (SmolLM2-135M-Instruct) with the
-same LoRA (rank 16, alpha 32, no dropout, every linear layer), 48 single-exchange chats of 30 to
+then again for each repeat), on the built-in default model (SmolLM2-135M-Instruct; or the model
+directory given with --model-dir) with the same LoRA (rank 16, alpha 32, no dropout, every linear layer), 48 single-exchange chats of 30 to
 310 words (`bench_data.py`), 8 chats per optimizer step, one epoch, lr 2e-4 cosine, no warmup,
 the reply (and its stop token) trained, the prompt not:
 
@@ -136,7 +136,8 @@ def run_child(name: str, model_dir: str, data: Path, out: Path) -> None:
 
 
 def matmul_peak(model_dir: str, dtype_name: str, tokens: int = 2048) -> float:
-    """Best GFLOP/s of a (tokens x in) @ (in x out) matmul over the model's linear-layer shapes."""
+    """Best GFLOP/s of a (tokens x in) @ (in x out) matmul over the model's linear-layer shapes,
+    on the device the trainers ran on (the GPU when there is one)."""
     import torch
     from transformers import AutoConfig
 
@@ -144,15 +145,18 @@ def matmul_peak(model_dir: str, dtype_name: str, tokens: int = 2048) -> float:
     h, i = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)
     dtype = getattr(torch, dtype_name)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     best = 0.0
     for k, n in [(h, h), (h, kv), (h, i), (i, h), (h, config.vocab_size)]:
-        a, b = torch.randn(tokens, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        a, b = torch.randn(tokens, k, dtype=dtype, device=device), torch.randn(k, n, dtype=dtype, device=device)
         for _ in range(3):
             a @ b
         count, started = 0, time.perf_counter()
         while time.perf_counter() - started < 1.0:
             a @ b
             count += 1
+        if device == "cuda":  # the products were queued: wait for them before reading the clock
+            torch.cuda.synchronize()
         best = max(best, 2 * tokens * k * n * count / (time.perf_counter() - started) / 1e9)
     return best
 
@@ -180,7 +184,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=48, help="chats in the data set")
     parser.add_argument("--only", nargs="*", default=RUNNERS, choices=RUNNERS)
     parser.add_argument("--child", help=argparse.SUPPRESS)
-    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help="a model directory to train instead of the default model")
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -193,7 +197,7 @@ def main() -> None:
     from liandan.default_model import ensure_default_model
     from liandan.devices import cpu_supports_bf16
 
-    model_dir = str(ensure_default_model())
+    model_dir = args.model_dir or str(ensure_default_model())
     work = Path(tempfile.mkdtemp(prefix="liandan-bench-"))
     try:
         data = bench_data.write_chats(work / "chats.jsonl", args.count)

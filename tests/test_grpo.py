@@ -345,3 +345,22 @@ def test_a_tool_call_check_is_refused_as_a_reward_before_any_step(tmp_path, chat
         read_grpo_prompts(config.data, tok, config, parse_rewards(config.rewards))
     with pytest.raises(LiandanError):
         parse_rewards(["tool_call=exact"])
+
+
+def test_full_grpo_keeps_its_frozen_reference_on_the_runs_device(tmp_path, chat_model_dir, prompts_file, monkeypatch):
+    """Full fine-tuning with beta > 0 copies the starting model as the reference: the copy goes
+    where the run trains ('meta' stands for a GPU here), not left on the CPU it loaded on, where
+    its log-probs would meet the batches of another device."""
+    from liandan import prepare
+
+    kept = {}
+
+    class Capture(prepare.Rollouts):
+        def __init__(self, *args, reference=None, **kwargs):
+            kept["reference"] = reference
+            super().__init__(*args, reference=reference, **kwargs)
+
+    monkeypatch.setattr(prepare, "Rollouts", Capture)
+    config = grpo_config(chat_model_dir, prompts_file, tmp_path / "run", full=True, beta=0.1, rewards=["stop"])
+    prepare.prepare_grpo(config, tmp_path / "run", main_process=True, resume=False, device=torch.device("meta"))
+    assert {p.device.type for p in kept["reference"].parameters()} == {"meta"}

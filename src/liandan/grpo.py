@@ -275,8 +275,9 @@ class Rollouts:
                 if self.config.num_iterations > 1:
                     batch["old_logps"] = -trained_token_nll(model, moved)[0].cpu()
                 if self.config.beta:
-                    if self.reference is not None:
-                        batch["ref_logps"] = -trained_token_nll(self.reference, moved)[0].cpu()
+                    if self.reference is not None:  # on the run's device, or on the CPU under FSDP / DeepSpeed
+                        where = next(self.reference.parameters()).device
+                        batch["ref_logps"] = -trained_token_nll(self.reference, {k: v.to(where) for k, v in moved.items()})[0].cpu()
                     else:
                         with model.disable_adapter():
                             batch["ref_logps"] = -trained_token_nll(model, moved)[0].cpu()

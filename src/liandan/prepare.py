@@ -189,7 +189,7 @@ def prepare_grpo(config: GRPOConfig, out_dir: Path, *, main_process: bool, resum
     train = read_grpo_prompts(config.data, tokenizer, config, rewards)
     reference = None
     if config.full and config.beta:
-        reference = copy.deepcopy(model).eval().requires_grad_(False)
+        reference = copy.deepcopy(model).eval().requires_grad_(False).to(reference_device(device))
     model = attach_trainable(model, config, new_ids)
     data = {"files": file_hashes(config.data), "prompts": len(train)}
     manifest = build_manifest(config, model, tokenizer, data, added)

@@ -175,14 +175,19 @@ def test_base_model_gets_chatml_and_learns_to_stop(tmp_path, base_model_dir, sft
 
 
 def test_two_processes_match_one_with_twice_the_accumulation(tmp_path, chat_model_dir, sft_data):
-    """accelerate launch with 2 CPU processes (gloo) gives the same losses as 1 process, accum 2."""
+    """accelerate launch with the shipped examples/accelerate/ddp-cpu.yaml (2 CPU processes, gloo)
+    gives the same losses as 1 process, accum 2."""
     import subprocess
     import sys
+    from pathlib import Path
+
+    import liandan
 
     common = ["--model", str(chat_model_dir), "--data", str(sft_data), "--set", "max_steps=3", "--set", "batch_tokens=96",
               "--set", "max_length=64", "--set", "mixed_precision=no", "--set", "lora.dropout=0", "--set", "seed=3"]  # fmt: skip
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "liandan.cli", "sft"]  # fmt: skip
+    recipe = Path(liandan.__file__).parent / "examples" / "accelerate" / "ddp-cpu.yaml"
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(recipe), "--main_process_port", "0",
+              "-m", "liandan.cli", "sft"]  # fmt: skip
     subprocess.run([*launch, *common, "--output-dir", str(tmp_path / "two")], check=True, capture_output=True, timeout=300)
     subprocess.run([sys.executable, "-m", "liandan.cli", "sft", *common, "--set", "grad_accum=2", "--output-dir", str(tmp_path / "one")],
                    check=True, capture_output=True, timeout=300)  # fmt: skip

@@ -92,6 +92,9 @@ def plain_output_head(model: Any) -> torch.nn.Linear | None:
     if any(getattr(config, name, None) not in (None, 1, 1.0) for name in UNREPRODUCED_LOGIT_SETTINGS):
         return None
     head = inner.get_output_embeddings()
+    # Under DeepSpeed ZeRO-3 the head's weight is whole only inside the model's own forward.
+    if hasattr(getattr(head, "weight", None), "ds_id"):
+        return None
     return head if type(head) is torch.nn.Linear and head.bias is None else None
 
 

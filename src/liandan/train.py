@@ -194,7 +194,9 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None, st
     )
     warn_engine_not_applied(accelerator)
     set_seed(config.seed)
-    with accelerator.main_process_first():
+    # Under ZeRO-3 transformers builds the model sharded (deepspeed.zero.Init), which every process
+    # must do together: the main process cannot load it first while the others wait.
+    with nullcontext() if zero3(accelerator) else accelerator.main_process_first():
         run = prepare(config, out_dir, main_process=accelerator.is_main_process, resume=resume, device=accelerator.device)
     model, tokenizer, objective = run.model, run.tokenizer, run.objective
     restore_model = speed_up_training(model, config, accelerator, objective.packing)
@@ -207,6 +209,12 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None, st
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(steps, config.warmup_ratio))
     # The scheduler stays outside prepare(): accelerate would step it once per process, but our
     # steps already count every process's batches. It is saved in checkpoints all the same.
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        # DeepSpeed wants a micro-batch size; liandan hands accelerate no DataLoader to read it from
+        # (its micro-batches are token budgets). It only feeds DeepSpeed's own sample counting.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds_config["train_micro_batch_size_per_gpu"] = 1
     model, optimizer = accelerator.prepare(model, optimizer)
     if config.report_to:
         accelerator.init_trackers("liandan", config={"lr": config.lr, "steps": steps})
@@ -252,10 +260,13 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None, st
             for i, batch in enumerate(batches):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 sync = i == len(batches) - 1
-                with (nullcontext() if sync else accelerator.no_sync(model)), accelerator.autocast():
-                    loss_sum, stats = objective.loss(model, batch)
-                    loss = loss_sum / window * accelerator.num_processes
-                accelerator.backward(loss)
+                # DeepSpeed steps its optimizer inside backward unless told more micro-batches follow
+                accelerator.sync_gradients = sync
+                with nullcontext() if sync else accelerator.no_sync(model):
+                    with accelerator.autocast():
+                        loss_sum, stats = objective.loss(model, batch)
+                        loss = loss_sum / window * accelerator.num_processes
+                    accelerator.backward(loss)  # inside no_sync: FSDP2 decides in backward whether to reduce
                 step_loss += loss_sum.detach()
                 for key, value in stats.items():
                     sums[key] = sums.get(key, 0) + value.detach()
@@ -453,6 +464,10 @@ def sharded(accelerator) -> bool:
     """FSDP and DeepSpeed manage parameter dtypes themselves (FSDP wants one dtype per flattened
     unit), so frozen weights stay as loaded there."""
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def zero3(accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
 def warn_engine_not_applied(accelerator) -> None:

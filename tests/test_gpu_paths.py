@@ -26,10 +26,11 @@ import liandan.train as train
 from conftest import chat_row, write_jsonl
 from liandan.attention import packed_attention
 from liandan.config import DPOConfig, SFTConfig
+from liandan.engines import optimizer_step
 from liandan.errors import LiandanError
 from liandan.models import load_model
 from liandan.quantization import check_quantize, compute_dtype, quantized_layers
-from liandan.train import optimizer_step, train_sft
+from liandan.train import train_sft
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 _saved_path = list(sys.path)

@@ -36,13 +36,14 @@ from .chat import ensure_chat_template, stop_token_ids
 from .config import DPOConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
 from .data import read_examples, read_texts, split_examples, summarize_skipped
 from .encoding import add_mismatched_rows, encode_all, encode_pair, encode_unpaired, pad_id, text_blocks
+from .engines import sharded_launch
 from .errors import LiandanError
 from .files import file_sha256
 from .grpo import Rollouts, grpo_objective, read_grpo_prompts
 from .models import load_model, resolve_model, weights_sha256
 from .objectives import dpo_objective, kto_objective, precompute_reference, reference_free_objective, sft_objective
 from .preference import read_pairs, read_unpaired
-from .quantization import check_quantize, manifest_entry, prepare_quantized, quantization_config, sharded_launch
+from .quantization import check_quantize, manifest_entry, prepare_quantized, quantization_config
 from .replay import replay_examples
 from .rewards import parse_rewards
 from .tools import prepare_tools

@@ -19,16 +19,13 @@ device, already quantized; embeddings, norms and the output head stay unquantize
 from __future__ import annotations
 
 import importlib.util
-import os
 from typing import Any
 
 import torch
 
 from .config import TrainConfig
+from .engines import sharded_launch
 from .errors import LiandanError
-
-SHARDING_FLAGS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
-"""The variables `accelerate launch` sets for a sharded run, and what each one means."""
 
 
 def check_quantize(config: TrainConfig, device: Any, model_kind: str) -> None:
@@ -55,18 +52,9 @@ def check_quantize(config: TrainConfig, device: Any, model_kind: str) -> None:
                               if model_kind == "adapter" else "Use the Hugging Face model directory or hub id instead"))  # fmt: skip
 
 
-def sharded_launch() -> str | None:
-    """"FSDP" or "DeepSpeed" when `accelerate launch` started this process for one (the flags
-    accelerate's own Accelerator reads), else None."""
-    for variable, name in SHARDING_FLAGS.items():
-        if os.environ.get(variable, "false").lower() in ("1", "true", "yes"):
-            return name
-    return None
-
-
 def compute_dtype(mixed_precision: str) -> torch.dtype:
     """The dtype the 4-bit layers dequantize to and multiply in: the run's mixed precision, as
-    `liandan.train.resolve_precision` settles it on a GPU (auto: bf16 where the GPU has it, else
+    `liandan.engines.resolve_precision` settles it on a GPU (auto: bf16 where the GPU has it, else
     fp16), and fp32 without mixed precision."""
     if mixed_precision == "no":
         return torch.float32

@@ -66,7 +66,7 @@ from .checkpoints import (
     warn,
 )
 from .config import DPOConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
-from .devices import cpu_supports_bf16
+from .engines import optimizer_step, resolve_precision, sharded, warn_engine_not_applied, zero3
 from .errors import LiandanError
 from .generation import SamplingConfig, generate
 from .lora_fusion import fuse_lora_layers
@@ -367,40 +367,6 @@ def check_trackers(names: list[str]) -> None:
             raise LiandanError(f"report_to: {name} is not installed; pip install {package}")
 
 
-def optimizer_step(optimizer, scaler, loss: float, norm: float) -> tuple[bool, bool]:
-    """The step's update, unless it diverged; returns (diverged, overflowed).
-
-    Without a loss scaler a non-finite loss or gradient norm is divergence: no weight changes.
-    Under fp16, accelerate's GradScaler multiplies the loss by its scale S before backward, so
-    that small gradients survive in fp16; when a scaled gradient overflows, the scaler's own step
-    skips the update and halves S. That is calibration, not divergence (the first steps of an fp16
-    run commonly overflow): the step counts as overflowed, and toward ``max_bad_steps`` only once
-    S is down to 1 or below, where the scaled gradients are no larger than the true ones. A
-    non-finite loss is divergence either way: the scale acts on the backward pass only."""
-    if scaler is None:
-        diverged = not (math.isfinite(loss) and math.isfinite(norm))
-        if not diverged:
-            optimizer.step()
-        return diverged, False
-    if not math.isfinite(loss):
-        # The step's gradients were unscaled (in clip_grad_norm_): update() closes that, or the
-        # next step's unscale_ raises; with non-finite gradients it also lowers the scale.
-        scaler.update()
-        return True, False
-    scale = scaler.get_scale()
-    optimizer.step()  # accelerate's: the scaler's step and update
-    overflowed = bool(optimizer.step_was_skipped)
-    return overflowed and scale <= 1, overflowed and scale > 1
-
-
-def resolve_precision(choice: str) -> str:
-    if choice != "auto":
-        return choice
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_supports_bf16() else "no"
-
-
 @torch.no_grad()
 def evaluate(model, examples: list[dict], objective, config: TrainConfig, accelerator) -> dict[str, float]:
     """The objective's loss and statistics on the held-out split: ``eval_loss``, ``eval_<stat>``."""
@@ -458,27 +424,6 @@ def freeze_in_bf16(model) -> None:
         if not param.requires_grad and param.is_floating_point():
             param.data = param.data.to(torch.bfloat16)
     set_adapter_input_casting(model, False)
-
-
-def sharded(accelerator) -> bool:
-    """FSDP and DeepSpeed manage parameter dtypes themselves (FSDP wants one dtype per flattened
-    unit), so frozen weights stay as loaded there."""
-    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
-
-
-def zero3(accelerator) -> bool:
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
-
-
-def warn_engine_not_applied(accelerator) -> None:
-    """accelerate applies an FSDP or DeepSpeed config only on accelerators (GPUs); on CPU
-    processes it runs plain DDP without a word, each process holding the whole model. Say so."""
-    for variable, engine in (("ACCELERATE_USE_FSDP", DistributedType.FSDP), ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED)):
-        if os.environ.get(variable, "").lower() == "true" and accelerator.distributed_type != engine:
-            if accelerator.is_main_process:
-                plain = "plain DDP, each process holding the whole model" if accelerator.num_processes > 1 else "one process"
-                warn(f"the accelerate config asks for {engine.value}, which accelerate applies only on GPUs: on "
-                     f"{accelerator.device.type} this run is {plain}")  # fmt: skip
 
 
 def set_adapter_input_casting(model, enabled: bool) -> None:

@@ -133,8 +133,7 @@ def gather_trained(accelerator, model, optimizer) -> tuple[dict[str, torch.Tenso
     part and the main process gets them ({} elsewhere); otherwise every process has them."""
     if layout(accelerator) == "fsdp":
         raw = getattr(optimizer, "optimizer", optimizer)
-        weights = {k: v.contiguous() for k, v in get_model_state_dict(model, options=FULL).items()}
-        return weights, get_optimizer_state_dict(model, raw, options=FULL)
+        return final_weights(accelerator, model, full=False), get_optimizer_state_dict(model, raw, options=FULL)
     return trained_weights(accelerator.unwrap_model(model)), optimizer.state_dict()
 
 

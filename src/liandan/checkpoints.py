@@ -33,7 +33,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate.utils import DistributedType
-from rich.console import Console
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -44,7 +43,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from .config import TrainConfig, to_dict
-from .errors import LiandanError
+from .engines import zero3
+from .errors import LiandanError, warn
 from .files import write_atomic
 
 CHECKPOINTS = "checkpoints"
@@ -146,7 +146,7 @@ def final_weights(accelerator, model, full: bool) -> dict[str, torch.Tensor] | N
     if accelerator.distributed_type == DistributedType.FSDP:
         options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not full)
         return {k: v.contiguous() for k, v in get_model_state_dict(model, options=options).items()}
-    if accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3:
+    if zero3(accelerator):
         return accelerator.get_state_dict(model)
     return None
 
@@ -332,7 +332,3 @@ def check_run_complete(path: str | Path) -> None:
     if (Path(path) / INCOMPLETE).is_file():
         raise LiandanError(f"'{path}' is an unfinished training run: its final model was never completely saved "
                            f"(it still has its {INCOMPLETE} marker); continue it with --resume -o {path}")  # fmt: skip
-
-
-def warn(message: str) -> None:
-    Console(stderr=True).print(message, highlight=False)

@@ -17,8 +17,8 @@ import os
 import torch
 from accelerate.utils import DistributedType
 
-from .checkpoints import warn
 from .devices import cpu_supports_bf16
+from .errors import warn
 
 SHARDING_FLAGS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 """The variables `accelerate launch` sets for a sharded run, and what each one means."""

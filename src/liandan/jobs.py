@@ -49,9 +49,9 @@ from pathlib import Path
 
 import yaml
 
-from .checkpoints import PROGRESS, latest_checkpoint, warn
+from .checkpoints import PROGRESS, latest_checkpoint
 from .config import STAGES, build, parse_value, to_dict
-from .errors import LiandanError
+from .errors import LiandanError, warn
 from .files import write_atomic
 
 ACTIVE = ("running", "stopping")

@@ -31,8 +31,8 @@ bf16 under LoRA, the head and loss in chunks at trained positions, the fused LoR
 a CPU without bf16 only emulates it, slowly), no activation checkpointing (its default turns it
 on), the rows as they are (padding and packing are the same here, every row being full); where
 that would not fit in memory and checkpointing would, TRL checkpoints activations, and the table
-says so (liandan has no activation checkpointing). TRL's own defaults are measured in
-`sft_vs_trl.py`.
+says so. The same rule for liandan (``activation_checkpointing``): on only where it would not fit
+without. TRL's own defaults are measured in `sft_vs_trl.py`.
 
 **Measured** per cell (size, mode, seq) and trainer, each run in a fresh process so that its peak
 RSS is its own, the trainers in turn, ``--repeats`` rounds: tokens/s, the median over the measured
@@ -173,7 +173,7 @@ def train_liandan(cell: dict, model_dir: str, text: str, out: Path, profile: boo
     config = PretrainConfig(model=model_dir, data=[text], output_dir=str(out), full=cell["mode"] == "full",
                             lora=LoraConfig(rank=RANK, alpha=ALPHA, dropout=0.0), lr=LR, warmup_ratio=0.0,
                             max_steps=total, batch_tokens=rows * seq, batch_size=rows, max_length=seq,
-                            save_every=0, save_every_minutes=0.0)  # fmt: skip
+                            save_every=0, save_every_minutes=0.0, activation_checkpointing=cell["checkpointing"])  # fmt: skip
     window = None
     if profile:
         from scaling_profile import StepProfile
@@ -465,13 +465,13 @@ def run_grid(args: argparse.Namespace, plan: dict) -> dict:
 
 
 def plan_memory(cell: dict, args: argparse.Namespace, bf16: bool) -> None:
-    """The cell's memory estimate, and whether TRL checkpoints activations: only when it would not
-    fit without (its best configuration that fits; liandan has no activation checkpointing)."""
+    """The cell's memory estimate, and whether the trainer checkpoints activations: only when it
+    would not fit without (each trainer's best configuration that fits)."""
     shape, tokens = SHAPES[cell["size"]], cell["rows"] * cell["seq"]
     cell["checkpointing"] = False
     cell["estimate_gib"] = estimate_gib(shape, cell["mode"], cell["trainer"], tokens, bf16)
-    if cell["trainer"] == "trl" and cell["estimate_gib"] > memory_limit(args):
-        saving = estimate_gib(shape, cell["mode"], "trl", tokens, bf16, checkpointing=True)
+    if cell["estimate_gib"] > memory_limit(args):
+        saving = estimate_gib(shape, cell["mode"], cell["trainer"], tokens, bf16, checkpointing=True)
         if saving <= memory_limit(args):
             cell["checkpointing"], cell["estimate_gib"] = True, saving
     cell["flops_per_token"] = flops_per_token(shape, cell["mode"], cell["seq"])

@@ -91,7 +91,7 @@ def markdown(results: dict) -> str:
             row.append(gflops(cell, results) if ok(cell) else "—")
         lines.append("| " + " | ".join(row) + " |")
     if any(c.get("checkpointing") for c in results["cells"]):
-        lines += ["", "(ckpt): TRL with activation checkpointing, its best configuration that fits in the memory available."]
+        lines += ["", "(ckpt): with activation checkpointing, the trainer's best configuration that fits in the memory available."]
     lines += ["", "Matmul peak on this machine at each model's layer shapes (2,048 rows):", ""]
     lines += [f"- {LABELS.get(size, size)}: {info['matmul_peak_gflops']:.0f} GFLOP/s ({info['dtype']}), "
               f"{info['params'] / 1e6:.1f}M parameters" for size, info in results["sizes"].items()]  # fmt: skip

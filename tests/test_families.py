@@ -186,3 +186,23 @@ def test_fused_lora_forward_is_pefts_with_trained_adapters(family):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5, msg=name)
     for key, grad in want_grads.items():
         torch.testing.assert_close(got_grads[key], grad, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_activation_checkpointing_gives_the_same_training(family, chat_file, tmp_path, full):
+    """Recomputing each decoder layer in backward (``activation_checkpointing``) instead of keeping
+    its activations changes nothing but memory: the same losses and trained weights, every family."""
+    from safetensors.torch import load_file
+
+    name, model_dir = family
+    runs = {}
+    for checkpointing in (False, True):
+        out = tmp_path / f"checkpointing-{checkpointing}"
+        result = train_sft(SFTConfig(**settings(model_dir, chat_file, out, full=full, max_steps=3, lr=1e-2,
+                                                 activation_checkpointing=checkpointing)))  # fmt: skip
+        runs[checkpointing] = result.losses, load_file(out / ("model.safetensors" if full else "adapter_model.safetensors"))
+    (plain_losses, plain_weights), (losses, weights) = runs[False], runs[True]
+    assert losses == pytest.approx(plain_losses, rel=1e-6), name
+    assert weights.keys() == plain_weights.keys()
+    for key, value in plain_weights.items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")

@@ -97,18 +97,24 @@ def test_cell_too_large_is_skipped_with_its_reason(capsys):
     assert results["sizes"] == {}
 
 
-def test_trl_checkpoints_activations_only_where_it_would_not_fit_without():
+def test_activations_are_checkpointed_only_where_a_run_would_not_fit_without():
+    """Each trainer's best configuration that fits: checkpointing off where the run fits as it is,
+    on where it fits only with it (TRL's gradient_checkpointing, liandan's activation_checkpointing)."""
     from scaling import estimate_gib, plan_memory
 
     options = grid_options(memory_gib=20.0)
     cells = {(trainer, seq): {"size": "1.7b", "mode": "lora", "seq": seq, "rows": 1, "trainer": trainer}
-             for trainer in ("liandan", "trl") for seq in (512, 2048)}  # fmt: skip
+             for trainer in ("liandan", "trl") for seq in (512, 2048, 8192)}  # fmt: skip
     for cell in cells.values():
         plan_memory(cell, options, bf16=True)
-    assert estimate_gib(SHAPES["1.7b"], "lora", "trl", 512, True) < 20 < estimate_gib(SHAPES["1.7b"], "lora", "trl", 2048, True)
-    assert not cells["trl", 512]["checkpointing"]  # fits as it is: TRL's best, no checkpointing
-    assert cells["trl", 2048]["checkpointing"] and cells["trl", 2048]["estimate_gib"] < 20
-    assert not any(cells["liandan", seq]["checkpointing"] for seq in (512, 2048))  # liandan has none to turn on
+    for (trainer, seq), cell in cells.items():
+        plain = estimate_gib(SHAPES["1.7b"], "lora", trainer, seq, True)
+        assert cell["checkpointing"] == (plain > 20), (trainer, seq)
+        assert cell["estimate_gib"] == (estimate_gib(SHAPES["1.7b"], "lora", trainer, seq, True, checkpointing=True)
+                                        if cell["checkpointing"] else plain)  # fmt: skip
+    assert not cells["trl", 512]["checkpointing"] and cells["trl", 2048]["checkpointing"]
+    assert not cells["liandan", 512]["checkpointing"] and cells["liandan", 8192]["checkpointing"]
+    assert cells["liandan", 8192]["estimate_gib"] < 20
 
 
 def test_profile_buckets_by_range_and_by_autograd_node():

@@ -97,6 +97,9 @@ class TrainConfig:
     attention: str = "auto"
     """Attention kernel for training: auto (packed rows on a CPU: per-example SDPA; otherwise the
     model's default), eager, sdpa or flash_attention_2."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer's activations in backward instead of keeping them: far less
+    memory at long sequences and large models, for about a third more compute per step."""
     max_grad_norm: float = 1.0
     """Clip the gradient norm to this (0 = off)."""
     mixed_precision: str = "auto"

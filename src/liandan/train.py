@@ -49,6 +49,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, is_tensorboard_available, is_wandb_available, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from .activation_checkpointing import checkpoint_activations
 from .attention import use_training_attention
 from .batching import plan_batches
 from .checkpoints import (
@@ -63,11 +64,10 @@ from .checkpoints import (
     save_checkpoint,
     trained_weights,
     truncate_metrics,
-    warn,
 )
 from .config import DPOConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
 from .engines import optimizer_step, resolve_precision, sharded, warn_engine_not_applied, zero3
-from .errors import LiandanError
+from .errors import LiandanError, warn
 from .generation import SamplingConfig, generate
 from .lora_fusion import fuse_lora_layers
 from .prepare import PreparedRun, prepare_dpo, prepare_grpo, prepare_pretrain, prepare_sft
@@ -398,10 +398,16 @@ def step_means(totals: dict[str, float], units: int, averaged_over: dict[str, st
 def speed_up_training(model, config: TrainConfig, accelerator, packing: bool) -> Callable[[], None]:
     """What the loop changes on the model for speed, all in one place; returns the function that
     puts the model back as loaded (its attention, PEFT's LoRA forward and input casts) before it
-    is saved or generates. Frozen bf16 weights stay bf16: only the adapters are saved."""
+    is saved or generates. Frozen bf16 weights stay bf16: only the adapters are saved. Activation
+    checkpointing, when asked for, is turned on here too and off again by the same function."""
     attention = use_training_attention(model, config.attention, packing, accelerator.device)
+    uncheckpoint = checkpoint_activations(model) if config.activation_checkpointing else lambda: None
     if sharded(accelerator):  # FSDP / DeepSpeed own the dtypes and wrap the modules themselves
-        return lambda: model.set_attn_implementation(attention)
+        def restore_sharded() -> None:
+            model.set_attn_implementation(attention)
+            uncheckpoint()
+
+        return restore_sharded
     if not config.full and accelerator.mixed_precision == "bf16":
         freeze_in_bf16(model)
     unfuse = fuse_lora_layers(model)
@@ -410,6 +416,7 @@ def speed_up_training(model, config: TrainConfig, accelerator, packing: bool) ->
         model.set_attn_implementation(attention)
         unfuse()
         set_adapter_input_casting(model, True)
+        uncheckpoint()
 
     return restore
 

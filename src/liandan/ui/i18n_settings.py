@@ -99,6 +99,7 @@ ZH_HELP = {
         "训练用的注意力实现：auto（在 CPU 上训练打包的行时逐样本用 SDPA，否则用模型的默认实现）、"
         "eager、sdpa 或 flash_attention_2。"
     ),
+    "activation_checkpointing": "激活重计算：反向传播时重新计算每个解码层的激活，而不是一直保存它们。序列很长或模型很大时显存/内存占用少得多，代价是每步多约三分之一的计算量。",
     "max_grad_norm": "把梯度范数裁剪到这个值（0 = 不裁剪）。",
     "mixed_precision": "混合精度：auto（支持时用 bf16）、no、bf16 或 fp16。",
     "seed": "数据打乱、dropout 和 LoRA 初始化所用的随机种子。",
@@ -175,6 +176,7 @@ ZH_LABELS = {
     "max_length": "最大长度",
     "pretrain:max_length": "块大小",
     "attention": "注意力实现",
+    "activation_checkpointing": "激活重计算",
     "max_grad_norm": "梯度裁剪",
     "mixed_precision": "混合精度",
     "seed": "随机种子",

@@ -15,7 +15,8 @@ does not stop the others:
 - **families**: ``tests/test_families.py`` and ``tests/test_speed.py`` on CUDA (the tests pick
   the GPU when there is one): every family's first-step loss equals its own forward, LoRA runs
   merge and reload, packed rows train as padded rows, bf16 keeps fp32 adapters.
-- **qlora**: a tiny random Llama with ``quantize: 4bit``: the base really is 4-bit and no 4-bit
+- **qlora**: a tiny random Llama with ``quantize: 4bit`` and, as such runs usually have it,
+  ``activation_checkpointing``: the base really is 4-bit and no 4-bit
   layer is fused, the loss falls, the run directory holds the adapter only, and the adapter
   reloads merged into the fp32 base with a lower loss on the data than the base.
 - **fp16**: the same job under ``mixed_precision: fp16`` with accelerate's loss scaler started
@@ -227,7 +228,8 @@ def check_qlora(work: Path) -> dict:
     seen: dict = {}
     torch.cuda.reset_peak_memory_stats()
     with watched_speed_ups(seen):
-        result = train_sft(SFTConfig(model=str(model_dir), data=[str(data)], output_dir=str(run), quantize="4bit", **JOB))
+        result = train_sft(SFTConfig(model=str(model_dir), data=[str(data)], output_dir=str(run), quantize="4bit",
+                                     activation_checkpointing=True, **JOB))  # fmt: skip
     peak_mib = torch.cuda.max_memory_allocated() / 2**20
     files = sorted(p.name for p in run.iterdir())
     manifest = json.loads((run / "manifest.json").read_text())

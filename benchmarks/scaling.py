@@ -396,6 +396,9 @@ def main() -> None:
     parser.add_argument("--step-tokens", type=int, default=2048, help="tokens per step: max(1, this // seq) rows")
     parser.add_argument("--max-seconds", type=float, default=3600, help="a run lasting longer is stopped")
     parser.add_argument("--memory-gib", type=float, help="memory a run may use (default: MemAvailable when it starts)")
+    parser.add_argument("--checkpointing", choices=["auto", "always"], default="auto",
+                        help="activation checkpointing: auto (each trainer only where a run would not fit without) "
+                             "or always (both trainers in every run: what it costs and saves)")  # fmt: skip
     parser.add_argument("--profile", action="store_true", help="liandan runs: where one more step's time goes")
     parser.add_argument("--out", default="runs/scaling", help="directory for results.json, scaling.md, scaling.svg")
     parser.add_argument("--child", choices=["build", "train"], help=argparse.SUPPRESS)
@@ -443,7 +446,8 @@ def run_grid(args: argparse.Namespace, plan: dict) -> dict:
     from liandan.devices import cpu_supports_bf16
 
     bf16 = cpu_supports_bf16()
-    settings = {k: getattr(args, k) for k in ("steps", "warmup", "repeats", "step_tokens", "max_seconds", "profile")}
+    settings = {k: getattr(args, k) for k in ("steps", "warmup", "repeats", "step_tokens", "max_seconds", "profile",
+                                              "checkpointing")}  # fmt: skip
     results = {"machine": machine(bf16), "settings": {**settings, "lr": LR, "lora_rank": RANK, "lora_alpha": ALPHA},
                "sizes": {}, "cells": []}  # fmt: skip
     work = Path(tempfile.mkdtemp(prefix="liandan-scaling-"))
@@ -466,11 +470,15 @@ def run_grid(args: argparse.Namespace, plan: dict) -> dict:
 
 def plan_memory(cell: dict, args: argparse.Namespace, bf16: bool) -> None:
     """The cell's memory estimate, and whether the trainer checkpoints activations: only when it
-    would not fit without (each trainer's best configuration that fits)."""
+    would not fit without (each trainer's best configuration that fits), or in every run with
+    ``--checkpointing always``."""
     shape, tokens = SHAPES[cell["size"]], cell["rows"] * cell["seq"]
     cell["checkpointing"] = False
     cell["estimate_gib"] = estimate_gib(shape, cell["mode"], cell["trainer"], tokens, bf16)
-    if cell["estimate_gib"] > memory_limit(args):
+    if args.checkpointing == "always":
+        cell["checkpointing"] = True
+        cell["estimate_gib"] = estimate_gib(shape, cell["mode"], cell["trainer"], tokens, bf16, checkpointing=True)
+    elif cell["estimate_gib"] > memory_limit(args):
         saving = estimate_gib(shape, cell["mode"], cell["trainer"], tokens, bf16, checkpointing=True)
         if saving <= memory_limit(args):
             cell["checkpointing"], cell["estimate_gib"] = True, saving

@@ -1,6 +1,6 @@
 """FSDP2 through ``accelerate launch`` with the shipped ``examples/accelerate/fsdp2.yaml``, on 2 CPU
 processes (gloo): LoRA and full fine-tuning, DPO with its adapter-off reference, a stopped run
-resumed from its sharded checkpoint. Each gives the same losses and weights as one process with
+resumed from its sharded checkpoint, activation checkpointing. Each gives the same losses and weights as one process with
 twice the gradient accumulation (the same effective batch), and the final save is a plain PEFT
 adapter or transformers model that `liandan merge` and transformers load.
 
@@ -123,6 +123,17 @@ def test_fsdp2_full_fine_tuning_matches_one_process_and_saves_a_plain_model(tmp_
     assert max_difference(sharded, before) > 1e-4  # every weight trained, gathered whole
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp")
     assert model.model.layers[1].mlp.up_proj.weight.shape == (64, 32)
+
+
+def test_fsdp2_with_activation_checkpointing_matches_one_process_without(tmp_path, chat_model_dir, sft_data):
+    """Each decoder layer recomputed in backward while FSDP2 shards it: transformers checkpoints the
+    layer's forward and leaves FSDP2's gathering hooks outside, so the losses and the adapter are
+    those of one process that keeps its activations."""
+    launch("sft", chat_model_dir, sft_data, tmp_path / "fsdp", {**COMMON, "activation_checkpointing": "true"})
+    one_process(SFTConfig, train_sft, chat_model_dir, sft_data, tmp_path / "one", COMMON)
+    assert losses(tmp_path / "fsdp") == pytest.approx(losses(tmp_path / "one"), rel=1e-5)
+    sharded, whole = (load_file(tmp_path / run / "adapter_model.safetensors") for run in ("fsdp", "one"))
+    assert max_difference(sharded, whole) < 1e-5
 
 
 def test_fsdp2_in_bf16_follows_one_process_in_bf16(tmp_path, chat_model_dir, sft_data):

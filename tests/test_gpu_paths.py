@@ -138,6 +138,17 @@ def test_qlora_trains_adapters_on_a_4bit_base_and_saves_only_them(chat_model_dir
     assert quantized_layers(model) == 0 and all(p.dtype == torch.float32 for p in model.parameters())
 
 
+@needs_bnb
+def test_qlora_with_activation_checkpointing_trains_as_without(chat_model_dir, sft_data, tmp_path, monkeypatch):
+    """QLoRA as 7B-class models are fine-tuned on one consumer GPU, with activation checkpointing:
+    the 4-bit layers recomputed in backward give the same losses as kept activations."""
+    real_check = prepare.check_quantize
+    monkeypatch.setattr(prepare, "check_quantize", lambda config, device, kind: real_check(config, "cuda", kind))
+    runs = [train_sft(SFTConfig(**settings(chat_model_dir, sft_data, tmp_path / f"run-{on}", quantize="4bit", max_steps=4,
+                                           mixed_precision="no", activation_checkpointing=on))).losses for on in (False, True)]  # fmt: skip
+    assert runs[1] == pytest.approx(runs[0], rel=1e-6)
+
+
 def test_lora_fusion_leaves_a_layer_over_a_4bit_weight_alone(chat_model_dir):
     """Without bitsandbytes: a base layer that subclasses nn.Linear but is not one (as
     bitsandbytes' Linear4bit does) is never fused, since F.linear cannot read its weight."""

@@ -81,7 +81,8 @@ def test_trl_cell_on_the_same_blocks(tiny_run):
 
 def grid_options(**options) -> argparse.Namespace:
     """The options `scaling.run_grid` reads, as the command line would give them."""
-    defaults = {"steps": 3, "warmup": 1, "repeats": 1, "step_tokens": 2048, "max_seconds": 60, "memory_gib": None}
+    defaults = {"steps": 3, "warmup": 1, "repeats": 1, "step_tokens": 2048, "max_seconds": 60, "memory_gib": None,
+                "checkpointing": "auto"}  # fmt: skip
     return argparse.Namespace(**{**defaults, "profile": False, **options})
 
 
@@ -115,6 +116,10 @@ def test_activations_are_checkpointed_only_where_a_run_would_not_fit_without():
     assert not cells["trl", 512]["checkpointing"] and cells["trl", 2048]["checkpointing"]
     assert not cells["liandan", 512]["checkpointing"] and cells["liandan", 8192]["checkpointing"]
     assert cells["liandan", 8192]["estimate_gib"] < 20
+    always = grid_options(memory_gib=20.0, checkpointing="always")
+    for cell in cells.values():
+        plan_memory(cell, always, bf16=True)
+    assert all(cell["checkpointing"] for cell in cells.values())  # what it costs and saves, in every run
 
 
 def test_profile_buckets_by_range_and_by_autograd_node():

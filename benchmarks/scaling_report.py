@@ -91,7 +91,9 @@ def markdown(results: dict) -> str:
             row.append(gflops(cell, results) if ok(cell) else "—")
         lines.append("| " + " | ".join(row) + " |")
     if any(c.get("checkpointing") for c in results["cells"]):
-        lines += ["", "(ckpt): with activation checkpointing, the trainer's best configuration that fits in the memory available."]
+        why = ("in every run (--checkpointing always)" if s.get("checkpointing") == "always"
+               else "the trainer's best configuration that fits in the memory available")  # fmt: skip
+        lines += ["", f"(ckpt): with activation checkpointing, {why}."]
     lines += ["", "Matmul peak on this machine at each model's layer shapes (2,048 rows):", ""]
     lines += [f"- {LABELS.get(size, size)}: {info['matmul_peak_gflops']:.0f} GFLOP/s ({info['dtype']}), "
               f"{info['params'] / 1e6:.1f}M parameters" for size, info in results["sizes"].items()]  # fmt: skip

@@ -158,10 +158,10 @@ def data_loss(model_spec: str | Path, data: Path, max_length: int = 64) -> float
 def watched_speed_ups(seen: dict) -> Iterator[None]:
     """Record, as the loop sets up its speed-ups, how many of the model's weights are 4-bit and
     how many LoRA layers it fused (`liandan.lora_fusion` must leave 4-bit layers alone)."""
-    import liandan.train as train
+    import liandan.training_setup as setup
     from liandan.quantization import quantized_layers
 
-    original = train.fuse_lora_layers
+    original = setup.fuse_lora_layers
 
     def fuse_and_count(model):
         unfuse = original(model)
@@ -169,11 +169,11 @@ def watched_speed_ups(seen: dict) -> Iterator[None]:
         seen["fused_layers"] = sum("forward" in m.__dict__ for m in model.modules())
         return unfuse
 
-    train.fuse_lora_layers = fuse_and_count
+    setup.fuse_lora_layers = fuse_and_count
     try:
         yield
     finally:
-        train.fuse_lora_layers = original
+        setup.fuse_lora_layers = original
 
 
 @contextmanager

@@ -7,7 +7,7 @@ from liandan.config import LoraConfig, SFTConfig
 from liandan.lora_fusion import fuse_lora_layers
 from liandan.models import load_model
 from liandan.prepare import attach_trainable
-from liandan.train import freeze_in_bf16
+from liandan.training_setup import freeze_in_bf16
 
 
 def lora_model(model_dir, **lora):

@@ -99,7 +99,7 @@ def test_bf16_lora_keeps_fp32_adapters_and_the_fp32_loss_curve(chat_model_dir, s
 
 def test_frozen_weights_are_bf16_and_adapters_fp32_while_training(chat_model_dir):
     from liandan.prepare import attach_trainable
-    from liandan.train import freeze_in_bf16, set_adapter_input_casting
+    from liandan.training_setup import freeze_in_bf16, set_adapter_input_casting
 
     model, _ = load_model(str(chat_model_dir), dtype="float32")
     model = attach_trainable(model, SFTConfig(data=["x"]), [])

@@ -79,7 +79,7 @@ def prepare_quantized(model: Any) -> Any:
     (PEFT turns it on by default; liandan never does: it runs every layer's forward twice per
     step to save activation memory). What remains: the base frozen, and its unquantized weights
     (embeddings, norms, output head) in fp32; under bf16 the loop stores the frozen ones in bf16
-    again (`liandan.train.freeze_in_bf16`), as for plain LoRA."""
+    again (`liandan.training_setup.freeze_in_bf16`), as for plain LoRA."""
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

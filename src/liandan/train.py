@@ -49,8 +49,6 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType, is_tensorboard_available, is_wandb_available, set_seed
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from .activation_checkpointing import checkpoint_activations
-from .attention import use_training_attention
 from .batching import plan_batches
 from .checkpoints import (
     INCOMPLETE,
@@ -66,12 +64,12 @@ from .checkpoints import (
     truncate_metrics,
 )
 from .config import DPOConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
-from .engines import optimizer_step, resolve_precision, sharded, warn_engine_not_applied, zero3
+from .engines import optimizer_step, resolve_precision, warn_engine_not_applied, zero3
 from .errors import LiandanError, warn
 from .generation import SamplingConfig, generate
-from .lora_fusion import fuse_lora_layers
 from .prepare import PreparedRun, prepare_dpo, prepare_grpo, prepare_pretrain, prepare_sft
 from .run_control import ProgressFile, StopRequest, TrainingStopped
+from .training_setup import speed_up_training
 
 
 @dataclass
@@ -393,50 +391,6 @@ def step_means(totals: dict[str, float], units: int, averaged_over: dict[str, st
         denominator = totals.get(averaged_over[key], 0.0) if key in averaged_over else units
         means[key] = value / denominator if denominator else float("nan")
     return means
-
-
-def speed_up_training(model, config: TrainConfig, accelerator, packing: bool) -> Callable[[], None]:
-    """What the loop changes on the model for speed, all in one place; returns the function that
-    puts the model back as loaded (its attention, PEFT's LoRA forward and input casts) before it
-    is saved or generates. Frozen bf16 weights stay bf16: only the adapters are saved. Activation
-    checkpointing, when asked for, is turned on here too and off again by the same function."""
-    attention = use_training_attention(model, config.attention, packing, accelerator.device)
-    uncheckpoint = checkpoint_activations(model) if config.activation_checkpointing else lambda: None
-    if sharded(accelerator):  # FSDP / DeepSpeed own the dtypes and wrap the modules themselves
-        def restore_sharded() -> None:
-            model.set_attn_implementation(attention)
-            uncheckpoint()
-
-        return restore_sharded
-    if not config.full and accelerator.mixed_precision == "bf16":
-        freeze_in_bf16(model)
-    unfuse = fuse_lora_layers(model)
-
-    def restore() -> None:
-        model.set_attn_implementation(attention)
-        unfuse()
-        set_adapter_input_casting(model, True)
-        uncheckpoint()
-
-    return restore
-
-
-def freeze_in_bf16(model) -> None:
-    """LoRA under bf16 autocast: store the frozen weights in bf16 (autocast would otherwise cast
-    every one of them on every forward pass, and keep the copies for backward) and keep the
-    trained adapter weights in fp32, so their optimizer updates are not rounded away. PEFT's
-    casting of each adapter's input to the adapter's fp32 is switched off: under autocast the
-    matmul runs in bf16 anyway, and the casts cost a copy of the activations per adapted layer."""
-    for param in model.parameters():
-        if not param.requires_grad and param.is_floating_point():
-            param.data = param.data.to(torch.bfloat16)
-    set_adapter_input_casting(model, False)
-
-
-def set_adapter_input_casting(model, enabled: bool) -> None:
-    for module in model.modules():
-        if hasattr(module, "cast_input_dtype_enabled"):
-            module.cast_input_dtype_enabled = enabled
 
 
 def real_tokens(batch: dict[str, torch.Tensor]) -> int:

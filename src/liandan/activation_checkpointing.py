@@ -10,8 +10,8 @@ The activations kept for backward grow with layers x tokens x width (plus the ML
 attention's intermediates), and at long sequences or 1B+ models they, not the weights, are what
 runs out. With checkpointing only one layer's worth is live at a time, for about one more forward
 pass of compute. The recomputation repeats the same operations on the same inputs, so losses and
-gradients are the same as without (``tests/test_activation_checkpointing.py`` checks every family
-of the test matrix).
+gradients are the same as without (``tests/test_families.py`` checks every family of the test
+matrix; ``tests/test_activation_checkpointing.py`` that the layers really are recomputed).
 
 It is transformers' own checkpointing of its decoder layers, in PyTorch's non-reentrant form:
 that form needs no input that requires a gradient, so the hook transformers puts on the
@@ -41,8 +41,7 @@ def checkpoint_activations(model: Any) -> Callable[[], None]:
         inner.activation_checkpointing_enable(activation_checkpointing_kwargs=dict(KWARGS))
     else:
         inner.gradient_checkpointing_enable(gradient_checkpointing_kwargs=dict(KWARGS))
-    if hasattr(inner, "disable_input_require_grads"):
-        inner.disable_input_require_grads()
+    inner.disable_input_require_grads()
 
     def undo() -> None:
         if hasattr(inner, "activation_checkpointing_disable"):

@@ -4,7 +4,7 @@ from) is what the file's name says: DDP, FSDP2, DeepSpeed ZeRO-2 or ZeRO-3, offl
 
 Run here: ``ddp-cpu.yaml`` on 2 CPU processes (tests/test_train.py), ``fsdp2.yaml`` (tests/test_fsdp.py),
 and ZeRO-2 and ZeRO-3 on 2 CPU processes where deepspeed is installed (through
-``tests/deepspeed_on_cpu.py``: accelerate itself runs DeepSpeed only on accelerators). The GPU-only
+``tests/accelerate_on_cpu.py``: accelerate itself runs DeepSpeed only on accelerators). The GPU-only
 settings (bf16 on GPUs, CPU offload from GPU memory, 8 processes) are checked as configuration only.
 """
 
@@ -142,7 +142,7 @@ def test_deepspeed_on_two_cpu_processes_matches_one_process(tmp_path, chat_model
     data, reference = one_process
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(RECIPES / name),
               "--num_processes", "2", "--main_process_port", "0", "--mixed_precision", "no",
-              str(Path(__file__).with_name("deepspeed_on_cpu.py"))]  # fmt: skip
+              str(Path(__file__).with_name("accelerate_on_cpu.py"))]  # fmt: skip
     sft = ["sft", "--model", str(chat_model_dir), "--data", str(data), *SETTINGS, "--set", "grad_accum=2",
            "--output-dir", str(tmp_path / "run")]  # fmt: skip
     done = subprocess.run([*launch, *sft], check=False, capture_output=True, text=True, timeout=600)

@@ -4,7 +4,7 @@ resumed from its sharded checkpoint, activation checkpointing. Each gives the sa
 twice the gradient accumulation (the same effective batch), and the final save is a plain PEFT
 adapter or transformers model that `liandan merge` and transformers load.
 
-accelerate applies an FSDP config only on GPUs; ``tests/fsdp_on_cpu.py`` lets it apply it on CPU
+accelerate applies an FSDP config only on GPUs; ``tests/accelerate_on_cpu.py`` lets it apply it on CPU
 processes too, so that accelerate's own FSDP2 preparation and liandan's loop run as they do on
 GPUs. Without it, the same launch on CPUs is plain DDP and liandan says so
 (`test_an_fsdp_config_on_cpu_says_it_runs_plain_ddp`).
@@ -29,7 +29,7 @@ from liandan.train import train_dpo, train_sft
 
 ROOT = Path(__file__).resolve().parents[1]
 FSDP2 = ROOT / "src" / "liandan" / "examples" / "accelerate" / "fsdp2.yaml"
-HARNESS = Path(__file__).with_name("fsdp_on_cpu.py")
+HARNESS = Path(__file__).with_name("accelerate_on_cpu.py")
 COMMON = {"max_steps": 3, "batch_tokens": 96, "max_length": 64, "seed": 3, "lr": 5e-3, "lora.dropout": 0}
 
 

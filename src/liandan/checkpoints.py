@@ -44,7 +44,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from .config import TrainConfig, to_dict
 from .engines import zero3
-from .errors import LiandanError, warn
+from .errors import LiandanError, say
 from .files import write_atomic
 
 CHECKPOINTS = "checkpoints"
@@ -235,7 +235,7 @@ def latest_checkpoint(out_dir: Path, quiet: bool = False) -> Path | None:
         if problem is None:
             return path
         if not quiet:
-            warn(f"skipping checkpoint '{path}': {problem}")
+            say(f"skipping checkpoint '{path}': {problem}")
     return None
 
 
@@ -301,7 +301,7 @@ def check_fingerprint(saved: dict, current: dict, checkpoint: Path, allow_change
     message = f"--resume: the {' and the '.join(problems)} differ from those checkpoint '{checkpoint}' was made with"
     if not allow_changes:
         raise LiandanError(f"{message}; resume with the original ones, or --set resume_changed=true to continue anyway")
-    warn(f"{message}; continuing (resume_changed is set)")
+    say(f"{message}; continuing (resume_changed is set)")
 
 
 def truncate_metrics(path: Path, step: int) -> None:

@@ -18,7 +18,7 @@ import torch
 from accelerate.utils import DistributedType
 
 from .devices import cpu_supports_bf16
-from .errors import warn
+from .errors import say
 
 SHARDING_FLAGS = {"ACCELERATE_USE_FSDP": "FSDP", "ACCELERATE_USE_DEEPSPEED": "DeepSpeed"}
 """The variables `accelerate launch` sets for a sharded run, and what each one means."""
@@ -52,7 +52,7 @@ def warn_engine_not_applied(accelerator) -> None:
     asked = sharded_launch()
     if asked and accelerator.distributed_type != ENGINES[asked] and accelerator.is_main_process:
         plain = "plain DDP, each process holding the whole model" if accelerator.num_processes > 1 else "one process"
-        warn(f"the accelerate config asks for {asked}, which accelerate applies only on GPUs: on "
+        say(f"the accelerate config asks for {asked}, which accelerate applies only on GPUs: on "
              f"{accelerator.device.type} this run is {plain}")  # fmt: skip
 
 

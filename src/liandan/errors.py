@@ -6,8 +6,9 @@ line and exits with code 2; library callers can catch it.
 
     raise LiandanError("prompts.jsonl:3: field 'prompt': expected a string, got a list")
 
-What is worth saying but does not stop the work (a setting not applied, a checkpoint skipped) goes
-to standard error through `warn`, so that standard output stays the command's result.
+What is worth saying but does not stop the work (what the data holds, a setting not applied, a
+checkpoint skipped) goes to standard error through `say`, so that standard output stays the
+command's result.
 """
 
 from rich.console import Console
@@ -17,6 +18,7 @@ class LiandanError(Exception):
     """Bad input or an unusable environment, described in one line for the user."""
 
 
-def warn(message: str) -> None:
-    """One line on standard error, printed as written (no Rich highlighting of numbers or paths)."""
+def say(message: str) -> None:
+    """One line on standard error, printed as written (no Rich highlighting of numbers or paths):
+    a note or a warning for the person at the terminal."""
     Console(stderr=True).print(message, highlight=False)

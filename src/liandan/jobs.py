@@ -51,7 +51,7 @@ import yaml
 
 from .checkpoints import PROGRESS, latest_checkpoint
 from .config import STAGES, build, parse_value, to_dict
-from .errors import LiandanError, warn
+from .errors import LiandanError, say
 from .files import write_atomic
 
 ACTIVE = ("running", "stopping")
@@ -128,7 +128,7 @@ class Jobs:
             try:
                 jobs.append(self.refresh(self.load(path.parent.name)))
             except LiandanError as exc:  # one unreadable file must not hide the others
-                warn(str(exc))
+                say(str(exc))
         known = {job.run_dir for job in jobs}
         for folder in folders:
             for found in sorted(Path(folder).expanduser().glob(f"*/{PROGRESS}")):

@@ -37,7 +37,7 @@ from .config import DPOConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfi
 from .data import read_examples, read_texts, split_examples, summarize_skipped
 from .encoding import add_mismatched_rows, encode_all, encode_pair, encode_unpaired, pad_id, text_blocks
 from .engines import sharded_launch
-from .errors import LiandanError
+from .errors import LiandanError, say
 from .files import file_sha256
 from .grpo import Rollouts, grpo_objective, read_grpo_prompts
 from .models import load_model, resolve_model, weights_sha256
@@ -231,10 +231,6 @@ def lora_summary(config: TrainConfig, manifest: dict) -> str:
     tokens = f"; new token rows trained in {', '.join(rows)}" if rows else ""
     base = "; the base in 4 bits (QLoRA)" if config.quantize else ""
     return f"LoRA rank {config.lora.rank} on {modules}{tokens}{base}"
-
-
-def say(line: str) -> None:
-    Console(stderr=True).print(line, highlight=False)
 
 
 def load_trainable_base(config: TrainConfig, out_dir: Path, main_process: bool, resume: bool, device: Any = "cpu"):

@@ -65,7 +65,7 @@ from .checkpoints import (
 )
 from .config import DPOConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
 from .engines import optimizer_step, resolve_precision, warn_engine_not_applied, zero3
-from .errors import LiandanError, warn
+from .errors import LiandanError, say
 from .generation import SamplingConfig, generate
 from .prepare import PreparedRun, prepare_dpo, prepare_grpo, prepare_pretrain, prepare_sft
 from .run_control import ProgressFile, StopRequest, TrainingStopped
@@ -218,7 +218,7 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None, st
         accelerator.init_trackers("liandan", config={"lr": config.lr, "steps": steps})
     saving = bool(config.save_every or config.save_every_minutes)
     if saving and not checkpoints_supported(accelerator):
-        warn("checkpoints are not written under DeepSpeed (its engine saves its optimizer only as pickles, which "
+        say("checkpoints are not written under DeepSpeed (its engine saves its optimizer only as pickles, which "
              "liandan never loads): save_every ignored, a crash loses the run")  # fmt: skip
         saving = False
     last_save = time.monotonic()
@@ -444,7 +444,7 @@ def save_final(accelerator, model, tokenizer, config: TrainConfig, out_dir: Path
         save_config(config, staging / "config.yaml")
         if config.sample_prompts and gathered is not None:
             # A sharded model computes only with every process taking part: no generation on one.
-            warn("sample_prompts: no samples under FSDP or DeepSpeed (the model is split across the processes); "
+            say("sample_prompts: no samples under FSDP or DeepSpeed (the model is split across the processes); "
                  f"look at the run with: liandan compare --model {out_dir} ...")  # fmt: skip
         elif config.sample_prompts:
             write_samples(unwrapped, tokenizer, config.sample_prompts, staging / "samples.jsonl")

@@ -27,21 +27,18 @@ def speed_up_training(model, config: TrainConfig, accelerator, packing: bool) ->
     checkpointing, when asked for, is turned on here too and off again by the same function."""
     attention = use_training_attention(model, config.attention, packing, accelerator.device)
     uncheckpoint = checkpoint_activations(model) if config.activation_checkpointing else lambda: None
-    if sharded(accelerator):  # FSDP / DeepSpeed own the dtypes and wrap the modules themselves
-
-        def restore_sharded() -> None:
-            model.set_attn_implementation(attention)
-            uncheckpoint()
-
-        return restore_sharded
-    if not config.full and accelerator.mixed_precision == "bf16":
-        freeze_in_bf16(model)
-    unfuse = fuse_lora_layers(model)
+    # FSDP / DeepSpeed own the dtypes and wrap the modules themselves: no bf16 freezing or fusion
+    fused = not sharded(accelerator)
+    if fused:
+        if not config.full and accelerator.mixed_precision == "bf16":
+            freeze_in_bf16(model)
+        unfuse = fuse_lora_layers(model)
 
     def restore() -> None:
         model.set_attn_implementation(attention)
-        unfuse()
-        set_adapter_input_casting(model, True)
+        if fused:
+            unfuse()
+            set_adapter_input_casting(model, True)
         uncheckpoint()
 
     return restore

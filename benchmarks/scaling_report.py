@@ -3,6 +3,15 @@
     from scaling_report import write_outputs
     write_outputs(results, Path("bench-scaling"))   # results.json, scaling.md, scaling.svg
 
+Cells measured in separate runs (one size per run, say: the grid takes hours) are put into one
+report with
+
+    python benchmarks/scaling_report.py runs/scaling-135m runs/scaling-1.7b --out runs/scaling
+
+which refuses runs whose settings (steps, warm-up, repeats, tokens per step, LoRA, checkpointing
+rule) or machine differ, or that measured the same cell twice. Each size keeps the matmul peak
+measured in its own run, which is what its share of the peak is computed against.
+
 The chart is drawn with liandan's own SVG bar charts (`liandan.plots.bar_chart`, the eval
 report's), one pair per mode and sequence length: tokens/s and peak RSS per model size, liandan
 beside TRL, in one standalone SVG file.
@@ -10,9 +19,11 @@ beside TRL, in one standalone SVG file.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
+import sys
 from html import escape
 from pathlib import Path
 
@@ -32,6 +43,64 @@ def write_outputs(results: dict, out: Path) -> None:
         temporary.write_text(text, encoding="utf-8")
         os.replace(temporary, out / name)
     print(f"wrote {out / 'results.json'}, {out / 'scaling.md'}, {out / 'scaling.svg'}")
+
+
+COMPARABLE = ("steps", "warmup", "repeats", "step_tokens", "lr", "lora_rank", "lora_alpha", "checkpointing")
+"""Settings that must be the same in runs put into one report (max_seconds and profile need not)."""
+DEFAULTS = {"checkpointing": "auto"}
+"""What a run that predates a setting ran with."""
+
+
+def merge(runs: list[tuple[str, dict]]) -> dict:
+    """One results dict from several runs' (name, results); raises ValueError naming the run and
+    the setting, machine property or cell that keeps them apart."""
+    (first_name, first), *rest = runs
+    merged = {"machine": first["machine"], "settings": {**DEFAULTS, **first["settings"]}, "sizes": dict(first["sizes"]),
+              "cells": list(first["cells"])}  # fmt: skip
+    seen = {(c["size"], c["mode"], c["seq"], c["trainer"]) for c in first["cells"]}
+    for name, results in rest:
+        for key in COMPARABLE:
+            theirs, ours = (r["settings"].get(key, DEFAULTS.get(key)) for r in (results, first))
+            if theirs != ours:
+                raise ValueError(f"{name}: setting '{key}' is {theirs!r}, but {ours!r} in {first_name}")
+        for key in ("cpus", "torch_threads", "bf16"):
+            if results["machine"][key] != first["machine"][key]:
+                raise ValueError(f"{name}: machine '{key}' is {results['machine'][key]!r}, "
+                                 f"but {first['machine'][key]!r} in {first_name}")  # fmt: skip
+        for cell in results["cells"]:
+            key = (cell["size"], cell["mode"], cell["seq"], cell["trainer"])
+            if key in seen:
+                raise ValueError(f"{name}: {cell['trainer']} at {cell['size']} {cell['mode']} seq {cell['seq']} "
+                                 "was measured in an earlier run too")  # fmt: skip
+            seen.add(key)
+            merged["cells"].append(cell)
+        for size, info in results["sizes"].items():
+            merged["sizes"].setdefault(size, info)
+        merged["settings"]["profile"] = merged["settings"].get("profile") or results["settings"].get("profile")
+    merged["cells"].sort(key=lambda c: (list(SIZE_ORDER).index(c["size"]) if c["size"] in SIZE_ORDER else 99,
+                                        c["mode"] != "lora", c["seq"]))  # fmt: skip
+    return merged
+
+
+SIZE_ORDER = ("tiny", "135m", "360m", "1.7b")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Put the results of several scaling.py runs into one report.")
+    parser.add_argument("runs", nargs="+", help="directories holding a scaling.py results.json")
+    parser.add_argument("--out", required=True, help="directory for the merged results.json, scaling.md, scaling.svg")
+    args = parser.parse_args()
+    runs = []
+    for run in args.runs:
+        path = Path(run) / "results.json"
+        if not path.is_file():
+            sys.exit(f"{path}: no such file (give directories that scaling.py wrote)")
+        runs.append((str(path), json.loads(path.read_text(encoding="utf-8"))))
+    try:
+        results = merge(runs)
+    except ValueError as problem:
+        sys.exit(str(problem))
+    write_outputs(results, Path(args.out))
 
 
 def pairs(results: dict) -> dict[tuple, dict[str, dict]]:
@@ -145,3 +214,7 @@ def chart(results: dict) -> str:
     return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width:.0f} {y:.0f}" width="{width:.0f}" '
             f'height="{y:.0f}" font-family="sans-serif"><rect width="100%" height="100%" fill="white"/>'
             + "".join(body) + "</svg>\n")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

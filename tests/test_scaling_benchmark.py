@@ -169,3 +169,35 @@ def test_profile_buckets_by_range_and_by_autograd_node():
     assert "optimizer" in bucket_of("aten::addcdiv_")
     totals = bucket_times(events)
     assert abs(sum(totals.values()) - sum(e.self_cpu_time_total for e in events)) < 1e-3
+
+
+def test_runs_of_single_sizes_merge_into_one_report_and_mismatched_runs_are_refused(tiny_run, tmp_path):
+    """The grid is run a size at a time (hours at 1.7B); scaling_report.py puts the runs into one
+    report, each size with its own run's matmul peak, and refuses runs measured differently."""
+    results, out = tiny_run
+    other = json.loads(json.dumps(results))
+    for c in other["cells"]:
+        c["size"] = "135m"
+    other["sizes"] = {"135m": {**results["sizes"]["tiny"], "matmul_peak_gflops": 99.0}}
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text(json.dumps(other))
+    merged_dir = tmp_path / "merged"
+    report = [sys.executable, str(ROOT / "benchmarks" / "scaling_report.py")]
+    done = subprocess.run([*report, str(out), str(tmp_path / "b"), "--out", str(merged_dir)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    merged = json.loads((merged_dir / "results.json").read_text())
+    assert [c["size"] for c in merged["cells"]] == ["tiny"] * len(results["cells"]) + ["135m"] * len(other["cells"])
+    assert merged["sizes"]["135m"]["matmul_peak_gflops"] == 99.0
+    assert merged["sizes"]["tiny"] == results["sizes"]["tiny"]
+    table = (merged_dir / "scaling.md").read_text()
+    assert "| tiny | LoRA | 64 |" in table and "| 135M | LoRA | 64 |" in table
+    xml.dom.minidom.parseString((merged_dir / "scaling.svg").read_text())
+
+    other["settings"]["steps"] += 1
+    (tmp_path / "b" / "results.json").write_text(json.dumps(other))
+    done = subprocess.run([*report, str(out), str(tmp_path / "b"), "--out", str(tmp_path / "refused")], capture_output=True, text=True)
+    assert done.returncode != 0 and "setting 'steps'" in done.stderr and str(tmp_path / "b") in done.stderr
+    assert not (tmp_path / "refused").exists()
+
+    done = subprocess.run([*report, str(out), str(out), "--out", str(tmp_path / "twice")], capture_output=True, text=True)
+    assert done.returncode != 0 and "was measured in an earlier run too" in done.stderr

@@ -10,7 +10,8 @@ report with
 
 which refuses runs whose settings (steps, warm-up, repeats, tokens per step, LoRA, checkpointing
 rule) or machine differ, or that measured the same cell twice. Each size keeps the matmul peak
-measured in its own run, which is what its share of the peak is computed against.
+measured in its run (the first run, if several measured that size), which is what its cells'
+shares of the peak are computed against.
 
 The chart is drawn with liandan's own SVG bar charts (`liandan.plots.bar_chart`, the eval
 report's), one pair per mode and sequence length: tokens/s and peak RSS per model size, liandan

@@ -50,6 +50,8 @@ COMPARABLE = ("steps", "warmup", "repeats", "step_tokens", "lr", "lora_rank", "l
 """Settings that must be the same in runs put into one report (max_seconds and profile need not)."""
 DEFAULTS = {"checkpointing": "auto"}
 """What a run that predates a setting ran with."""
+SIZE_ORDER = ("tiny", "135m", "360m", "1.7b")
+"""The order of a merged report's cells: by size, then LoRA before full, then sequence length."""
 
 
 def merge(runs: list[tuple[str, dict]]) -> dict:
@@ -78,12 +80,9 @@ def merge(runs: list[tuple[str, dict]]) -> dict:
         for size, info in results["sizes"].items():
             merged["sizes"].setdefault(size, info)
         merged["settings"]["profile"] = merged["settings"].get("profile") or results["settings"].get("profile")
-    merged["cells"].sort(key=lambda c: (list(SIZE_ORDER).index(c["size"]) if c["size"] in SIZE_ORDER else 99,
+    merged["cells"].sort(key=lambda c: (SIZE_ORDER.index(c["size"]) if c["size"] in SIZE_ORDER else len(SIZE_ORDER),
                                         c["mode"] != "lora", c["seq"]))  # fmt: skip
     return merged
-
-
-SIZE_ORDER = ("tiny", "135m", "360m", "1.7b")
 
 
 def main() -> None:

@@ -53,7 +53,7 @@ def warn_engine_not_applied(accelerator) -> None:
     if asked and accelerator.distributed_type != ENGINES[asked] and accelerator.is_main_process:
         plain = "plain DDP, each process holding the whole model" if accelerator.num_processes > 1 else "one process"
         say(f"the accelerate config asks for {asked}, which accelerate applies only on GPUs: on "
-             f"{accelerator.device.type} this run is {plain}")  # fmt: skip
+            f"{accelerator.device.type} this run is {plain}")  # fmt: skip
 
 
 def resolve_precision(choice: str) -> str:

@@ -77,9 +77,10 @@ def quantization_config(config: TrainConfig) -> Any:
 def prepare_quantized(model: Any) -> Any:
     """PEFT's preparation of a k-bit model for training, without its activation checkpointing
     (PEFT turns it on by default; liandan only where the run's ``activation_checkpointing`` asks,
-    through `liandan.activation_checkpointing`, as for any other run). What remains: the base frozen, and its unquantized weights
-    (embeddings, norms, output head) in fp32; under bf16 the loop stores the frozen ones in bf16
-    again (`liandan.training_setup.freeze_in_bf16`), as for plain LoRA."""
+    through `liandan.activation_checkpointing`, as for any other run). What remains: the base
+    frozen, and its unquantized weights (embeddings, norms, output head) in fp32; under bf16 the
+    loop stores the frozen ones in bf16 again (`liandan.training_setup.freeze_in_bf16`), as for
+    plain LoRA."""
     from peft import prepare_model_for_kbit_training
 
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)

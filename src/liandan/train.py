@@ -219,7 +219,7 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None, st
     saving = bool(config.save_every or config.save_every_minutes)
     if saving and not checkpoints_supported(accelerator):
         say("checkpoints are not written under DeepSpeed (its engine saves its optimizer only as pickles, which "
-             "liandan never loads): save_every ignored, a crash loses the run")  # fmt: skip
+            "liandan never loads): save_every ignored, a crash loses the run")  # fmt: skip
         saving = False
     last_save = time.monotonic()
 
@@ -445,7 +445,7 @@ def save_final(accelerator, model, tokenizer, config: TrainConfig, out_dir: Path
         if config.sample_prompts and gathered is not None:
             # A sharded model computes only with every process taking part: no generation on one.
             say("sample_prompts: no samples under FSDP or DeepSpeed (the model is split across the processes); "
-                 f"look at the run with: liandan compare --model {out_dir} ...")  # fmt: skip
+                f"look at the run with: liandan compare --model {out_dir} ...")  # fmt: skip
         elif config.sample_prompts:
             write_samples(unwrapped, tokenizer, config.sample_prompts, staging / "samples.jsonl")
         moved = sorted(staging.iterdir())

@@ -22,9 +22,9 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from .data import read_arguments
 from .errors import LiandanError
 from .losses import IGNORE_INDEX
+from .tool_records import read_arguments
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}"

@@ -36,12 +36,12 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from .checkpoints import check_run_complete
-from .data import HUB_ID
 from .default_model import DEFAULT_MODEL, DEFAULT_MODEL_NAME, default_model_dir, ensure_default_model
 from .devices import pick_device, pick_dtype
 from .errors import LiandanError
 from .files import file_sha256
 from .gguf_reading import check_gguf_file, drop_quantizer
+from .records import HUB_ID
 
 # Files that hold weights, by how they are read.
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")

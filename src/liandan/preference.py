@@ -26,8 +26,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .data import MISSING, RecordError, as_object, describe, field_error, read_records, read_turns
+from .data import as_object, read_turns
 from .errors import LiandanError
+from .records import MISSING, RecordError, describe, field_error, read_records
 
 ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
-from .data import ROLES, read_tool_calls, read_tools
+from .data import ROLES
 from .errors import LiandanError
+from .tool_records import read_tool_calls, read_tools
 
 BUILTIN = {"probes": "general/probes.jsonl", "drift": "general/drift_prompts.jsonl", "general": "general/general_prompts.jsonl"}
 """Prompt sets shipped with liandan (in its examples), by the name settings use."""

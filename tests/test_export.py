@@ -10,9 +10,10 @@ import pytest
 from conftest import CHATML, build_tokenizer
 
 from liandan import export, gguf_writing
+from liandan.chat_pieces import chat_pieces, go_text, pieces_match
 from liandan.errors import LiandanError
 from liandan.export import TOLERANCES, export_gguf
-from liandan.modelfile import chat_pieces, go_text, modelfile_text, pieces_match
+from liandan.modelfile import modelfile_text
 
 CHATML_GO = (
     '{{ range .Messages }}{{ if eq .Role "system" }}<|im_start|>system\n{{ .Content }}<|im_end|>\n'

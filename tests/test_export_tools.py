@@ -15,19 +15,17 @@ from pathlib import Path
 import pytest
 
 from conftest import CHATML, build_model_dir, build_tokenizer
-from liandan import modelfile as modelfile_module
+from liandan import ollama_tools as ollama_tools_module
+from liandan.chat_pieces import chat_pieces
 from liandan.errors import LiandanError
 from liandan.export import check_tool_template, export_gguf, tool_chats
 from liandan.llama_cpp_check import llama_cpp_version
-from liandan.modelfile import (
+from liandan.modelfile import build_modelfile, ollama_reads, ollama_template
+from liandan.ollama_tools import (
     JSON_DIFFERS,
     TOOL_CHECKS,
-    build_modelfile,
-    chat_pieces,
     go_json,
     go_map,
-    ollama_reads,
-    ollama_template,
     ollama_tool,
     ollama_tool_tag,
     render_ollama,
@@ -501,12 +499,12 @@ def test_a_tools_template_the_cut_cannot_follow_leaves_plain_chat_and_says_why(t
 
 def test_pieces_that_do_not_render_the_tool_conversations_are_not_used(tmp_path, monkeypatch):
     tokenizer = tools_tokenizer()
-    real = modelfile_module.render_ollama
+    real = ollama_tools_module.render_ollama
 
     def drops_a_newline(pieces, found, messages, tools, ollama_json=True):
         return real(pieces, found, messages, tools, ollama_json).replace("</tools>\n", "</tools>", 1)
 
-    monkeypatch.setattr(modelfile_module, "render_ollama", drops_a_newline)
+    monkeypatch.setattr(ollama_tools_module, "render_ollama", drops_a_newline)
     built = build_modelfile(tokenizer, None, tmp_path / "m.gguf", False, "m", "f16")
     assert built.tools.pieces is None and "{{ range $.Tools }}" not in built.text
     assert any("its pieces render tool conversation 1 otherwise, from '\\nTo call one" in n for n in built.notes)

@@ -30,7 +30,7 @@ liandan's ChatML tools template) keeps it as it is, and the export checks that i
 GGUF's template must be the model's byte for byte and render tool conversations (definitions,
 calls, results, answers) exactly as the model does, or the file is not kept; llama-cpp-python's chat
 handler renders them from the template llama.cpp reads; and the Modelfile TEMPLATE handles
-Ollama's tools where the template's shape allows it (`liandan.modelfile`), with what differs
+Ollama's tools where the template's shape allows it (`liandan.ollama_tools`), with what differs
 (Ollama writes the JSON itself) in the notes.
 """
 
@@ -54,8 +54,9 @@ from .gguf_reading import drop_quantizer
 from .gguf_tokenizer import gguf_vocab
 from .gguf_writing import Family, family_of, llama_cpp_settings, write_gguf
 from .llama_cpp_check import RuntimeCheck, SourceRun, ToolChat, llama_cpp_version, run_llama_cpp
-from .modelfile import TOOL_CHECKS, OllamaTools, build_modelfile, ollama_tool_tag
+from .modelfile import build_modelfile
 from .models import load_model, release_model
+from .ollama_tools import TOOL_CHECKS, OllamaTools, ollama_tool_tag
 from .tools import tools_problem
 
 FORMATS = ("gguf",)

@@ -28,8 +28,8 @@ from pathlib import Path
 from typing import Any
 
 from .chat import stop_token_ids
+from .chat_pieces import chat_pieces
 from .errors import LiandanError
-from .modelfile import chat_pieces
 
 BUILTIN_TEMPLATES = ("chatml",)
 """Names ``tools_template`` accepts besides a ``.jinja`` file."""

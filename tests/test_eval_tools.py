@@ -11,7 +11,8 @@ from liandan.checks import parse_checks, run_checks
 from liandan.cli import app
 from liandan.errors import LiandanError
 from liandan.eval_report import format_call, pass_rates, render_html, render_markdown
-from liandan.evaluation import EvalConfig, Evaluation, evaluate, read_eval_set, score_set
+from liandan.eval_sets import read_eval_set, score_set
+from liandan.evaluation import EvalConfig, Evaluation, evaluate
 from liandan.tools import Reply, call_format, with_tools_template
 
 runner = CliRunner()

@@ -10,18 +10,9 @@ from conftest import write_jsonl
 
 from liandan.cli import app
 from liandan.errors import LiandanError
-from liandan.evaluation import (
-    EvalConfig,
-    answer_nll,
-    build_result,
-    evaluate,
-    health,
-    read_eval_set,
-    read_general_prompts,
-    read_set_spec,
-    repetition,
-    score_set,
-)
+from liandan.eval_sets import answer_nll, health, read_eval_set, read_set_spec, repetition, score_set
+from liandan.evaluation import EvalConfig, build_result, evaluate
+from liandan.prompts import read_general_prompts
 
 runner = CliRunner()
 

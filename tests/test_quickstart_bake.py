@@ -32,11 +32,11 @@ def task(tmp_path):
 
 
 def test_quickstart_writes_report_and_summary_with_every_figure(tmp_path, stopping_model_dir, task, monkeypatch):
-    from liandan import evaluation, prompts
+    from liandan import eval_sets, prompts
 
     train, test, schema, probes = task
     # small shipped-set stand-ins keep the test fast; the real ones are read in test_evaluate
-    for module in (evaluation, prompts):
+    for module in (eval_sets, prompts):
         monkeypatch.setattr(module, "builtin_path", lambda name: probes if name == "probes" else tmp_path / "drift.jsonl")
     write_jsonl(tmp_path / "drift.jsonl", [{"prompt": "How are you?"}, {"prompt": "Hello"}])
     out = tmp_path / "qs"

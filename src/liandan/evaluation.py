@@ -7,9 +7,8 @@
 
 The first model is "before"; every other model is compared with it.
 
-- **task**: held-out prompts with checks (see `liandan.checks`) or reference answers; a record
-  that offers ``tools`` is rendered with them, and the calls each model writes are read back in
-  its own template's format (`liandan.tools`) for the ``tool_call`` check and the report;
+- **task**: held-out prompts with checks or reference answers, read and scored by `liandan.eval_sets`;
+  a record that offers ``tools`` is rendered with them;
 - **health**: the share of outputs that stop by themselves, their mean length, repetition;
 - **retention**: a general probe set shipped with liandan (facts, arithmetic, reasoning,
   instruction following, translation), scored the same way: what fine-tuning made it forget;
@@ -32,56 +31,29 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import torch
-
-from .batching import collate
-from .chat import encode_chat_example
-from .checks import INVALID_JSON, parse_checks, parse_json, run_checks
 from .data import read_texts
-from .encoding import encode_pair, pad_id, text_blocks
 from .errors import LiandanError
 from .eval_report import render_html
+from .eval_sets import (
+    EvalSet,
+    answer_nll,
+    health,
+    mean_or_none,
+    preference_accuracy,
+    read_eval_set,
+    read_set_spec,
+    repetition,
+    score_set,
+    text_nll,
+)
 from .fewshot import few_shot_name, few_shot_turns, request_cost, with_shots
 from .generation import SamplingConfig, generate
 from .lm_eval_tasks import check_tasks, metric_rows, run_lm_eval
-from .losses import IGNORE_INDEX
 from .models import check_models, load_model, load_tokenizer, release_model
-from .objectives import collate_pairs, micro_batch_loss, pair_logps, trained_token_nll
 from .preference import read_pairs
-from .prompts import Prompt, builtin_path, read_general_prompts, read_prompts
-from .tools import BUILTIN_TEMPLATES, CallFormat, call_format, parse_reply, tools_problem, with_tools_template
+from .prompts import read_general_prompts
+from .tools import BUILTIN_TEMPLATES, CallFormat, call_format, tools_problem, with_tools_template
 from .uncertainty import paired_bootstrap_mean, paired_bootstrap_ratio, paired_proportions
-
-
-@dataclass
-class EvalItem:
-    """One prompt of an evaluation set, with what its answer is checked against."""
-
-    id: str
-    prompt: Prompt
-    checks: Any
-    reference: str | None = None
-    category: str | None = None
-    reference_calls: list[dict] | None = None
-    """The calls of the reference turn (None when it makes none)."""
-
-    @property
-    def uses_tools(self) -> bool:
-        """Whether the model must render tools or calls for this item, or have its calls read."""
-        return bool(self.prompt.tools or self.reference_calls or "tool_call" in self.checks.tests
-                    or any(m.get("tool_calls") or m["role"] == "tool" for m in self.prompt.messages or ()))  # fmt: skip
-
-
-@dataclass
-class EvalSet:
-    name: str
-    path: str
-    items: list[EvalItem]
-
-    @property
-    def tool_item(self) -> EvalItem | None:
-        """The first item that uses tools (it names the set in errors), or None."""
-        return next((i for i in self.items if i.uses_tools), None)
 
 
 @dataclass
@@ -140,219 +112,6 @@ class EvalConfig:
             raise LiandanError("--few-shot needs --few-shot-data TRAIN.jsonl to draw examples from and a --task set to prompt")
         if not self.few_shot and (self.few_shot_data or self.few_shot_system):
             raise LiandanError("--few-shot-data and --few-shot-system do nothing without --few-shot K")
-
-
-# ---------------------------------------------------------------------------------------------
-# Sets
-
-
-def read_eval_set(path: str | Path, *, name: str, extra_checks: dict | None = None, schema: str | None = None) -> EvalSet:
-    """Read a JSONL set of ``prompt``/``messages`` records with ``checks``, ``reference``, ``id``,
-    ``category``. A conversation that ends with an assistant turn has that turn as its reference.
-    A record with a reference is also scored against it (exact, or parsed JSON when the reference
-    is JSON); a record with neither checks nor reference is an error. A reference turn that makes
-    tool calls is kept as ``reference_calls`` and scored with ``tool_call: exact`` by default."""
-    path = Path(path)
-    prompts = read_prompts(path) if path.suffix == ".jsonl" else _wrong_suffix(path)
-    extra = dict(extra_checks or {})
-    if schema:
-        extra.update({"json": True, "schema": str(Path(schema).resolve())})
-    items = []
-    for n, prompt in enumerate(prompts, 1):
-        where = prompt.source
-        calls = reference_calls(prompt)
-        reference, prompt, checks = record_checks(prompt, path.parent, extra)
-        if checks is None:
-            raise LiandanError(f"{where}: field 'checks': this record has no checks and no reference answer to score against")
-        category = prompt.meta.get("category")
-        items.append(EvalItem(id=str(prompt.meta.get("id") or f"{path.stem}:{n}"), prompt=prompt, checks=checks, reference=reference,
-                              category=str(category) if category else None, reference_calls=calls))  # fmt: skip
-    return EvalSet(name=name, path=str(path), items=items)
-
-
-def record_checks(prompt: Prompt, base_dir: Path, extra: dict | None = None) -> tuple[str | None, Prompt, Any]:
-    """A prompt record's reference answer (a final assistant turn, or ``reference``), the prompt
-    without it, and its parsed checks: its own ``checks`` plus ``extra``, and a comparison with the
-    reference (parsed JSON when the reference is JSON) unless a check says how; None without any.
-    A reference turn with tool calls is compared by ``tool_call: exact`` unless a check says how;
-    with a ``tool_call`` check the reference text is not compared: the right reply to a request
-    the tools cannot serve is a plain answer, rarely word for word the reference's."""
-    where = prompt.source
-    calls = reference_calls(prompt)
-    reference, prompt = split_reference(prompt, where)
-    if "checks" in prompt.meta and not isinstance(prompt.meta["checks"], dict):
-        raise LiandanError(f"{where}: field 'checks': expected an object such as {{\"contains\": [\"Paris\"]}}")
-    spec = {**(prompt.meta.get("checks") or {}), **(extra or {})}
-    if calls and "tool_call" not in spec:
-        spec["tool_call"] = "exact"
-    if reference is not None and "reference" not in spec and "tool_call" not in spec:
-        spec["reference"] = "json" if looks_like_json(reference) else "exact"
-    if not spec:
-        return reference, prompt, None
-    return reference, prompt, parse_checks(spec, where=where, base_dir=base_dir, reference=reference, record=prompt.meta,
-                                           reference_calls=calls, tools=prompt.tools)  # fmt: skip
-
-
-def _wrong_suffix(path: Path):
-    raise LiandanError(f"evaluation set '{path}': expected a .jsonl file")
-
-
-def split_reference(prompt: Prompt, where: str) -> tuple[str | None, Prompt]:
-    reference = prompt.meta.get("reference")
-    if reference is not None and not isinstance(reference, str):
-        raise LiandanError(f"{where}: field 'reference': expected a string, got {type(reference).__name__}")
-    if prompt.messages and prompt.messages[-1]["role"] == "assistant":
-        if reference is not None:
-            raise LiandanError(f"{where}: field 'reference': given twice (also as the last assistant message)")
-        if len(prompt.messages) < 2:
-            raise LiandanError(f"{where}: field 'messages': has only the assistant's answer, no prompt")
-        last = prompt.messages[-1]
-        # A call turn's text is its reference only when it has some; its calls are `reference_calls`.
-        reference = last["content"] if last["content"] or not last.get("tool_calls") else None
-        prompt = Prompt(messages=prompt.messages[:-1], source=prompt.source, meta=prompt.meta, tools=prompt.tools)
-    return reference, prompt
-
-
-def reference_calls(prompt: Prompt) -> list[dict] | None:
-    """The tool calls of a conversation's final assistant turn (its reference), or None."""
-    last = prompt.messages[-1] if prompt.messages else None
-    return list(last["tool_calls"]) if last and last["role"] == "assistant" and last.get("tool_calls") else None
-
-
-def looks_like_json(text: str) -> bool:
-    return text.strip()[:1] in "{[" and parse_json(text) is not INVALID_JSON
-
-
-def read_set_spec(spec: str, *, name: str) -> EvalSet | None:
-    """``"none"`` -> None; ``"default"`` -> the shipped set; else a file."""
-    if spec == "none":
-        return None
-    path = builtin_path(name) if spec == "default" else Path(spec)
-    result = read_eval_set(path, name=name)
-    if not result.items:
-        raise LiandanError(f"{name} set '{path}' is empty")
-    return result
-
-
-# ---------------------------------------------------------------------------------------------
-# Scoring
-
-
-def score_set(eval_set: EvalSet, generations: list, calls: CallFormat | None = None) -> tuple[list[dict], dict]:
-    """Per-example outcomes and the set's aggregates: the share passing all checks and each check.
-    With ``calls`` (the evaluated model's call format) each output is also read as a reply: its
-    outcome holds the ``calls`` made (and ``call_problem`` when one could not be read), and the
-    ``tool_call`` check is split into ``call`` (over the items whose reference makes calls) and
-    ``no_call`` (over those whose reference makes none)."""
-    outcomes, per_check = [], {}
-    for item, gen in zip(eval_set.items, generations, strict=True):
-        reply = parse_reply(gen.text, calls) if calls is not None else None
-        verdicts = run_checks(item.checks, gen.text, item.reference, reply)
-        for name, ok in verdicts.items():
-            per_check.setdefault(name, []).append(ok)
-        outcome = {"text": gen.text, "stopped": gen.stopped, "new_tokens": gen.new_tokens,
-                   "passed": all(verdicts.values()), "checks": verdicts}  # fmt: skip
-        if reply is not None:
-            outcome["calls"] = reply.calls
-            if reply.problem:
-                outcome["call_problem"] = reply.problem
-        if "tool_call" in verdicts:
-            outcome["expects_call"] = bool(item.reference_calls)
-        outcomes.append(outcome)
-    aggregate = {"score": _mean(o["passed"] for o in outcomes)}
-    aggregate.update({name: _mean(v) for name, v in per_check.items()})
-    for name, expects in (("call", True), ("no_call", False)):
-        split = [o["checks"]["tool_call"] for o in outcomes if o.get("expects_call") is expects]
-        if split:
-            aggregate[name] = _mean(split)
-    categories = sorted({i.category for i in eval_set.items if i.category})
-    if categories:
-        aggregate["by_category"] = {
-            c: _mean(o["passed"] for o, i in zip(outcomes, eval_set.items) if i.category == c) for c in categories
-        }
-    return outcomes, aggregate
-
-
-def health(generations: list) -> dict:
-    """Generation health: stop rate, mean new tokens, and the share of repeated word 4-grams."""
-    return {
-        "stop_rate": _mean(g.stopped for g in generations),
-        "mean_tokens": _mean(g.new_tokens for g in generations),
-        "repetition": _mean(repetition(g.text) for g in generations),
-    }
-
-
-def repetition(text: str, n: int = 4) -> float:
-    """1 - distinct/total word n-grams: 0 for text that never repeats itself, near 1 for a loop."""
-    words = text.split()
-    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
-    return 1 - len(set(grams)) / len(grams) if grams else 0.0
-
-
-def answer_nll(model: Any, tokenizer: Any, prompts: list[Prompt], answers: list[str], batch_size: int = 8,
-               per_item: bool = False) -> float | tuple[float, list[float], list[int]]:  # fmt: skip
-    """Mean negative log-likelihood per token of ``answers`` (stop token included) given their
-    prompts, under ``model``. exp() of it is the perplexity the drift metric reports. With
-    ``per_item``: (mean, each answer's NLL sum, each answer's token count), which the paired
-    bootstrap of `liandan.uncertainty` resamples."""
-    encoded = []
-    for prompt, answer in zip(prompts, answers, strict=True):
-        item = encode_chat_example(tokenizer, [*prompt.chat_messages(), {"role": "assistant", "content": answer}])
-        encoded.append({"input_ids": item.input_ids, "labels": item.labels})
-    pad = pad_id(tokenizer)
-    total, count, sums, counts = 0.0, 0, [], []
-    with torch.inference_mode():
-        for start in range(0, len(encoded), batch_size):
-            batch = collate(encoded[start : start + batch_size], packing=False, pad_id=pad)
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            nll, rows = trained_token_nll(model, batch)  # (N,), (N,): one row index per trained token
-            total, count = total + float(nll.sum()), count + nll.numel()
-            sums += torch.zeros(batch["input_ids"].shape[0], device=nll.device).index_add(0, rows, nll).tolist()
-            counts += (batch["targets"] != IGNORE_INDEX).sum(-1).tolist()
-    mean = total / max(count, 1)
-    return (mean, sums, counts) if per_item else mean
-
-
-def preference_accuracy(model: Any, tokenizer: Any, pairs: list, batch_size: int = 8) -> dict:
-    """The share of pairs whose chosen reply the model finds more likely than the rejected one
-    (summed reply log-probs), and the mean log-prob margin."""
-    encoded = [encode_pair(tokenizer, p, max_length=4096) for p in pairs]
-    margins: list[float] = []
-    per_token: list[float] = []
-    with torch.inference_mode():
-        for start in range(0, len(encoded), batch_size):
-            batch = {k: v.to(model.device) for k, v in collate_pairs(encoded[start : start + batch_size], pad_id(tokenizer)).items()}
-            logps = pair_logps(model, batch).float()
-            means = logps / (batch["targets"] != IGNORE_INDEX).sum(-1).clamp(min=1)
-            n = logps.shape[0] // 2
-            margins += (logps[:n] - logps[n:]).tolist()
-            per_token += (means[:n] - means[n:]).tolist()
-    # Summed log-probs favour the shorter reply whatever the model prefers; the per-token
-    # comparison shows the preference when the two replies differ in length.
-    return {"accuracy": _mean(m > 0 for m in margins), "margin": _mean(margins),
-            "accuracy_per_token": _mean(m > 0 for m in per_token),
-            "items": {"margins": margins, "per_token_margins": per_token}}  # fmt: skip
-
-
-def text_nll(model: Any, tokenizer: Any, documents: list, block: int = 512,
-             per_item: bool = False) -> float | tuple[float, list[float], list[int]]:  # fmt: skip
-    """Mean negative log-likelihood per token of held-out text, in blocks of ``block`` tokens;
-    with ``per_item``: (mean, each block's NLL sum, each block's token count)."""
-    blocks, _ = text_blocks(tokenizer, documents, block)
-    sums, counts = [], []
-    with torch.inference_mode():
-        for item in blocks:
-            batch = {k: v.to(model.device) for k, v in collate([item], packing=False, pad_id=pad_id(tokenizer)).items()}
-            loss_sum, n = micro_batch_loss(model, batch)
-            sums.append(float(loss_sum))
-            counts.append(n)
-    mean = sum(sums) / max(sum(counts), 1)
-    return (mean, sums, counts) if per_item else mean
-
-
-def _mean(values) -> float | None:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -629,7 +388,7 @@ def add_kept(per_model: dict, probe_outputs: dict, baseline: str) -> None:
     plain pass rate."""
     known = [i for i, o in enumerate(probe_outputs[baseline]) if o["passed"]]
     for model, outs in probe_outputs.items():
-        per_model[model]["probes"]["kept"] = _mean(outs[i]["passed"] for i in known)
+        per_model[model]["probes"]["kept"] = mean_or_none(outs[i]["passed"] for i in known)
 
 
 def compare_models(key: str, before: str, after: str, outputs: dict, items: dict) -> dict | None:

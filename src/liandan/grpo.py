@@ -57,7 +57,7 @@ from .chat import chat_stop_ids
 from .checkpoints import truncate_metrics
 from .config import GRPOConfig
 from .errors import LiandanError
-from .evaluation import record_checks
+from .eval_sets import record_checks
 from .generation import SamplingConfig, count_until_stop, prompt_ids
 from .group_sampling import sample_groups
 from .losses import IGNORE_INDEX

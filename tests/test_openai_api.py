@@ -1,6 +1,7 @@
-"""liandan.openai_api on its own, no server: request models, OpenAI-shaped errors, the API-key
-middleware and the streamed chunks. tests/test_serve.py checks the same through a running server
-and the official client; here each piece gets literal expectations."""
+"""liandan.openai_api on its own, no server: request models, OpenAI-shaped errors and the streamed
+chunks; with them, the API-key middleware and the Host, Origin and body-size guard of
+`liandan.serve_http`. tests/test_serve.py checks the same through a running server and the
+official client; here each piece gets literal expectations."""
 
 from __future__ import annotations
 
@@ -16,11 +17,8 @@ from liandan.openai_api import (
     ApiError,
     ChatRequest,
     CompletionRequest,
-    GuardRequests,
-    RequireApiKey,
     ServeLimits,
     TokenLogprob,
-    allowed_hosts,
     chat_chunk,
     chat_logprobs,
     completion_chunk,
@@ -30,6 +28,7 @@ from liandan.openai_api import (
     sse,
     validation_error,
 )
+from liandan.serve_http import GuardRequests, RequireApiKey, allowed_hosts
 
 HELLO = [{"role": "user", "content": "Hi"}]
 UNSET_SAMPLING = {"max_tokens": None, "temperature": None, "top_p": None, "n": None, "stop": None, "seed": None,

@@ -21,7 +21,8 @@ from liandan.errors import LiandanError
 from liandan.generation import SamplingConfig, find_stop, generate, streamable_length
 from liandan.models import load_model
 from liandan.openai_api import ServeLimits
-from liandan.serve import create_app, default_model_name, uvicorn_server
+from liandan.serve import create_app, default_model_name
+from liandan.serve_http import uvicorn_server
 
 KEY = "test-key"
 HELLO = [{"role": "user", "content": "Question 3?"}]

@@ -18,8 +18,9 @@ import liandan.serve
 from liandan.cli import app as cli
 from liandan.errors import LiandanError
 from liandan.models import load_model
-from liandan.openai_api import ServeLimits, allowed_hosts, web_origin
-from liandan.serve import create_app, parse_limits, uvicorn_server
+from liandan.openai_api import ServeLimits, parse_limits
+from liandan.serve import create_app
+from liandan.serve_http import allowed_hosts, uvicorn_server, web_origin
 
 HELLO = [{"role": "user", "content": "Question 3?"}]
 

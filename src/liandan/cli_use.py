@@ -74,10 +74,11 @@ def serve(
     """Serve a model behind an OpenAI-compatible API (/v1/models, /v1/chat/completions, /v1/completions)."""
     with user_errors():
         from . import serve as serving
+        from .openai_api import parse_limits
 
         quiet_libraries()
         serving.serve(model, host=host, port=port, api_key=api_key, dtype=dtype, device=device, model_name=model_name, docs=docs,
-                      max_prompt_tokens=max_prompt_tokens, limits=serving.parse_limits(limit), extra_hosts=allow_host, origins=allow_origin,
+                      max_prompt_tokens=max_prompt_tokens, limits=parse_limits(limit), extra_hosts=allow_host, origins=allow_origin,
                       tools_template=tools_template)  # fmt: skip
 
 

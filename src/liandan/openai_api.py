@@ -1,5 +1,5 @@
 """The OpenAI API's wire format, as `liandan.serve` speaks it: typed requests, errors in OpenAI's
-shape, the API-key check, and server-sent event chunks.
+shape, and server-sent event chunks.
 
     from liandan.openai_api import ChatRequest, ApiError
     request = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "Hi"}]})
@@ -9,8 +9,8 @@ Requests are strict ("0.5" is not a temperature, 1.5 is not a max_tokens); OpenA
 liandan does not implement are refused when set (`UNSUPPORTED`) rather than silently ignored.
 `TokenLogprob` is one token's log-probability as the worker finds it; `completion_logprobs` and
 `chat_logprobs` write a choice's tokens in the two shapes OpenAI answers ``logprobs`` with.
-`ServeLimits` bounds what one request may ask for; `GuardRequests` refuses, before a body is read,
-requests from other sites (Host and Origin checks) and bodies that are too large.
+`ServeLimits` bounds what one request may ask for, and `parse_limits` reads it from ``--limit
+KEY=VALUE`` options; the API key and the Host, Origin and body-size checks are in `liandan.serve_http`.
 
 Tool calling: a chat request's ``tools``, ``tool_choice`` and ``parallel_tool_calls`` are checked
 here (`ChatRequest.offered_tools`), assistant ``tool_calls`` and ``tool`` results are read into the
@@ -20,11 +20,10 @@ into OpenAI's ``tool_calls`` (`CallStream`: the same, streamed as deltas).
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import json
-import logging
-import secrets
-import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -45,6 +44,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from .errors import LiandanError
+
 
 # OpenAI parameters liandan does not implement: refused when set, rather than silently ignored.
 # "top_logprobs", "echo" and the tool fields belong to one endpoint each (chat, completions); the
@@ -329,6 +329,25 @@ class ServeLimits:
         return self.max_connections or 4 * self.max_queued
 
 
+def parse_limits(items: Sequence[str] | None) -> ServeLimits:
+    """``--limit KEY=VALUE`` options (``["max_n=4", "max_queued=128"]``) as `ServeLimits`; a bad
+    one is a `LiandanError` naming it and what was expected."""
+    keys = [f.name for f in dataclasses.fields(ServeLimits)]
+    values: dict[str, int] = {}
+    for item in items or ():
+        key, equals, value = (part.strip() for part in item.partition("="))
+        if not equals:
+            raise LiandanError(f"--limit {item}: expected KEY=VALUE, e.g. max_n=4; the limits are {', '.join(keys)}")
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
+            guess = f" (did you mean '{close[0]}'?)" if close else ""
+            raise LiandanError(f"--limit {item}: unknown limit '{key}'{guess}; the limits are {', '.join(keys)}")
+        if not (value.isascii() and value.isdigit()) or int(value) < 1:
+            raise LiandanError(f"--limit {item}: {key} must be a whole number of at least 1 (got '{value}')")
+        values[key] = int(value)
+    return ServeLimits(**values)
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors in OpenAI's shape
 
@@ -377,151 +396,6 @@ def field_path(loc: tuple) -> str:
     """``("body", "messages", 0, "str")`` -> ``"messages.0"``: pydantic's union branch tags dropped."""
     parts = [str(p) for p in loc[1:] if not (isinstance(p, str) and (p in ("str", "int", "float", "bool") or "[" in p))]
     return ".".join(parts)
-
-
-class RequireApiKey:
-    """ASGI middleware: every request (``/v1`` and any other path) needs ``Authorization: Bearer KEY``.
-    It runs before the body is read, so a caller without the key learns nothing about what it sent."""
-
-    def __init__(self, app: Any, api_key: str) -> None:
-        self.app, self.key = app, api_key.encode()
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] == "http":
-            auth = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, token = auth.partition(b" ")
-            if not auth:
-                response = error_response(401, "missing API key: send the header 'Authorization: Bearer KEY'")
-                return await response(scope, receive, send)
-            if scheme.lower() != b"bearer" or not secrets.compare_digest(token.strip(), self.key):
-                response = error_response(401, "incorrect API key", code="invalid_api_key")
-                return await response(scope, receive, send)
-        await self.app(scope, receive, send)
-
-
-class AnswerBugs:
-    """ASGI middleware: an exception no handler answered becomes a 500 that says only that it
-    happened; the traceback goes to ``log``. (Starlette's own handler re-raises, and uvicorn then
-    drops the connection.)"""
-
-    def __init__(self, app: Any, log: logging.Logger) -> None:
-        self.app, self.log = app, log
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        started = False
-
-        async def watched_send(message: dict) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, watched_send)
-        except Exception:
-            self.log.exception("internal error answering %s %s", scope.get("method"), scope.get("path"))
-            if started or scope["type"] != "http":
-                return
-            response = error_response(500, "internal error (the server's log has the details)", type="server_error")
-            await response(scope, receive, send)
-
-
-LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
-ANY_HOST = ("0.0.0.0", "::", "")
-
-
-def allowed_hosts(bind_host: str, extra: tuple[str, ...] = ()) -> tuple[str, ...] | None:
-    """Host header names the server answers to: the localhost names, the address it is bound to, and
-    ``extra``; None (any) when it listens on every address, as its name on the network is not known."""
-    if bind_host in ANY_HOST or "*" in extra:
-        return None
-    for name in extra:  # the Host header's port is dropped before the check, so a name with one never matches
-        if not name or any(c in name for c in "/ @") or name.count(":") == 1:
-            raise LiandanError(f"--allow-host {name!r}: expected a host name or address without scheme or port, "
-                               "e.g. my-box.lan or 192.168.1.5 ('*': any name)")  # fmt: skip
-    return tuple(dict.fromkeys((*LOCAL_HOSTS, bind_host.strip("[]").lower(), *(h.strip("[]").lower() for h in extra))))
-
-
-def web_origin(origin: str) -> str:
-    """``"https://App.example.com/"`` -> ``"https://app.example.com"``, the form a browser sends in
-    ``Origin``; anything else (a path, no scheme, ``*``) is a `LiandanError`, as it would never match."""
-    parts = urllib.parse.urlsplit(origin.strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname or "@" in parts.netloc or parts.path not in ("", "/") \
-            or parts.query or parts.fragment:  # fmt: skip
-        raise LiandanError(f"--allow-origin {origin!r}: expected a web page's origin: scheme, host and port if not "
-                           "the default, e.g. https://app.example.com or http://localhost:3000")  # fmt: skip
-    return f"{parts.scheme}://{parts.netloc}".lower()
-
-
-def _host_name(host: str) -> str:
-    """``"127.0.0.1:8000"`` -> ``"127.0.0.1"``, ``"[::1]:8000"`` -> ``"::1"``."""
-    if host.startswith("["):
-        return host[1 : host.find("]")].lower()
-    return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
-
-
-class GuardRequests:
-    """ASGI middleware that refuses, before the body is read:
-
-    - a ``Host`` header not in ``hosts`` (400): a web page that rebinds its own DNS name to
-      127.0.0.1 cannot reach the server under that name;
-    - a browser request from another site (403): an ``Origin`` other than the server's own (the
-      scheme and ``Host`` the request came to, or one of ``origins``), or ``Sec-Fetch-Site: cross-site``;
-    - a body over ``max_body_bytes`` (413), by ``Content-Length`` or, for a chunked body, while it
-      arrives (a chunked body is read here, at most ``max_body_bytes``, and handed on whole).
-    """
-
-    def __init__(self, app: Any, hosts: tuple[str, ...] | None, max_body_bytes: int, origins: tuple[str, ...] = ()) -> None:
-        self.app, self.hosts, self.max_body, self.origins = app, hosts, max_body_bytes, origins
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        refusal, receive = await self._check(scope, receive)
-        if refusal is not None:
-            return await refusal(scope, receive, send)
-        await self.app(scope, receive, send)
-
-    async def _check(self, scope: dict, receive: Callable) -> tuple[JSONResponse | None, Callable]:
-        headers = {k.lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        host = headers.get(b"host", "")
-        if self.hosts is not None and _host_name(host) not in self.hosts:
-            return error_response(400, f"this server does not answer to the host name '{host[:100]}'; it answers to "
-                                  f"{', '.join(self.hosts)}", code="invalid_host"), receive  # fmt: skip
-        origin = headers.get(b"origin")
-        own = f"{scope.get('scheme', 'http')}://{host}".lower()
-        if (origin is not None and origin.lower() not in (own, *self.origins)) or (
-                origin is None and headers.get(b"sec-fetch-site") == "cross-site"):  # fmt: skip
-            return error_response(403, f"cross-site requests are refused (Origin '{(origin or '')[:100]}' is not "
-                                  f"this server's '{own}')", code="cross_origin_refused"), receive  # fmt: skip
-        length = headers.get(b"content-length")
-        too_large = error_response(413, f"the request body is larger than this server accepts ({self.max_body} bytes)",
-                                   code="request_too_large")  # fmt: skip
-        if length is not None:
-            return (too_large if not length.isdigit() or int(length) > self.max_body else None), receive
-        if scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
-            return None, receive
-        return await self._read_chunked(receive, too_large)
-
-    async def _read_chunked(self, receive: Callable, too_large: JSONResponse) -> tuple[JSONResponse | None, Callable]:
-        chunks, size, message = [], 0, {"more_body": True}
-        while message.get("more_body", False):
-            message = await receive()
-            if message["type"] != "http.request":
-                return None, receive  # the client left; the app will see that
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body:
-                return too_large, receive
-        body, replayed = b"".join(chunks), False
-
-        async def replay() -> dict:
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return None, replay
 
 
 # ---------------------------------------------------------------------------------------------

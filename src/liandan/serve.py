@@ -8,9 +8,10 @@
         model="my-sft", messages=[{"role": "user", "content": "Hi"}], temperature=0)
     print(reply.choices[0].message.content, reply.choices[0].finish_reason)
 
-From Python, `create_app` gives the FastAPI app without opening a socket, `uvicorn_server` the
-uvicorn server `serve` runs it with (its connection limits, and the queue answered at shutdown), and
-`serve` loads a model with `liandan.models.load_model` and runs the app:
+From Python, `create_app` gives the FastAPI app without opening a socket,
+`liandan.serve_http.uvicorn_server` the uvicorn server `serve` runs it with (its connection limits,
+and the queue answered at shutdown), and `serve` loads a model with `liandan.models.load_model` and
+runs the app:
 
     from liandan.serve import serve
     serve("runs/my-sft", port=8000, api_key="secret")
@@ -36,16 +37,14 @@ One worker thread owns the model and runs requests one at a time from a bounded 
 each request gets exactly the output it would get alone. Rendering and tokenizing run in threads,
 off the event loop; a client that leaves cancels its jobs, queued or running. Bad requests get a 4xx
 answer in OpenAI's error shape ``{"error": {"message", "type", "param", "code"}}``; a 500 says only
-that it happened (the traceback goes to the server's log). The limits (`ServeLimits`), the Host,
-Origin and body-size checks (`GuardRequests`), the wire format and the API key live in
-`liandan.openai_api`; stop strings in `liandan.generation`.
+that it happened (the traceback goes to the server's log). The limits (`ServeLimits`) and the wire
+format live in `liandan.openai_api`; the API key, the Host, Origin and body-size checks
+(`GuardRequests`) and the uvicorn server in `liandan.serve_http`; stop strings in `liandan.generation`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-import difflib
 import logging
 import threading
 import time
@@ -56,46 +55,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from starlette.background import BackgroundTask
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .chat import chat_stop_ids, encode_generation_prompt, has_chat_template
 from .errors import LiandanError
 from .models import check_models, context_length, load_model
 from .openai_api import (
-    LOCAL_HOSTS,
     REPLACED,
     UNSET,
     UNSUPPORTED,
-    AnswerBugs,
     ApiError,
     ChatRequest,
     CompletionRequest,
-    GuardRequests,
-    RequireApiKey,
     SamplingRequest,
     ServeLimits,
-    allowed_hosts,
     chat_chunk,
     chat_logprobs,
     completion_chunk,
     completion_logprobs,
-    error_response,
     sse,
     top_logprobs,
-    validation_error,
+)
+from .serve_http import (
+    LOCAL_HOSTS,
+    AnswerBugs,
+    GuardRequests,
+    RequireApiKey,
+    add_error_handlers,
+    allowed_hosts,
+    uvicorn_server,
     web_origin,
 )
 from .serve_tools import CallReader, CallStream
 from .serve_worker import Choice, Job, Worker
 from .tools import BUILTIN_TEMPLATES, CallFormat, call_format, tools_problem, with_tools_template
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
 log = logging.getLogger("liandan.serve")
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16
 """OpenAI's default for /v1/completions; chat completions default to the rest of the context."""
@@ -379,26 +375,9 @@ def create_app(model: Any, tokenizer: Any, *, model_name: str, api_key: str | No
     # Added last, so it runs first: a request from another site is refused before the key is looked at.
     app.add_middleware(GuardRequests, hosts=hosts, max_body_bytes=limits.max_body_bytes,
                        origins=tuple(web_origin(o) for o in origins))  # fmt: skip
-    _add_error_handlers(app)
+    add_error_handlers(app)
     _add_routes(app, server)
     return app
-
-
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(RequestValidationError)
-    async def on_invalid(request, exc: RequestValidationError) -> JSONResponse:
-        return validation_error(exc)
-
-    @app.exception_handler(ApiError)
-    async def on_api_error(request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.message, param=exc.param, code=exc.code, type=exc.type,
-                              headers=exc.headers)  # fmt: skip
-
-    @app.exception_handler(StarletteHTTPException)
-    async def on_http_error(request, exc: StarletteHTTPException) -> JSONResponse:
-        response = error_response(exc.status_code, str(exc.detail))
-        response.headers.update(exc.headers or {})
-        return response
 
 
 def _add_routes(app: FastAPI, server: _Server) -> None:
@@ -470,25 +449,6 @@ def default_model_name(spec: str | None) -> str:
     return path.resolve().name if path.exists() else spec
 
 
-def parse_limits(items: Sequence[str] | None) -> ServeLimits:
-    """``--limit KEY=VALUE`` options (``["max_n=4", "max_queued=128"]``) as `ServeLimits`; a bad
-    one is a `LiandanError` naming it and what was expected."""
-    keys = [f.name for f in dataclasses.fields(ServeLimits)]
-    values: dict[str, int] = {}
-    for item in items or ():
-        key, equals, value = (part.strip() for part in item.partition("="))
-        if not equals:
-            raise LiandanError(f"--limit {item}: expected KEY=VALUE, e.g. max_n=4; the limits are {', '.join(keys)}")
-        if key not in keys:
-            close = difflib.get_close_matches(key, keys, n=1, cutoff=0.6)
-            guess = f" (did you mean '{close[0]}'?)" if close else ""
-            raise LiandanError(f"--limit {item}: unknown limit '{key}'{guess}; the limits are {', '.join(keys)}")
-        if not (value.isascii() and value.isdigit()) or int(value) < 1:
-            raise LiandanError(f"--limit {item}: {key} must be a whole number of at least 1 (got '{value}')")
-        values[key] = int(value)
-    return ServeLimits(**values)
-
-
 def serve(spec: str = "default", *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str = "auto", device: str = "auto", model_name: str | None = None,
           max_prompt_tokens: int | None = None, limits: ServeLimits | None = None,
@@ -522,63 +482,10 @@ def serve(spec: str = "default", *, host: str = "127.0.0.1", port: int = 8000, a
     if tools_template:
         note = tools_note or "the model's own chat template renders tools, so --tools-template changes nothing"
         print(f"note: {note}", flush=True)
-    if host not in LOOPBACK and not api_key:
+    if host not in LOCAL_HOSTS and not api_key:
         print(f"warning: listening on {host} without --api-key: anyone who can reach this port can use the model",
               flush=True)  # fmt: skip
     try:
         uvicorn_server(app, host=host, port=port, log_level="info").run()
     except SystemExit as exc:  # uvicorn exits when it cannot bind
         raise LiandanError(f"could not listen on {host}:{port} (is the port in use? choose another with --port)") from exc
-
-
-def uvicorn_server(app: FastAPI, **config: Any) -> uvicorn.Server:
-    """uvicorn's server for an app of `create_app`, with the connection limits of its `ServeLimits`
-    (at most ``connections`` open, ``keep_alive_s``, ``max_header_bytes``); ``config`` is the rest of
-    `uvicorn.Config` (host, port, log_level). At shutdown, jobs still queued are answered with a 503."""
-    server: _Server = app.state.server
-    limits = server.limits
-    protocol = type("HeaderDeadlineH11", (_HeaderDeadline,), {"header_timeout_s": limits.header_timeout_s})
-    return _ClosingServer(server.worker, uvicorn.Config(
-        app, http=protocol,  # h11, the parser max_header_bytes is for (httptools, when installed, has its own)
-        limit_concurrency=limits.connections + 1,  # uvicorn counts the connection asking among the open ones
-        timeout_keep_alive=limits.keep_alive_s, h11_max_incomplete_event_size=limits.max_header_bytes, **config,
-    ))  # fmt: skip
-
-
-class _HeaderDeadline(H11Protocol):
-    """uvicorn's h11 protocol with a deadline for each request's line and headers: a connection
-    that has not begun a request ``header_timeout_s`` after it opened, or after its last response
-    ended, is closed (uvicorn's keep-alive timer stops at the first byte, so a client that trickles
-    a header, or sends nothing at all, would otherwise hold its connection for ever)."""
-
-    header_timeout_s = 10
-
-    def connection_made(self, transport: Any) -> None:
-        super().connection_made(transport)
-        self._arm_header_deadline()
-
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        self._arm_header_deadline()
-
-    def _arm_header_deadline(self) -> None:
-        waiting_after = self.cycle  # a new request replaces the cycle; until then, none has begun
-        self.loop.call_later(self.header_timeout_s, self._header_deadline, waiting_after)
-
-    def _header_deadline(self, waiting_after: Any) -> None:
-        if self.cycle is waiting_after and not self.transport.is_closing():
-            self.transport.close()
-
-
-class _ClosingServer(uvicorn.Server):
-    """Closes the worker's queue as shutdown begins. uvicorn waits for open requests to finish before
-    the app's lifespan ends, and queued jobs would otherwise all run first (or, on a second Ctrl+C,
-    get no answer at all)."""
-
-    def __init__(self, worker: Worker, config: uvicorn.Config) -> None:
-        super().__init__(config)
-        self.worker = worker
-
-    async def shutdown(self, sockets: Any = None) -> None:
-        self.worker.close()
-        await super().shutdown(sockets)

@@ -101,8 +101,8 @@ def final_loss(model_dir: str, adapter: str, data: Path) -> tuple[float, int, in
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from liandan.assistant_masks import encode_chat
     from liandan.batching import collate
-    from liandan.chat import encode_chat
     from liandan.objectives import micro_batch_loss
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -242,7 +242,7 @@ def print_table(results: dict[str, list[dict]], count: int, repeats: int) -> Non
 def report_efficiency(results: dict[str, list[dict]], model_dir: str, data: Path, peak: float, dtype_name: str) -> None:
     from transformers import AutoTokenizer
 
-    from liandan.chat import encode_chat
+    from liandan.assistant_masks import encode_chat
 
     speed = {name: runs[0]["tokens"] / median(runs, "loop_seconds") for name, runs in results.items()}
     loss = {name: median(runs, "final_loss") for name, runs in results.items()}

@@ -4,8 +4,8 @@ padded batches, the positions that need logits, and the plan that groups example
 import pytest
 import torch
 
+from liandan.assistant_masks import encode_chat
 from liandan.batching import collate, plan_batches, trained_positions
-from liandan.chat import encode_chat
 from liandan.models import load_model
 
 # two tiny examples written out by hand: the prompt is not trained, the reply is

@@ -7,14 +7,8 @@ tokenizing the expected pieces one by one.
 import pytest
 from conftest import CHATML, build_tokenizer
 
-from liandan.chat import (
-    EncodedChat,
-    encode_chat,
-    encode_chat_example,
-    ensure_chat_template,
-    explain_mask,
-    stop_token_ids,
-)
+from liandan.assistant_masks import EncodedChat, encode_chat, encode_chat_example, explain_mask
+from liandan.chat import ensure_chat_template, stop_token_ids
 from liandan.errors import LiandanError
 
 USER = {"role": "user", "content": "What is the capital of France?"}

@@ -95,7 +95,7 @@ def test_repetition():
 
 
 def test_answer_nll_is_the_mean_log_likelihood_of_the_answer_tokens(chat_model_dir):
-    from liandan.chat import encode_chat_example
+    from liandan.assistant_masks import encode_chat_example
     from liandan.models import load_model
     from liandan.prompts import prompts_from_strings
 

@@ -9,9 +9,9 @@ import torch.nn.functional as F
 
 from conftest import chat_row, write_jsonl
 
+from liandan.assistant_masks import encode_chat
 from liandan.attention import PACKED, use_training_attention
 from liandan.batching import collate
-from liandan.chat import encode_chat
 from liandan.config import SFTConfig
 from liandan.models import load_model
 from liandan.objectives import micro_batch_loss, pair_logps, trained_token_nll

@@ -9,7 +9,8 @@ from typer.testing import CliRunner
 
 from conftest import CHATML, build_tokenizer, write_jsonl
 
-from liandan.chat import encode_chat_example, encode_generation_prompt
+from liandan.assistant_masks import encode_chat_example
+from liandan.chat import encode_generation_prompt
 from liandan.cli import app
 from liandan.errors import LiandanError
 from liandan.losses import IGNORE_INDEX

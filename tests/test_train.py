@@ -29,7 +29,7 @@ def config(model_dir, data, out, **overrides):
 
 
 def test_packed_and_padded_batches_give_the_same_loss(chat_model_dir):
-    from liandan.chat import encode_chat
+    from liandan.assistant_masks import encode_chat
 
     model, tok = load_model(str(chat_model_dir), dtype="float32")
     examples = [encode_chat(tok, [{"role": "user", "content": q}, {"role": "assistant", "content": a}])
@@ -117,7 +117,7 @@ def test_loss_falls_and_only_lora_weights_change(tmp_path, chat_model_dir, sft_d
 
 
 def test_accumulation_matches_one_big_batch(tmp_path, chat_model_dir, sft_data):
-    from liandan.chat import encode_chat
+    from liandan.assistant_masks import encode_chat
     from liandan.models import load_tokenizer, resolve_model
 
     tok = load_tokenizer(resolve_model(str(chat_model_dir)))

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .chat import encode_chat_example, ensure_chat_template, explain_mask
+from .assistant_masks import encode_chat_example, explain_mask
+from .chat import ensure_chat_template
 from .data import Example, read_examples, summarize_skipped
 from .encoding import encode_all
 from .models import load_tokenizer, resolve_model

@@ -8,14 +8,16 @@
 
 Each encoded item is ``{"input_ids", "labels"}`` (a pair holds one of each per reply), labels
 ``IGNORE_INDEX`` where a token is not trained. Conversations are masked by the model's own chat
-template (`liandan.chat`): only the assistant's replies and the stop token after each are trained.
+template (`liandan.assistant_masks`): only the assistant's replies and the stop token after each
+are trained.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .chat import SPECIAL_TEXT_MODES, encode_chat_example, special_texts
+from .assistant_masks import SPECIAL_TEXT_MODES, encode_chat_example
+from .chat import special_texts
 from .data import Example
 from .errors import LiandanError
 from .losses import IGNORE_INDEX
@@ -30,7 +32,7 @@ def encode_all(
     tokenizer: Any, examples: list[Example], max_length: int, special_text: str = "error"
 ) -> tuple[list[dict], dict]:
     """Encode every example; examples with nothing to train are reported and dropped.
-    ``special_text``: see `liandan.chat.SPECIAL_TEXT_MODES`."""
+    ``special_text``: see `liandan.assistant_masks.SPECIAL_TEXT_MODES`."""
     encoded, stats = [], {"examples": 0, "tokens": 0, "trained_tokens": 0, "truncated": 0,
                           "no_trained_tokens": [], "stop_cut_off": 0}  # fmt: skip
     for example in examples:

@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
+from .assistant_masks import encode_chat_example
 from .batching import collate
-from .chat import encode_chat_example
 from .checks import INVALID_JSON, parse_checks, parse_json, run_checks
 from .encoding import encode_pair, pad_id, text_blocks
 from .errors import LiandanError

@@ -64,13 +64,13 @@ def build_tokenizer(chat_template: str | None, eos: str, special: list[str] = SP
     return tokenizer
 
 
-def build_model_dir(path: Path, chat_template: str | None, eos: str, **tokenizer_options) -> Path:
+def build_model_dir(path: Path, chat_template: str | None, eos: str, hidden_size: int = 32, **tokenizer_options) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer = build_tokenizer(chat_template, eos, **tokenizer_options)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=False,

@@ -56,6 +56,9 @@ def launch(command: str, model, data, out, settings: dict, *, harness: bool = Tr
     """``liandan <command>`` under FSDP2 on 2 CPU processes."""
     entry = [str(HARNESS)] if harness else ["-m", "liandan.cli"]
     args = [*accelerate_launch(precision), *entry, command, "--model", str(model), "--data", str(data), "--output-dir", str(out)]
+    # liandan's own setting decides the precision (its auto is bf16 on a CPU that computes bf16): the
+    # launch's flag alone would leave the sharded run in bf16 where the one-process run is in fp32
+    args += ["--set", f"mixed_precision={precision}"]
     for key, value in settings.items():
         args += ["--set", f"{key}={value}"]
     done = subprocess.run(args, capture_output=True, text=True, timeout=300,

@@ -24,13 +24,18 @@ TASKS = Path(__file__).parent / "lm_eval_task"
 HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
 
 
-@pytest.fixture(autouse=True)
-def lm_eval_or_skip(request):
-    if request.node.get_closest_marker("lmeval") and not HAS_LM_EVAL:
+def require_lm_eval() -> None:
+    if not HAS_LM_EVAL:
         reason = "lm-eval is not installed (pip install -e '.[lmeval]')"
         if os.environ.get("LIANDAN_REQUIRE_LMEVAL"):  # CI installs it: a skip there would hide the checks
             pytest.fail(reason + " but LIANDAN_REQUIRE_LMEVAL is set")
         pytest.skip(reason)
+
+
+@pytest.fixture(autouse=True)
+def lm_eval_or_skip(request):
+    if request.node.get_closest_marker("lmeval"):
+        require_lm_eval()
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +46,7 @@ def chat_model(chat_model_dir):
 @pytest.fixture(scope="module")
 def both_tasks(chat_model, tmp_path_factory):
     """Both tiny tasks, run from another directory: their data_files are relative to the YAML."""
+    require_lm_eval()  # a module fixture is set up before the autouse one above could skip
     model, tokenizer = chat_model
     cwd = os.getcwd()
     os.chdir(tmp_path_factory.mktemp("elsewhere"))

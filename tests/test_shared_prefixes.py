@@ -64,8 +64,10 @@ def test_a_completion_attends_to_its_prompt_as_if_written_after_it(options, eage
         alone = causal_attention(qs[:, :, keys], ks[:, :, keys], vs[:, :, keys], 0.4, window, softcap, sinks)[:, -(part.stop - part.start):]
         torch.testing.assert_close(out[:, part], alone, rtol=1e-5, atol=1e-6)
         total = total + alone.square().sum()
+    # atol 1e-5: SDPA's CPU kernel sums its backward in another order on some CPUs (1.2e-6 seen on
+    # AVX-512 ones); a prompt's keys or values left out, or counted once, moves gradients by ~0.1
     for a, b in zip(got, torch.autograd.grad(total, (qs, ks, vs))):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert sum(lengths) == 12
 
 

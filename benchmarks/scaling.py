@@ -22,8 +22,9 @@ the tokens computed. A step is ``max(1, step_tokens // seq)`` rows (2,048 tokens
 2048, one row of 8,192 at seq 8192), lr 1e-4 cosine, no warmup, AdamW, gradient clipping at 1.0;
 LoRA rank 16, alpha 32, no dropout, on every linear layer but the head. This measures the loop and
 the kernels, not the batching: with chats of mixed lengths (`sft_vs_trl.py`) liandan's packing
-also saves the compute TRL spends on padding. liandan's pre-training rows are padded rows (one
-block each), so its attention here is the model's SDPA, not its packed per-example attention.
+also saves the compute TRL spends on padding. liandan packs a step's blocks into one row, each
+block attending only to itself (`liandan.attention`: batched matmuls up to 512 tokens, SDPA per
+block above); TRL's rows are the blocks, under the model's SDPA.
 
 **liandan**: its defaults (bf16 autocast where the CPU computes bf16, frozen weights stored in
 bf16 under LoRA, the head and loss in chunks at trained positions, the fused LoRA layers).

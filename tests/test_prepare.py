@@ -379,7 +379,7 @@ def test_pretrain_blocks_and_manifest(tmp_path, chat_model_dir):
     held_ids = tok(held.read_text(), add_special_tokens=False).input_ids + [IM_END]
     assert len(held_ids) > 32 and len(held_ids) % 32 < 16  # and the held-out text's tail is too short: dropped
     assert [b["input_ids"] for b in run.eval] == [held_ids[i : i + 32] for i in range(0, len(held_ids) - 31, 32)]
-    assert run.objective.name == "pretrain" and not run.objective.packing
+    assert run.objective.name == "pretrain" and run.objective.packing  # blocks packed into rows, each attending to itself
     assert run.manifest["data"] == {
         "files": {str(data): sha256(data), str(held): sha256(held)}, "documents": 2, "tokens": len(ids),
         "blocks": len(blocks), "block_size": 32, "eval_tokens": len(held_ids), "eval_blocks": len(held_ids) // 32,

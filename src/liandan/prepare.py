@@ -175,8 +175,8 @@ def prepare_pretrain(config: PretrainConfig, out_dir: Path, *, main_process: boo
             "eval_tokens": eval_tokens, "eval_blocks": len(evals),
             "text_sha256": hashlib.sha256("".join(t for _, t in documents).encode()).hexdigest()}  # fmt: skip
     manifest = build_manifest(config, model, tokenizer, data, added)
-    run = PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals,
-                      objective=sft_objective(True, pad_id(tokenizer), name="pretrain"), manifest=manifest)  # fmt: skip
+    objective = sft_objective(packing=True, pad_id=pad_id(tokenizer), name="pretrain")  # blocks packed, each attending to itself
+    run = PreparedRun(model=model, tokenizer=tokenizer, train=train, eval=evals, objective=objective, manifest=manifest)
     summary = (f"data: {len(documents)} documents, {tokens} tokens in {len(train)} blocks of {config.max_length} "
                f"({len(evals)} held-out blocks)")  # fmt: skip
     return finish(run, config, out_dir, main_process, resume, lambda: say(summary))

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from liandan.losses import IGNORE_INDEX, dpo_loss, next_token_targets, token_nll
+from liandan.losses import CPU_PIECE_ROWS, IGNORE_INDEX, dpo_loss, next_token_targets, token_nll
 
 # ---------------------------------------------------------------------------------------------
 # next_token_targets
@@ -214,6 +214,52 @@ def test_token_nll_with_final_logit_softcapping_is_the_capped_cross_entropy(trai
         torch.testing.assert_close(got_grads[1], weight.grad)
     # the cap changes the loss here: a lost cap would not pass
     assert not torch.allclose(token_nll(hidden, weight, targets, 4), got)
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["plain", "softcap"])
+@pytest.mark.parametrize("trained_head", [False, True], ids=["frozen-head", "trained-head"])
+def test_token_nll_across_piece_borders_equals_cross_entropy(trained_head, softcap):
+    """On a CPU each chunk's soft-max runs `CPU_PIECE_ROWS` rows at a time: 45 rows in chunks of
+    40 give pieces of 16, 16, 8 and then a chunk of 5, so every row of every piece (and the
+    upstream gradient's rows) must line up with its own target."""
+    assert CPU_PIECE_ROWS < 40
+    torch.manual_seed(3)
+    hidden = torch.randn(45, 8, requires_grad=True)
+    weight = torch.randn(60, 8, requires_grad=trained_head)
+    targets = torch.randint(0, 60, (45,))
+    scale = torch.rand(45)
+    got = token_nll(hidden, weight, targets, 40, softcap=softcap)
+    (got * scale).sum().backward()
+    got_grads = hidden.grad.clone(), weight.grad.clone() if trained_head else None
+    hidden.grad = weight.grad = None
+    logits = hidden @ weight.t()
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    expected = F.cross_entropy(logits, targets, reduction="none")
+    (expected * scale).sum().backward()
+    torch.testing.assert_close(got, expected.detach())
+    torch.testing.assert_close(got_grads[0], hidden.grad)
+    if trained_head:
+        torch.testing.assert_close(got_grads[1], weight.grad)
+
+
+def test_token_nll_in_bf16_is_the_same_whatever_the_chunk():
+    """The pieces change only where the fp32 soft-max work is done, never what it computes: in
+    bf16 (the head's usual dtype on a CPU) the losses and gradients are bit for bit the same with
+    one row per chunk, pieces of a chunk, and one chunk for all rows."""
+    torch.manual_seed(4)
+    hidden = torch.randn(70, 16).bfloat16()
+    weight = torch.randn(500, 16).bfloat16()
+    targets = torch.randint(0, 500, (70,))
+    results = []
+    for chunk in (1, 40, 70):
+        h = hidden.clone().requires_grad_()
+        nll = token_nll(h, weight, targets, chunk)
+        nll.sum().backward()
+        results.append((nll, h.grad))
+    for nll, grad in results[1:]:
+        assert torch.equal(nll, results[0][0])
+        assert torch.equal(grad, results[0][1])
 
 
 def test_token_nll_under_autocast_runs_the_head_in_the_autocast_dtype():

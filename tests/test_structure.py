@@ -80,14 +80,28 @@ def test_the_package_has_no_import_cycle():
 
 def test_liandan_modules_are_imported_at_the_top_of_each_file():
     """Only the CLI (cli.py and its cli_*.py modules) imports liandan modules inside functions (so
-    that `liandan --help` is quick)."""
+    that `liandan --help` is quick). A top-level ``if TYPE_CHECKING:`` block counts as the top:
+    its imports are for type checkers only and never run."""
     hidden = []
     for name, path in modules().items():
         if name == "liandan.cli" or name.startswith("liandan.cli_"):
             continue
-        top = {node.lineno for node in ast.parse(path.read_text(encoding="utf-8")).body}
+        body = ast.parse(path.read_text(encoding="utf-8")).body
+        type_only = [n for node in body if is_type_checking_block(node) for n in node.body]
+        top = {node.lineno for node in body + type_only}
         hidden += [f"{path.name}:{node.lineno} imports {target}" for target, node in imports_of(name, path) if node.lineno not in top]
     assert hidden == []
+
+
+def is_type_checking_block(node: ast.stmt) -> bool:
+    return isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING"
+
+
+def test_the_http_layer_loads_without_torch():
+    """The server's HTTP layer and wire format need no model: importing them must not load torch
+    (seconds of start-up, and memory, for a process that may only proxy or validate)."""
+    code = "import sys, liandan.serve_http, liandan.openai_api; assert 'torch' not in sys.modules, 'torch loaded'"
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_no_public_name_is_also_a_submodule():

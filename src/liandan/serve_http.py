@@ -19,7 +19,7 @@ import logging
 import secrets
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from fastapi import FastAPI
@@ -30,7 +30,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .errors import LiandanError
 from .openai_api import ApiError, error_response, validation_error
-from .serve_worker import Worker
+
+if TYPE_CHECKING:  # the worker runs the model: torch, needed here only for a type
+    from .serve_worker import Worker
 
 
 # ---------------------------------------------------------------------------------------------

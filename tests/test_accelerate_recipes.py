@@ -152,3 +152,45 @@ def test_deepspeed_on_two_cpu_processes_matches_one_process(tmp_path, chat_model
     assert ours.keys() == expected.keys()
     for key, tensor in expected.items():
         assert ours[key].shape == tensor.shape and float((ours[key].float() - tensor).abs().max()) < 1e-5, key
+
+
+@pytest.mark.parametrize("launched, setting, warned", [("no", "bf16", True), ("bf16", "bf16", False), (None, "bf16", False),
+                                                        ("fp16", "no", True)])  # fmt: skip
+def test_a_launch_precision_that_liandan_overrules_is_named(monkeypatch, capsys, launched, setting, warned):
+    """`accelerate launch --mixed_precision X` (or its config's line) reaches the process as
+    ACCELERATE_MIXED_PRECISION; accelerate takes liandan's own setting over it. The run says so
+    when the two differ, and how to follow the launcher, and stays quiet when they agree."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from liandan.engines import warn_precision_overruled
+
+    if launched is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launched)
+    try:
+        accelerator = Accelerator(cpu=True, mixed_precision=setting)
+        assert accelerator.mixed_precision == setting  # liandan's setting wins over the launcher's
+        warn_precision_overruled(setting, accelerator)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+    said = " ".join(capsys.readouterr().err.split())
+    if warned:
+        assert f"accelerate launch asked for mixed precision {launched}" in said
+        assert f"this run computes in {setting}" in said and f"--set mixed_precision={launched}" in said
+    else:
+        assert said == ""
+
+
+def test_auto_names_what_it_resolved_to_when_it_overrules_the_launcher(monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from liandan.engines import warn_precision_overruled
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    warn_precision_overruled("auto", SimpleNamespace(mixed_precision="bf16", is_main_process=True))
+    said = " ".join(capsys.readouterr().err.split())
+    assert "mixed_precision: auto (resolved to bf16 here) decides" in said
+    warn_precision_overruled("auto", SimpleNamespace(mixed_precision="bf16", is_main_process=False))
+    assert capsys.readouterr().err == ""  # one process speaks for the run

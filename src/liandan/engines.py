@@ -6,7 +6,8 @@ was launched with (FSDP, DeepSpeed), and the precision, with fp16's loss scaler.
     sharded_launch()             # "FSDP" or "DeepSpeed" when `accelerate launch` started this process for one
 
 accelerate applies an FSDP or DeepSpeed config only on accelerators: on CPU processes it runs the
-same launch as plain DDP without a word, so `warn_engine_not_applied` says so.
+same launch as plain DDP without a word, so `warn_engine_not_applied` says so; and liandan's own
+``mixed_precision`` overrules the launcher's, so `warn_precision_overruled` says when they differ.
 """
 
 from __future__ import annotations
@@ -54,6 +55,21 @@ def warn_engine_not_applied(accelerator) -> None:
         plain = "plain DDP, each process holding the whole model" if accelerator.num_processes > 1 else "one process"
         say(f"the accelerate config asks for {asked}, which accelerate applies only on GPUs: on "
             f"{accelerator.device.type} this run is {plain}")  # fmt: skip
+
+
+def warn_precision_overruled(choice: str, accelerator) -> None:
+    """liandan's ``mixed_precision`` decides the precision (as a trainer's own arguments do), and
+    accelerate takes it over what `accelerate launch` asked for (``--mixed_precision`` or its
+    config's line, which the launcher passes in ACCELERATE_MIXED_PRECISION). Where the two differ,
+    say which one the run follows and how to follow the launcher instead."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    used = accelerator.mixed_precision
+    if launched is None or launched == used or not accelerator.is_main_process:
+        return
+    setting = f"mixed_precision: {choice}" + (f" (resolved to {used} here)" if choice != used else "")
+    say(f"accelerate launch asked for mixed precision {launched}; liandan's own {setting} decides, so "
+        f"this run computes in {used}. To follow the launcher, set mixed_precision: {launched} "
+        f"(--set mixed_precision={launched})")  # fmt: skip
 
 
 def resolve_precision(choice: str) -> str:

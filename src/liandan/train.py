@@ -64,7 +64,7 @@ from .checkpoints import (
     truncate_metrics,
 )
 from .config import DPOConfig, GRPOConfig, PretrainConfig, SFTConfig, TrainConfig, save_config
-from .engines import optimizer_step, resolve_precision, warn_engine_not_applied, zero3
+from .engines import optimizer_step, resolve_precision, warn_engine_not_applied, warn_precision_overruled, zero3
 from .errors import LiandanError, say
 from .generation import SamplingConfig, generate
 from .prepare import PreparedRun, prepare_dpo, prepare_grpo, prepare_pretrain, prepare_sft
@@ -191,6 +191,7 @@ def _loop(config: TrainConfig, prepare, resume: bool, stop_after: int | None, st
         project_dir=str(out_dir),
     )
     warn_engine_not_applied(accelerator)
+    warn_precision_overruled(config.mixed_precision, accelerator)
     set_seed(config.seed)
     # Under ZeRO-3 transformers builds the model sharded (deepspeed.zero.Init), which every process
     # must do together: the main process cannot load it first while the others wait.

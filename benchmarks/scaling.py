@@ -266,7 +266,7 @@ def activation_bytes(shape: Shape, bf16: bool) -> int:
     return e * (7 * h + 3 * kv + 4 * i) + 8 * h
 
 
-def estimate_gib(shape: Shape, mode: str, trainer: str, tokens: int, bf16: bool, checkpointing: bool = False) -> float:
+def estimate_gib(shape: Shape, mode: str, trainer: str, tokens: int, seq: int, bf16: bool, checkpointing: bool = False) -> float:
     """Peak memory of a run, roughly, to skip what cannot fit before it starts (a run that grows
     past the memory available is stopped anyway). Both trainers load fp32 weights; full
     fine-tuning adds fp32 gradients and AdamW's two moments (16 bytes a weight in all). Under
@@ -274,14 +274,29 @@ def estimate_gib(shape: Shape, mode: str, trainer: str, tokens: int, bf16: bool,
     backward (liandan stores them in bf16 only, after loading them in fp32). Activations:
     `activation_bytes` a token and layer, times what each trainer was measured to keep
     (`ACTIVATIONS`); with activation checkpointing, each layer's fp32 input and one layer's
-    activations. 0.6 GiB for Python and the libraries."""
+    activations. liandan's blocks of up to `liandan.attention.EAGER_MAX` tokens (``seq``) attend
+    with batched matmuls, whose (heads x seq x seq) probabilities each layer keeps for backward
+    (`attention_probability_bytes`). 0.6 GiB for Python and the libraries."""
     p = shape.params()
     weights = 16 * p if mode == "full" else 4 * p + (2 * p if trainer == "trl" and bf16 else 0)
     layers = 1 if checkpointing else shape.layers
     activations = ACTIVATIONS[trainer] * tokens * layers * activation_bytes(shape, bf16)
+    if trainer == "liandan":
+        activations += tokens * layers * attention_probability_bytes(shape, seq, bf16)
     if checkpointing:
         activations += tokens * shape.layers * 4 * shape.hidden
     return (weights + activations) / GIB + 0.6
+
+
+def attention_probability_bytes(shape: Shape, seq: int, bf16: bool) -> int:
+    """Bytes a token's attention probabilities take in one layer under liandan's packed attention:
+    a query's row of ``seq`` probabilities for each head, in the compute dtype, where blocks of
+    ``seq`` tokens attend with batched matmuls (SDPA keeps none above that). Without them the
+    estimate of the bf16 grid's 512-token cells was 0.8 to 1.0 GiB under the measured peak (135M
+    and 360M LoRA), where the 2,048-token cells were 0.4 under."""
+    from liandan.attention import EAGER_MAX
+
+    return shape.heads * seq * (2 if bf16 else 4) if seq <= EAGER_MAX else 0
 
 
 def flops_per_token(shape: Shape, mode: str, seq: int) -> float:
@@ -475,12 +490,13 @@ def plan_memory(cell: dict, args: argparse.Namespace, bf16: bool) -> None:
     ``--checkpointing always``."""
     shape, tokens = SHAPES[cell["size"]], cell["rows"] * cell["seq"]
     cell["checkpointing"] = False
-    cell["estimate_gib"] = estimate_gib(shape, cell["mode"], cell["trainer"], tokens, bf16)
+    seq = cell["seq"]
+    cell["estimate_gib"] = estimate_gib(shape, cell["mode"], cell["trainer"], tokens, seq, bf16)
     if args.checkpointing == "always":
         cell["checkpointing"] = True
-        cell["estimate_gib"] = estimate_gib(shape, cell["mode"], cell["trainer"], tokens, bf16, checkpointing=True)
+        cell["estimate_gib"] = estimate_gib(shape, cell["mode"], cell["trainer"], tokens, seq, bf16, checkpointing=True)
     elif cell["estimate_gib"] > memory_limit(args):
-        saving = estimate_gib(shape, cell["mode"], cell["trainer"], tokens, bf16, checkpointing=True)
+        saving = estimate_gib(shape, cell["mode"], cell["trainer"], tokens, seq, bf16, checkpointing=True)
         if saving <= memory_limit(args):
             cell["checkpointing"], cell["estimate_gib"] = True, saving
     cell["flops_per_token"] = flops_per_token(shape, cell["mode"], cell["seq"])

@@ -109,9 +109,9 @@ def test_activations_are_checkpointed_only_where_a_run_would_not_fit_without():
     for cell in cells.values():
         plan_memory(cell, options, bf16=True)
     for (trainer, seq), cell in cells.items():
-        plain = estimate_gib(SHAPES["1.7b"], "lora", trainer, seq, True)
+        plain = estimate_gib(SHAPES["1.7b"], "lora", trainer, seq, seq, True)
         assert cell["checkpointing"] == (plain > 20), (trainer, seq)
-        assert cell["estimate_gib"] == (estimate_gib(SHAPES["1.7b"], "lora", trainer, seq, True, checkpointing=True)
+        assert cell["estimate_gib"] == (estimate_gib(SHAPES["1.7b"], "lora", trainer, seq, seq, True, checkpointing=True)
                                         if cell["checkpointing"] else plain)  # fmt: skip
     assert not cells["trl", 512]["checkpointing"] and cells["trl", 2048]["checkpointing"]
     assert not cells["liandan", 512]["checkpointing"] and cells["liandan", 8192]["checkpointing"]
@@ -201,3 +201,16 @@ def test_runs_of_single_sizes_merge_into_one_report_and_mismatched_runs_are_refu
 
     done = subprocess.run([*report, str(out), str(out), "--out", str(tmp_path / "twice")], capture_output=True, text=True)
     assert done.returncode != 0 and "was measured in an earlier run too" in done.stderr
+
+
+def test_liandans_estimate_counts_the_attention_probabilities_its_short_blocks_keep():
+    """Blocks of up to 512 tokens attend with batched matmuls that keep (heads x seq x seq)
+    probabilities a layer for backward; longer blocks go through SDPA, which keeps none. TRL's
+    rows always go through SDPA."""
+    from scaling import GIB, estimate_gib
+
+    shape, tokens = SHAPES["135m"], 2048
+    kept = tokens * shape.layers * shape.heads * 512 * 2 / GIB  # bf16
+    short, long = (estimate_gib(shape, "lora", "liandan", tokens, seq, True) for seq in (512, 2048))
+    assert short - long == pytest.approx(kept)
+    assert estimate_gib(shape, "lora", "trl", tokens, 512, True) == estimate_gib(shape, "lora", "trl", tokens, 2048, True)

@@ -7,7 +7,8 @@ from rich.console import Console
 
 from liandan import eval_report, files
 from liandan.errors import LiandanError
-from liandan.eval_report import format_change, format_delta, format_interval, print_metrics, render_html, render_markdown, write_eval_report
+from liandan.eval_report import print_metrics, render_html, render_markdown, write_eval_report
+from liandan.eval_values import format_change, format_delta, format_interval
 from liandan.plots import PALETTE
 from liandan.quickstart import QuickstartConfig, build_summary
 

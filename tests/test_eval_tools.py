@@ -10,7 +10,8 @@ from conftest import CHATML, build_model_dir, build_tokenizer, write_jsonl
 from liandan.checks import parse_checks, run_checks
 from liandan.cli import app
 from liandan.errors import LiandanError
-from liandan.eval_report import format_call, pass_rates, render_html, render_markdown
+from liandan.eval_report import render_html, render_markdown
+from liandan.eval_values import format_call, pass_rates
 from liandan.eval_sets import read_eval_set, score_set
 from liandan.evaluation import EvalConfig, Evaluation, evaluate
 from liandan.tools import Reply, call_format, with_tools_template

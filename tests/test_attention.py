@@ -72,10 +72,11 @@ def packed_inputs(lengths, heads=4, kv_heads=2, dim=8, seed=0):
 
 @pytest.mark.parametrize("options", [{}, {"sliding_window": 3}, {"softcap": 0.8, "sliding_window": 4}], ids=["plain", "window", "softcap"])
 def test_long_and_short_examples_of_a_packed_row_match_each_example_alone(options, monkeypatch):
-    """Above EAGER_MAX (here 5 tokens) an example goes through SDPA (with a window mask) unless
-    soft-capping asks for the explicit path; every example must equal its attention alone, values
-    and gradients."""
+    """Above EAGER_MAX (here 5 tokens) an example attends in blocks of BLOCK_ROWS queries (here
+    4: the 9-token example in blocks of 4, 4, 1); every example must equal its attention alone,
+    values and gradients."""
     monkeypatch.setattr(attention, "EAGER_MAX", 5)
+    monkeypatch.setattr(attention, "BLOCK_ROWS", 4)
     lengths = [4, 9, 6]
     q, k, v, starts = packed_inputs(lengths)
     out, _ = packed_attention(Module(), q, k, v, None, scaling=0.4, cu_seq_lens_q=starts, **options)
@@ -89,6 +90,55 @@ def test_long_and_short_examples_of_a_packed_row_match_each_example_alone(option
         for got, want in zip(grads, torch.autograd.grad(alone.square().sum(), (qs, ks, vs))):
             torch.testing.assert_close(got[:, :, part], want, rtol=1e-4, atol=1e-6)
         offset += n
+
+
+@pytest.mark.parametrize("window,softcap,with_sinks,prefix", [(None, None, False, 0), (5, None, False, 0), (None, 0.6, True, 0),
+                                                              (4, None, False, 6), (None, None, True, 3), (2, 0.9, False, 5)])  # fmt: skip
+@pytest.mark.parametrize("block", [1, 3, 7, 40])
+def test_blocked_causal_attention_is_causal_attention(window, softcap, with_sinks, prefix, block, monkeypatch):
+    """Blocks of queries (one row, a few, and more than the example), each attending only to the
+    keys it may see, recomputed in backward: the same outputs and gradients as one (t x t) pass,
+    with windows (whose first block's keys are cut off at the window), soft-caps, sinks and a
+    shared prefix of keys before the example."""
+    monkeypatch.setattr(attention, "BLOCK_ROWS", block)
+    torch.manual_seed(1)
+    t = 17
+    q = torch.randn(1, 4, t, 8, requires_grad=True)
+    k, v = (torch.randn(1, 2, prefix + t, 8, requires_grad=True) for _ in range(2))
+    sinks = torch.randn(4, requires_grad=True) if with_sinks else None
+    inputs = (q, k, v) + ((sinks,) if with_sinks else ())
+    want = causal_attention(q, k, v, 0.3, window, softcap, sinks, prefix=prefix)
+    want_grads = torch.autograd.grad(want.square().sum(), inputs)
+    got = attention.blocked_causal_attention(q, k, v, 0.3, window, softcap, sinks, prefix=prefix)
+    got_grads = torch.autograd.grad(got.square().sum(), inputs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for a, b in zip(got_grads, want_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_blocked_attention_keeps_no_probabilities_and_replays_its_dropout(monkeypatch):
+    """Each block is checkpointed: backward recomputes its probabilities (none of the (t x t)
+    kind are saved), and dropout draws the same mask again, so the gradients are those of the
+    forward that ran, as without checkpointing."""
+    monkeypatch.setattr(attention, "BLOCK_ROWS", 4)
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, h, 10, 8, requires_grad=True) for h in (4, 2, 2))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(tuple(x.shape)) or x, lambda x: x):
+        out = attention.blocked_causal_attention(q, k, v, 0.3)
+    # only the blocks' inputs, (1, heads, rows, 8) slices of q, k and v: no (kv_heads, rows, keys) probabilities
+    assert saved and all(len(shape) == 4 and shape[-1] == 8 for shape in saved), saved
+    grads = {}
+    for replayed in (True, False):
+        if not replayed:  # the same blocks run plainly, keeping their probabilities
+            monkeypatch.setattr(attention, "checkpoint", lambda f, *args, use_reentrant: f(*args))
+        torch.manual_seed(3)
+        out = attention.blocked_causal_attention(q, k, v, 0.3, dropout=0.5)
+        grads[replayed] = torch.autograd.grad(out.square().sum(), (q, k, v))
+    for a, b in zip(grads[True], grads[False]):
+        torch.testing.assert_close(a, b)
+    torch.manual_seed(3)
+    assert not torch.equal(attention.blocked_causal_attention(q, k, v, 0.3, dropout=0.5), attention.blocked_causal_attention(q, k, v, 0.3))
 
 
 def test_an_argument_it_does_not_know_runs_the_models_own_eager_attention_once_said(capsys):

@@ -206,3 +206,49 @@ def test_activation_checkpointing_gives_the_same_training(family, chat_file, tmp
     assert weights.keys() == plain_weights.keys()
     for key, value in plain_weights.items():
         torch.testing.assert_close(weights[key], value, rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_long_examples_attending_in_query_blocks_train_as_the_model_does(family, chat_file, tmp_path, monkeypatch, full):
+    """Examples above `attention.EAGER_MAX` tokens attend in blocks of queries, each recomputed in
+    backward (`blocked_causal_attention`). With EAGER_MAX 8 and blocks of 5 queries every example
+    here (up to ~60 tokens, an 8-token window in the sliding families) takes that path: a training
+    run's first loss is the model's own (with checkpointed decoder layers around the blocks, too),
+    and a packed micro-batch's gradients equal those of the one-pass attention."""
+    from liandan import attention
+    from liandan.attention import use_training_attention
+    from liandan.batching import collate
+    from liandan.objectives import micro_batch_loss
+    from liandan.prepare import attach_trainable
+
+    name, model_dir = family
+    model, tokenizer = load_model(str(model_dir), dtype="float32")
+    rows, _ = encode_all(tokenizer, read_examples([str(chat_file)]).examples, 128)
+    assert min(len(r["input_ids"]) for r in rows) > 8 and max(len(r["input_ids"]) for r in rows) > 3 * 5
+    model = attach_trainable(model, SFTConfig(data=["unused"], full=full, lora={"dropout": 0.0}), [])
+    use_training_attention(model, "auto", packing=True, device=torch.device("cpu"))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param_name, param in model.named_parameters():
+            if "lora_B" in param_name:
+                param.normal_(0.0, 0.2)  # non-zero adapters, so that every gradient flows
+    batch = collate(rows, packing=True, pad_id=0)
+
+    def loss_and_grads():
+        model.zero_grad()
+        total, count = micro_batch_loss(model, batch)
+        (total / count).backward()
+        return float(total / count), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    want, want_grads = loss_and_grads()
+    monkeypatch.setattr(attention, "EAGER_MAX", 8)
+    monkeypatch.setattr(attention, "BLOCK_ROWS", 5)
+    got, got_grads = loss_and_grads()
+    assert got == pytest.approx(want, rel=1e-6), name
+    for key, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[key], grad, rtol=1e-4, atol=1e-6, msg=f"{name}: {key}")
+    release_model(model)
+
+    result = train_sft(SFTConfig(**settings(model_dir, chat_file, tmp_path / "run", full=full, activation_checkpointing=True)))
+    total, count = own_nll_sum(model_dir, rows)
+    assert relative(result.losses[0], total / count) <= TOLERANCE, (name, result.losses[0], total / count)

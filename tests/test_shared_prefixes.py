@@ -41,13 +41,14 @@ def test_the_row_layout_by_hand():
 
 @pytest.mark.parametrize("options", [{}, {"sliding_window": 3}, {"softcap": 0.8, "sliding_window": 6}, {"sinks": True}],
                          ids=["plain", "window", "softcap", "sinks"])  # fmt: skip
-@pytest.mark.parametrize("eager_max", [512, 2], ids=["explicit", "sdpa"])
+@pytest.mark.parametrize("eager_max", [512, 2], ids=["explicit", "blocked"])
 def test_a_completion_attends_to_its_prompt_as_if_written_after_it(options, eager_max, monkeypatch):
     """Prompt p (5 tokens) shared by completions a (4) and b (3): a's outputs equal causal
     attention over p + a, b's over p + b, and the gradients of p's keys and values are the sums
-    of both; EAGER_MAX 2 sends the longer examples through SDPA (when no soft-cap or sinks ask
-    for the explicit path)."""
+    of both; EAGER_MAX 2 sends the longer examples through blocks of 2 queries, each attending
+    to the prompt and its part of the completion."""
     monkeypatch.setattr(attention, "EAGER_MAX", eager_max)
+    monkeypatch.setattr(attention, "BLOCK_ROWS", 2)
     torch.manual_seed(0)
     sinks = torch.randn(4) if options.pop("sinks", False) else None
     lengths = [5, 4, 3]
@@ -64,8 +65,8 @@ def test_a_completion_attends_to_its_prompt_as_if_written_after_it(options, eage
         alone = causal_attention(qs[:, :, keys], ks[:, :, keys], vs[:, :, keys], 0.4, window, softcap, sinks)[:, -(part.stop - part.start):]
         torch.testing.assert_close(out[:, part], alone, rtol=1e-5, atol=1e-6)
         total = total + alone.square().sum()
-    # atol 1e-5: SDPA's CPU kernel sums its backward in another order on some CPUs (1.2e-6 seen on
-    # AVX-512 ones); a prompt's keys or values left out, or counted once, moves gradients by ~0.1
+    # atol 1e-5: blocks sum a key's gradient over several matmuls, in another order than one pass;
+    # a prompt's keys or values left out, or counted once, moves gradients by ~0.1
     for a, b in zip(got, torch.autograd.grad(total, (qs, ks, vs))):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
     assert sum(lengths) == 12

@@ -10,8 +10,9 @@ the square of the row, not of the examples. `packed_attention` instead runs caus
 each example's slice (``cu_seq_lens_q``, written by `liandan.batching.collate`), so attention
 costs sum(len_i^2) and no mask is built. An example of up to `EAGER_MAX` tokens attends in one
 pass of batched matmuls (`causal_attention`); a longer one in blocks of queries, each recomputed
-in backward (`blocked_causal_attention`), so that its memory grows with its length only. On CUDA, flash attention (``attention:
-flash_attention_2``) does the same natively from the position ids.
+in backward (`blocked_causal_attention`), so that its memory grows with its length only. On
+CUDA, flash attention (``attention: flash_attention_2``) does the same natively from the
+position ids.
 
 An example may also continue another one (``shared_prefix_of``, written by
 `liandan.batching.collate_shared_prefixes`): GRPO's completions of one prompt each attend to the

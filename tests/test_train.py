@@ -132,6 +132,25 @@ def test_accumulation_matches_one_big_batch(tmp_path, chat_model_dir, sft_data):
     assert accumulated == pytest.approx(one_batch, rel=1e-4)
 
 
+def test_a_finished_run_leaves_no_attention_masks_behind(tmp_path, chat_model_dir, sft_data, monkeypatch):
+    """The packed attention caches its causal masks while training (a long example's blocks take
+    tens of MB each); the process that trained (a notebook, the UI) gets that memory back after."""
+    from liandan import attention
+
+    monkeypatch.setattr(attention, "EAGER_MAX", 8)  # long examples, in blocks
+    monkeypatch.setattr(attention, "BLOCK_ROWS", 4)
+    seen, original = [], attention.causal_attention
+
+    def counting(*args, **kwargs):
+        seen.append(attention.causal_bias.cache_info().currsize)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "causal_attention", counting)
+    train_sft(config(chat_model_dir, sft_data, tmp_path / "run", max_steps=1))
+    assert max(seen) > 0  # masks were cached during the run
+    assert attention.causal_bias.cache_info().currsize == 0
+
+
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, chat_model_dir, sft_data):
     full = train_sft(config(chat_model_dir, sft_data, tmp_path / "full", max_steps=6)).losses
     out = tmp_path / "resumed"

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .activation_checkpointing import checkpoint_activations
-from .attention import use_training_attention
+from .attention import causal_bias, use_training_attention
 from .config import TrainConfig
 from .engines import sharded
 from .lora_fusion import fuse_lora_layers
@@ -36,6 +36,7 @@ def speed_up_training(model, config: TrainConfig, accelerator, packing: bool) ->
 
     def restore() -> None:
         model.set_attn_implementation(attention)
+        causal_bias.cache_clear()  # the packed attention's masks (long examples': tens of MB each)
         if fused:
             unfuse()
             set_adapter_input_casting(model, True)

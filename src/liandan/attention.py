@@ -2,6 +2,8 @@
 
     from liandan.attention import use_training_attention
     original = use_training_attention(model, "auto", packing=True, device=torch.device("cpu"))
+    ...train...
+    restore_attention(model, original)
 
 A packed row holds several examples one after another; each may attend only to itself. Given
 only position ids, transformers builds one (T x T) block-diagonal mask for the whole row, and
@@ -235,6 +237,14 @@ def use_training_attention(model: Any, choice: str, packing: bool, device: torch
     if choice != original:
         inner.set_attn_implementation(choice)
     return original
+
+
+def restore_attention(model: Any, original: str) -> None:
+    """Undo `use_training_attention`: the model's own attention (``original``, as it returned)
+    again, and the causal masks the packed attention cached while training freed (a long
+    example's blocks cache one per block start: tens of MB each)."""
+    model.set_attn_implementation(original)
+    causal_bias.cache_clear()
 
 
 def own_model(model: Any) -> Any:

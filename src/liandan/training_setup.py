@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 
 from .activation_checkpointing import checkpoint_activations
-from .attention import causal_bias, use_training_attention
+from .attention import restore_attention, use_training_attention
 from .config import TrainConfig
 from .engines import sharded
 from .lora_fusion import fuse_lora_layers
@@ -35,8 +35,7 @@ def speed_up_training(model, config: TrainConfig, accelerator, packing: bool) ->
         unfuse = fuse_lora_layers(model)
 
     def restore() -> None:
-        model.set_attn_implementation(attention)
-        causal_bias.cache_clear()  # the packed attention's masks (long examples': tens of MB each)
+        restore_attention(model, attention)
         if fused:
             unfuse()
             set_adapter_input_casting(model, True)
